@@ -1,0 +1,53 @@
+"""Pure functions over the DDPM noise schedule that PixArt-Σ is trained with.
+
+Notation (DDPM, Ho et al. 2020): x_t = √ᾱ_t · x0 + √(1−ᾱ_t) · ε, with ᾱ_t the cumulative product
+of (1 − β) over PixArt's linear β schedule (1e-4 … 0.02, 1000 steps). Every function takes ᾱ as a
+tensor so that the schedule itself comes from the teacher's diffusers scheduler, never re-typed here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _at(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t gathered per sample and shaped to broadcast against `like` (B, C, H, W)."""
+    a = alphas_cumprod.to(like.device)[t.to(like.device).long()]
+    return a.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward process q(x_t | x0): x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε  (DDPM eq. 4)."""
+    a = _at(alphas_cumprod, t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Invert the forward process for x0: x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t  (DDPM eq. 15)."""
+    a = _at(alphas_cumprod, t, x_t)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """ε̂ = (x_t − √ᾱ_t x̂0) / √(1−ᾱ_t), the inverse of `x0_from_eps`."""
+    a = _at(alphas_cumprod, t, x_t)
+    return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+              alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM step x_t → x_{t_prev} (Song et al. 2021, eq. 12 with σ = 0).
+
+    t_prev < 0 means "the end of the chain", where ᾱ = 1 and the step returns x̂0.
+    """
+    x0 = x0_from_eps(x_t, eps, t, alphas_cumprod)
+    a_prev = torch.where(t_prev >= 0, alphas_cumprod.to(x_t.device)[t_prev.clamp(min=0).long()],
+                         torch.ones((), device=x_t.device, dtype=alphas_cumprod.dtype))
+    a_prev = a_prev.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) per timestep."""
+    a = alphas_cumprod.to(t.device)[t.long()]
+    return a / (1 - a)

@@ -1,0 +1,245 @@
+"""The PixArt-Σ teacher: the stock diffusers pipeline plus the few calls distillation needs.
+
+`Teacher` owns a `diffusers.PixArtSigmaPipeline` (T5 tokenizer + encoder, transformer, VAE,
+scheduler) and adds: prompt encoding with the empty-prompt (null) embedding, ε and x0 prediction with
+the learned-σ channels dropped, classifier-free guidance, the ᾱ schedule and the teacher's own
+sampler. Loading goes through `load_pipeline`, the one function used for hub ids and local folders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import PixArtSigmaPipeline
+
+from .errors import UserError
+from .sampling import initial_noise, sample_latents
+from .schedule import x0_from_eps
+
+PIPELINE_COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; use one of {sorted(set(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N ({err})") from None
+
+
+def _is_hub_id(name: str) -> bool:
+    """'org/name' with no local meaning; anything else is treated as a folder path."""
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name))
+
+
+def check_model_folder(folder: Path, components=PIPELINE_COMPONENTS) -> None:
+    """Fail early, naming the missing part, before diffusers fails deep inside."""
+    if not folder.is_dir():
+        raise UserError(f"model folder '{folder}' does not exist; set model.pretrained to a diffusers pipeline "
+                        f"folder or a hub id such as PixArt-alpha/PixArt-Sigma-XL-2-512-MS")
+    missing = [name for name in ("model_index.json", *components) if not (folder / name).exists()]
+    if missing:
+        raise UserError(f"model folder '{folder}' lacks {', '.join(missing)}; it must be a diffusers pipeline folder "
+                        f"(save one with PixArtSigmaPipeline.save_pretrained)")
+
+
+def load_pipeline(pretrained: str, transformer: str | None = None, torch_dtype: str | torch.dtype = "float32",
+                  load_text_encoder: bool = True) -> PixArtSigmaPipeline:
+    """Load a PixArt pipeline from a hub id or a local folder, exactly as diffusers does.
+
+    `transformer` optionally replaces the transformer with one from another repo or folder (its
+    `transformer/` subfolder), e.g. a distilled student on top of the teacher's T5 and VAE.
+    With `load_text_encoder=False` the 4.7B T5 is skipped (training from cached embeddings).
+    """
+    dtype = resolve_dtype(torch_dtype)
+    pretrained = str(os.path.expanduser(pretrained))
+    components = PIPELINE_COMPONENTS if load_text_encoder else ("transformer", "vae", "scheduler")
+    kwargs = {} if load_text_encoder else {"text_encoder": None, "tokenizer": None}
+    if transformer is not None:
+        kwargs["transformer"] = _load_transformer(transformer, dtype)
+        components = tuple(c for c in components if c != "transformer")
+    if not _is_hub_id(pretrained):
+        check_model_folder(Path(pretrained), components)
+    try:
+        return PixArtSigmaPipeline.from_pretrained(pretrained, torch_dtype=dtype, **kwargs)
+    except Exception as err:  # diffusers/hub errors are long; name the model and the fix in one line
+        raise UserError(_load_error_message(pretrained, err)) from None
+
+
+def _load_transformer(name: str, dtype: torch.dtype):
+    from diffusers import PixArtTransformer2DModel
+
+    name = str(os.path.expanduser(name))
+    if not _is_hub_id(name):
+        folder = Path(name)
+        if (folder / "transformer").is_dir():
+            folder = folder / "transformer"
+        if not (folder / "config.json").exists():
+            raise UserError(f"transformer folder '{name}' has no config.json; point it at a diffusers "
+                            f"transformer folder or a pipeline folder with transformer/")
+        name = str(folder)
+        try:
+            return PixArtTransformer2DModel.from_pretrained(name, torch_dtype=dtype)
+        except Exception as err:
+            raise UserError(_load_error_message(name, err)) from None
+    try:
+        return PixArtTransformer2DModel.from_pretrained(name, subfolder="transformer", torch_dtype=dtype)
+    except Exception as err:
+        raise UserError(_load_error_message(name, err)) from None
+
+
+def _load_error_message(name: str, err: Exception) -> str:
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    if _is_hub_id(name):
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached or has no such model"
+        return (f"hub model '{name}' is not in the local cache and {why}; download it where there is internet "
+                f"(huggingface-cli download {name}) or set model.pretrained=/path/to/local/folder ({first_line})")
+    return f"could not load model '{name}': {first_line}; re-save or re-download the folder"
+
+
+class Teacher:
+    """Frozen PixArt-Σ: prompts → embeddings, guided ε / x0, its own sampler, VAE decode."""
+
+    def __init__(self, pipe: PixArtSigmaPipeline, max_sequence_length: int = 300, guidance_scale: float = 4.5,
+                 num_inference_steps: int = 20, scheduler: str | None = None, resolution: int | None = None,
+                 device: str = "auto"):
+        self.pipe = pipe.to(resolve_device(device))
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        if scheduler is not None:  # e.g. "DDIMScheduler": any diffusers scheduler class, same ᾱ schedule
+            if not hasattr(diffusers, scheduler):
+                raise UserError(f"unknown scheduler '{scheduler}'; use a diffusers scheduler class name "
+                                f"such as DPMSolverMultistepScheduler or DDIMScheduler")
+            pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+        self.max_sequence_length = max_sequence_length
+        self.guidance_scale = guidance_scale
+        self.num_inference_steps = num_inference_steps
+        self.vae_scale_factor = pipe.vae_scale_factor
+        self.resolution = resolution or pipe.transformer.config.sample_size * self.vae_scale_factor
+        self._null = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str, transformer: str | None = None, torch_dtype: str = "float32",
+                        load_text_encoder: bool = True, **kwargs) -> "Teacher":
+        return cls(load_pipeline(pretrained, transformer, torch_dtype, load_text_encoder), **kwargs)
+
+    # ---- components -------------------------------------------------------------------------
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return self.pipe.transformer.config.in_channels
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t for t = 0..999 of the teacher's training schedule (float32, on the teacher's device)."""
+        return self.pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+    def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
+        size = (resolution or self.resolution) // self.vae_scale_factor
+        return (batch_size, self.latent_channels, size, size)
+
+    # ---- text ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 embeddings (B, L, D) and attention masks (B, L) exactly as the pipeline computes them."""
+        if self.pipe.text_encoder is None:
+            raise UserError("this teacher was loaded without its text encoder; use cached embeddings "
+                            "(data=cached) or load it with model.load_text_encoder=true")
+        embeds, mask, _, _ = self.pipe.encode_prompt(
+            list(prompts), do_classifier_free_guidance=False, device=self.device, clean_caption=False,
+            max_sequence_length=self.max_sequence_length)
+        return embeds.to(self.dtype), mask
+
+    def null_embedding(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty-prompt embedding used as the unconditional branch of CFG (cached)."""
+        if self._null is None:
+            self._null = self.encode_prompts([""])
+        embeds, mask = self._null
+        return embeds.expand(batch_size, -1, -1), mask.expand(batch_size, -1)
+
+    # ---- denoiser ----------------------------------------------------------------------------
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
+            transformer=None) -> torch.Tensor:
+        """ε̂(x_t, t, text). PixArt also predicts learned variances: keep only the first C channels."""
+        transformer = transformer or self.transformer
+        out = transformer(x_t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                          timestep=t.expand(x_t.shape[0]) if t.ndim <= 1 else t,
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        return out[:, : x_t.shape[1]]
+
+    def guided_eps(self, x_t, t, embeds, mask, guidance_scale: float | None = None, null=None, transformer=None):
+        """Classifier-free guidance: ε_u + s (ε_c − ε_u)  (Ho & Salimans 2022, eq. 6); s ≤ 1 is plain ε_c."""
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        if scale <= 1.0:
+            return self.eps(x_t, t, embeds, mask, transformer)
+        null_embeds, null_mask = null if null is not None else self.null_embedding(x_t.shape[0])
+        # One batched call [uncond, cond], as the pipeline does, so results match it bit for bit.
+        both = self.eps(torch.cat([x_t, x_t]), torch.cat([t.expand(x_t.shape[0])] * 2),
+                        torch.cat([null_embeds, embeds]), torch.cat([null_mask, mask]), transformer)
+        eps_uncond, eps_cond = both.chunk(2)
+        return eps_uncond + scale * (eps_cond - eps_uncond)
+
+    def x0(self, x_t, t, embeds, mask, guidance_scale: float | None = 1.0, transformer=None) -> torch.Tensor:
+        """x̂0 from the (optionally guided) ε prediction."""
+        eps = self.guided_eps(x_t, t, embeds, mask, guidance_scale, transformer=transformer)
+        return x0_from_eps(x_t.float(), eps.float(), t, self.alphas_cumprod)
+
+    # ---- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompts: list[str] | None = None, embeds=None, mask=None, num_inference_steps: int | None = None,
+               guidance_scale: float | None = None, generator=None, noise=None, scheduler=None,
+               progress: bool = False) -> torch.Tensor:
+        """The teacher's own sampler (DPM-Solver++ 20 steps, CFG 4.5 by default) → latents."""
+        if embeds is None:
+            embeds, mask = self.encode_prompts(prompts)
+        if noise is None:
+            noise = initial_noise(self.latent_shape(embeds.shape[0]), generator, self.device, self.dtype)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        null = self.null_embedding(embeds.shape[0]) if scale > 1.0 else None
+
+        def eps_fn(x_t, t):
+            return self.guided_eps(x_t, t, embeds, mask, scale, null)
+
+        return sample_latents(eps_fn, scheduler or self.scheduler, noise,
+                              num_inference_steps or self.num_inference_steps, generator=generator, progress=progress)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [-1, 1], (B, 3, H, W), as the pipeline decodes them."""
+        vae = self.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

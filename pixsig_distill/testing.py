@@ -33,3 +33,16 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 8, num_layers: int = 2) -> P
     scheduler = DPMSolverMultistepScheduler(**PIXART_SCHEDULER)
     return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=scheduler)
+
+
+def put_in_hub_cache(folder, repo_id: str, cache_dir) -> None:
+    """Lay a saved pipeline folder out as the hub cache does (refs/main → snapshots/<rev>), so that
+    `from_pretrained(repo_id)` with HF_HUB_OFFLINE=1 runs the real hub code path without a network."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)

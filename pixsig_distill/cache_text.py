@@ -1,0 +1,41 @@
+"""`python -m pixsig_distill.cache_text prompts=FILE out_dir=DIR [model=...]`: T5 embeddings → safetensors shards."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from . import config  # noqa: F401  (registers resolvers)
+from .data import check_prompts, write_text_cache
+from .errors import exit_on_user_error
+from .prompts import load_prompts
+
+log = logging.getLogger(__name__)
+
+
+def cache_text(cfg: DictConfig) -> Path:
+    prompts = check_prompts(load_prompts(cfg.prompts))
+    teacher = instantiate(cfg.model)
+    meta = {"model": str(cfg.model.pretrained), "max_sequence_length": int(cfg.model.max_sequence_length),
+            "source": str(cfg.prompts)}
+    with tqdm(total=len(prompts), desc="T5 embeddings") as bar:
+        out = write_text_cache(cfg.out_dir, prompts, teacher.encode_prompts, teacher.null_embedding(1),
+                               shard_size=cfg.shard_size, batch_size=cfg.batch_size, meta=meta, progress=bar)
+    log.info("cached %d prompts in %s", len(prompts), out)
+    print(f"wrote {len(prompts)} prompt embeddings to {out}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="cache_text")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    cache_text(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""FID features for the toy world: the toy CLIP's image tower instead of Inception.
+
+Inception-v3 features of 32 px images upsampled to 299 px mostly measure upsampling
+artefacts, and the Inception weights would need a download. The toy CLIP has seen this
+world and nothing else, so its image tower is the natural "Inception" here.
+
+Which embedding: the *pre-projection* one (the 128-d class token after ``ln_post``, before
+``visual.proj``), not the L2-normalised CLIP embedding. The projection + normalisation keep
+only what helps match a caption: they are near-invariant to things captions never
+mention (blur, noise, exact jitter), and the unit sphere squeezes all distances to a
+small range. The pre-projection features keep more of the image and separate degraded
+images from real ones by a wider margin relative to the real-vs-real noise floor (see
+the numbers in ``docs``/the training report). ``embedding="projected"`` gives the
+other choice for comparison.
+
+Resizing: none for 32 px images; other sizes are resized to 32 px (bicubic with
+antialiasing in ``ToyFeatureExtractor``; clean-fid's own PIL bicubic resizer in
+``toy_fid_folders``), never to Inception's 299 px.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from cleanfid.fid import compute_fid, frechet_distance
+from cleanfid.resize import make_resizer
+
+from pixsig_distill.toy.clip import WEIGHTS_DIR, load_toy_clip, prepare_images
+
+
+class ToyFeatureExtractor(torch.nn.Module):
+    """Frozen toy-CLIP image tower as an FID feature extractor: (B, 3, H, W) -> (B, D) float64.
+
+    Inputs: uint8 in [0, 255], or float with white = ``float_max`` (1.0 as torchmetrics
+    passes with ``normalize=True``; clean-fid's loaders pass 0..255 floats, so use 255.0
+    there). Works as ``FrechetInceptionDistance(feature=ToyFeatureExtractor())`` (it has the
+    ``num_features`` attribute torchmetrics looks for) and as clean-fid's
+    ``custom_feat_extractor``. Features are float64 so that the FID statistics that
+    torchmetrics accumulates and returns stay in double precision.
+    """
+
+    def __init__(
+        self,
+        weights_dir: str | Path = WEIGHTS_DIR,
+        embedding: str = "pre_projection",
+        float_max: float = 1.0,
+        device: str | torch.device = "cpu",
+    ):
+        super().__init__()
+        if embedding not in ("pre_projection", "projected"):
+            raise ValueError(f"embedding must be 'pre_projection' or 'projected', got {embedding!r}")
+        model, _, _ = load_toy_clip(device=device, weights_dir=weights_dir)
+        self.visual = model.visual  # the text tower is not needed
+        if embedding == "pre_projection":
+            self.num_features = int(self.visual.proj.shape[0])
+            self.visual.proj = None  # open_clip's VisionTransformer skips a None projection
+        else:
+            self.num_features = int(self.visual.proj.shape[1])
+        self.embedding = embedding
+        self.float_max = float(float_max)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "ToyFeatureExtractor":
+        """Always stays in eval mode (a metric calling ``.train()`` must not change features)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        device = next(self.visual.parameters()).device
+        if images.dtype == torch.uint8:
+            images = images.to(device).float() / 255.0
+        else:
+            images = images.to(device).float() / self.float_max
+        feats = self.visual(prepare_images(self.visual, images))
+        if self.embedding == "projected":
+            feats = torch.nn.functional.normalize(feats, dim=-1)
+        return feats.double()
+
+
+@lru_cache(maxsize=1)
+def default_extractor() -> ToyFeatureExtractor:
+    """One shared extractor over the shipped weights (loading takes about a second)."""
+    return ToyFeatureExtractor()
+
+
+def _as_nchw_uint8(images) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of images (N, H, W, 3) or (N, 3, H, W), got shape {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2) if x.shape[-1] == 3 and x.shape[1] != 3 else x
+
+
+def toy_features(images, extractor: ToyFeatureExtractor | None = None, batch_size: int = 500) -> np.ndarray:
+    """(N, D) float64 features of uint8 images, (N, H, W, 3) or (N, 3, H, W)."""
+    extractor = extractor or default_extractor()
+    x = _as_nchw_uint8(images)
+    return torch.cat([extractor(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).cpu().numpy()
+
+
+def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (clean-fid's formula)."""
+    mu1, mu2 = feats1.mean(axis=0), feats2.mean(axis=0)
+    sigma1, sigma2 = np.cov(feats1, rowvar=False), np.cov(feats2, rowvar=False)
+    return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def toy_fid(real_images, fake_images, extractor: ToyFeatureExtractor | None = None) -> float:
+    """FID between two sets of uint8 images: clean-fid's ``frechet_distance`` on toy-CLIP
+    features (report it as "clean-fid, toy-clip features, N samples")."""
+    return fid_from_features(toy_features(real_images, extractor), toy_features(fake_images, extractor))
+
+
+def toy_fid_folders(folder1: str | Path, folder2: str | Path, batch_size: int = 256, verbose: bool = False) -> float:
+    """FID between two image folders through clean-fid's own ``compute_fid`` loop.
+
+    clean-fid would resize to 299 px for Inception; here its PIL bicubic resizer targets
+    the toy CLIP's 32 px instead (a no-op copy for 32 px images). Its loader hands the
+    extractor 0..255 floats, hence ``float_max=255``.
+    """
+    extractor = ToyFeatureExtractor(float_max=255.0)
+    size = tuple(extractor.visual.image_size)
+    return float(
+        compute_fid(
+            str(folder1),
+            str(folder2),
+            mode="clean",
+            custom_feat_extractor=extractor,
+            custom_fn_resize=make_resizer("PIL", False, "bicubic", (size[1], size[0])),
+            batch_size=batch_size,
+            device=torch.device("cpu"),
+            num_workers=0,
+            verbose=verbose,
+        )
+    )

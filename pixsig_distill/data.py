@@ -67,11 +67,13 @@ INDEX = "index.json"
 
 
 def write_text_cache(out_dir: str | Path, prompts: list[str], encode, null: tuple[torch.Tensor, torch.Tensor],
-                     shard_size: int = 1024, batch_size: int = 32, meta: dict | None = None, progress=None) -> Path:
+                     shard_size: int = 1024, batch_size: int = 32, meta: dict | None = None, progress=None,
+                     extras=None) -> Path:
     """Encode `prompts` with `encode(list[str]) -> (embeds, mask)` into safetensors shards.
 
-    The shards are written under temporary names and the index last, so a folder with an index is
-    always complete.
+    `extras(embeds, mask, first_index) -> {name: (B, ...) tensor}` adds per-prompt tensors to the shards
+    (the teacher's noise → latents pairs for DMD's regression loss). The shards are written under
+    temporary names and the index last, so a folder with an index is always complete.
     """
     from safetensors.torch import save_file
 
@@ -80,9 +82,11 @@ def write_text_cache(out_dir: str | Path, prompts: list[str], encode, null: tupl
     shards, longest, dim, dtype = [], 1, None, None
     for start in range(0, len(prompts), shard_size):
         chunk = prompts[start:start + shard_size]
-        tokens, lengths = [], []
+        tokens, lengths, extra = [], [], {}
         for b in range(0, len(chunk), batch_size):
             embeds, mask = encode(chunk[b:b + batch_size])
+            for name, value in (extras(embeds, mask, start + b) if extras else {}).items():
+                extra.setdefault(name, []).append(value.cpu())
             for e, m in zip(embeds, mask):
                 n = int(m.sum())
                 tokens.append(e[:n].cpu())
@@ -91,8 +95,9 @@ def write_text_cache(out_dir: str | Path, prompts: list[str], encode, null: tupl
             if progress is not None:
                 progress.update(len(chunk[b:b + batch_size]))
         name = f"shard-{len(shards):05d}.safetensors"
-        _atomic_save(save_file, {"embeds": torch.cat(tokens).contiguous(), "lengths": torch.tensor(lengths)},
-                     out / name, {"prompts": json.dumps(chunk)})
+        tensors = {"embeds": torch.cat(tokens).contiguous(), "lengths": torch.tensor(lengths),
+                   **{k: torch.cat(v).contiguous() for k, v in extra.items()}}
+        _atomic_save(save_file, tensors, out / name, {"prompts": json.dumps(chunk)})
         shards.append({"file": name, "count": len(chunk)})
     null_embeds, null_mask = null
     n = int(null_mask[0].sum())
@@ -122,19 +127,20 @@ class CachedTextDataset(Dataset):
                             f"create it with python -m pixsig_distill.cache_text")
         self.index = json.loads(index_file.read_text())
         self.max_length = max_length or self.index["max_length"]
-        self.prompts, self.items = [], []  # items: (shard file, token offset, length)
+        self.prompts, self.items = [], []  # items: (shard file, token offset, length, row in shard)
         for shard in self.index["shards"]:
             path = self.folder / shard["file"]
             try:
                 with safe_open(path, "pt") as f:
                     lengths = f.get_tensor("lengths").tolist()
                     self.prompts += json.loads(f.metadata()["prompts"])
+                    self.extra_keys = [k for k in f.keys() if k not in ("embeds", "lengths")]
             except Exception as err:
                 raise UserError(f"text-embedding shard '{path}' is missing or corrupt ({err}); "
                                 f"re-create the cache with python -m pixsig_distill.cache_text") from None
             offset = 0
-            for n in lengths:
-                self.items.append((path, offset, n))
+            for row, n in enumerate(lengths):
+                self.items.append((path, offset, n, row))
                 offset += n
         self._open = {}
 
@@ -155,10 +161,13 @@ class CachedTextDataset(Dataset):
         return embeds, mask
 
     def __getitem__(self, i):
-        path, offset, n = self.items[i]
-        tokens = self._file(path).get_slice("embeds")[offset:offset + n]
-        embeds, mask = self._pad(tokens)
-        return {"prompt": self.prompts[i], "embeds": embeds, "mask": mask}
+        path, offset, n, row = self.items[i]
+        f = self._file(path)
+        embeds, mask = self._pad(f.get_slice("embeds")[offset:offset + n])
+        item = {"prompt": self.prompts[i], "embeds": embeds, "mask": mask}
+        for key in self.extra_keys:  # e.g. the teacher's noise and latents of a DMD regression pair
+            item[key] = f.get_slice(key)[row:row + 1][0]
+        return item
 
     def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty-prompt embedding (L, D) and mask (L,), for CFG without T5."""

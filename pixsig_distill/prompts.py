@@ -14,3 +14,10 @@ def load_prompts(source: str) -> list[str]:
 
         return [scene.caption for scene in split_scenes(source.removeprefix("toy_"))]
     return read_prompt_file(source)
+
+
+def prompt_dataset(source: str):
+    """Hydra target of `data=toy` / `data=prompts`: prompts encoded by the teacher on the fly."""
+    from .data import PromptDataset
+
+    return PromptDataset(prompts=load_prompts(source))

@@ -185,6 +185,10 @@ class Teacher:
             max_sequence_length=self.max_sequence_length)
         return embeds.to(self.dtype), mask
 
+    def set_null_embedding(self, embeds: torch.Tensor, mask: torch.Tensor) -> None:
+        """Use a cached empty-prompt embedding (1, L, D) when T5 is not loaded."""
+        self._null = (embeds, mask)
+
     def null_embedding(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty-prompt embedding used as the unconditional branch of CFG (cached)."""
         if self._null is None:

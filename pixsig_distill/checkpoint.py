@@ -1,0 +1,104 @@
+"""Crash-safe checkpoints in safetensors only (no pickles): weights, optimizer states, step.
+
+A checkpoint is a folder `checkpoints/step-XXXXXXX/` written under a temporary name and renamed
+when complete, so a run killed mid-write leaves only a `.tmp-*` folder that resume ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+STATE_FILE = "state.json"
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"{param_id}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, models: dict[str, dict], optimizers: dict, extra: dict,
+                    keep: int = 2) -> Path:
+    """Write models (name → state_dict) and optimizers atomically; keep the `keep` newest checkpoints."""
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = ckpt_root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, state_dict in models.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / f"{name}.safetensors"))
+    for name, optimizer in optimizers.items():
+        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / f"optimizer-{name}.safetensors"), metadata={"meta": json.dumps(meta)})
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **extra}, indent=1))
+    for f in tmp.iterdir():  # make the data durable before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (partial `.tmp-*` folders are never listed)."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step-*") if (p / STATE_FILE).is_file())
+
+
+def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
+    """`auto` → newest complete checkpoint in the run (or None); `never`/None → None; else a path."""
+    if resume in (None, "never", "none", False):
+        return None
+    if resume == "auto":
+        found = list_checkpoints(ckpt_root)
+        return found[-1] if found else None
+    path = Path(str(resume)).expanduser()
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"resume='{resume}' is not a complete checkpoint folder (no {STATE_FILE}); "
+                        f"use resume=auto, resume=never or a checkpoints/step-N folder")
+    return path
+
+
+def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizers: dict) -> dict:
+    """Load weights and optimizer states in place; returns the saved state (step, ...)."""
+    try:
+        for name, module in models.items():
+            module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+        for name, optimizer in optimizers.items():
+            file = path / f"optimizer-{name}.safetensors"
+            from safetensors import safe_open
+
+            with safe_open(str(file), "pt") as f:
+                meta = json.loads(f.metadata()["meta"])
+            optimizer.load_state_dict(_unflatten_optimizer(load_file(str(file)), meta))
+        return json.loads((path / STATE_FILE).read_text())
+    except UserError:
+        raise
+    except Exception as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"checkpoint '{path}' is corrupt or from another configuration ({first}); "
+                        f"delete it or use resume=never") from None

@@ -1,0 +1,231 @@
+"""The one training loop every distillation method runs on.
+
+A method supplies its networks and a `train_step`; this loop supplies the rest: accelerate
+(devices, processes, mixed precision, gradient accumulation), deterministic per-step noise,
+logging (a line per interval, TensorBoard, a progress bar), preview grids, atomic safetensors
+checkpoints, resume, a time budget, the non-finite-loss guard and the final export.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .errors import UserError
+from .images import save_grid, to_uint8
+
+log = logging.getLogger(__name__)
+
+
+class Method(Protocol):
+    """What a distillation method gives the loop (see methods/dmd.py)."""
+
+    models: dict[str, torch.nn.Module]          # trained by the loop, checkpointed
+    optimizers: dict[str, torch.optim.Optimizer]
+
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]: ...  # models + EMAs, unwrapped
+    def prepare(self, accelerator: Accelerator) -> None: ...
+    def train_step(self, batch: dict, generator: torch.Generator) -> dict[str, float]: ...
+    def sample(self, embeds: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+    def export(self, out_dir: Path) -> Path: ...
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 400
+    time_budget_min: float | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    deterministic: bool = False
+    num_workers: int = 0
+    log_every: int = 25
+    sample_every: int = 200
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    preview_prompts: list[str] = field(default_factory=list)
+
+
+class RunLock:
+    """One run per output folder: a second run on the same folder stops instead of corrupting it."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".lock"
+        self.file = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise UserError(f"another run is using '{self.path.parent}'; wait for it to finish or pick another "
+                            f"out_dir=") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def step_generator(seed: int, step: int, process: int) -> torch.Generator:
+    """Noise for step `step` on process `process` depends only on them: resume replays it exactly."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process)
+
+
+def batch_indices(n_items: int, batch_size: int, step: int, process: int, num_processes: int, seed: int):
+    """Indices of one process's batch at `step`: a fresh seeded permutation every epoch."""
+    global_batch = batch_size * num_processes
+    start = step * global_batch + process * batch_size
+    out = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, n_items)
+        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {"prompt": [it["prompt"] for it in items]}
+    for key in items[0]:
+        if key != "prompt":
+            batch[key] = torch.stack([it[key] for it in items])
+    return batch
+
+
+def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int = 0,
+          resume: str | None = "auto", accelerator: Accelerator | None = None) -> dict:
+    """Train `method` until `cfg.max_steps` (or the time budget); returns a summary dict."""
+    out_dir = Path(out_dir)
+    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision,
+                                             gradient_accumulation_steps=cfg.grad_accum)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    ckpt_root = out_dir / "checkpoints"
+    with RunLock(out_dir) if accelerator.is_main_process else _nullcontext():
+        start_step = 0
+        path = resolve_resume(resume, ckpt_root)
+        if path is not None:
+            state = load_checkpoint(path, method.checkpoint_modules(), method.optimizers)
+            start_step = state["step"]
+            accelerator.print(f"resuming from {path} (step {start_step})")
+            log.info("resumed from %s at step %d", path, start_step)
+        method.prepare(accelerator)
+        summary = _run(method, dataset, teacher, cfg, out_dir, seed, start_step, accelerator)
+    return summary
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, step: int, accelerator) -> dict:
+    main = accelerator.is_main_process
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    previews = _preview_inputs(teacher, cfg.preview_prompts, seed)
+    started, last_log, samples_since = time.time(), time.time(), 0
+    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else math.inf
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train", disable=not main, dynamic_ncols=True)
+    stopped_by_budget = False
+    logs: dict[str, float] = {}
+    while step < cfg.max_steps:
+        indices = batch_indices(len(dataset), cfg.batch_size, step, accelerator.process_index,
+                                accelerator.num_processes, seed)
+        batch = _to_device(_encode(collate([dataset[i] for i in indices]), teacher), accelerator.device)
+        logs = method.train_step(batch, step_generator(seed, step, accelerator.process_index))
+        bad = [k for k, v in logs.items() if not math.isfinite(v)]
+        if bad:
+            last = list_checkpoints(out_dir / "checkpoints")
+            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            raise UserError(f"{', '.join(bad)} became non-finite at step {step + 1}; stopped, {where}; "
+                            f"lower the learning rate or enable gradient clipping")
+        step += 1
+        samples_since += cfg.batch_size * accelerator.num_processes
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            rate = samples_since / max(1e-9, time.time() - last_log)
+            last_log, samples_since = time.time(), 0
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
+            if main:
+                log.info("step %d/%d  %s  %.1f samples/s", step, cfg.max_steps,
+                         "  ".join(f"{k} {v:.4g}" for k, v in logs.items()), rate)
+                for k, v in logs.items():
+                    writer.add_scalar(k, v, step)
+                writer.add_scalar("samples_per_s", rate, step)
+        if previews and main and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            _save_preview(method, teacher, previews, out_dir / "samples" / f"step-{step:07d}.png")
+        over_budget = time.time() - started > budget_s
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or over_budget:
+            _checkpoint(method, accelerator, out_dir, step, cfg.keep_checkpoints)
+        if over_budget and step < cfg.max_steps:
+            stopped_by_budget = True
+            accelerator.print(f"time budget of {cfg.time_budget_min} min reached at step {step}; "
+                              f"re-run the same command to continue")
+            break
+    bar.close()
+    summary = {"step": step, "finished": step >= cfg.max_steps, "minutes": (time.time() - started) / 60,
+               "last_logs": logs}
+    if step >= cfg.max_steps and main and not stopped_by_budget:
+        summary["export"] = str(method.export(out_dir / "export"))
+    if writer:
+        writer.close()
+    if main:
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _checkpoint(method, accelerator, out_dir: Path, step: int, keep: int) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        models = {name: module.state_dict() for name, module in method.checkpoint_modules().items()}
+        path = save_checkpoint(out_dir / "checkpoints", step, models, method.optimizers, {}, keep)
+        log.info("checkpoint %s", path)
+    accelerator.wait_for_everyone()
+
+
+def _encode(batch: dict, teacher) -> dict:
+    """Use cached T5 embeddings when the data has them, else run the teacher's text encoder."""
+    if "embeds" not in batch:
+        batch["embeds"], batch["mask"] = teacher.encode_prompts(batch["prompt"])
+    return batch
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _preview_inputs(teacher, prompts: list[str], seed: int):
+    if not prompts or teacher.pipe.text_encoder is None:
+        return None
+    embeds, mask = teacher.encode_prompts(list(prompts))
+    noise = torch.randn(teacher.latent_shape(len(prompts)), generator=torch.Generator().manual_seed(seed))
+    return embeds, mask, noise.to(teacher.device, teacher.dtype)
+
+
+@torch.no_grad()
+def _save_preview(method, teacher, previews, path: Path) -> None:
+    embeds, mask, noise = previews
+    latents = method.sample(embeds, mask, noise)
+    save_grid(to_uint8(teacher.decode(latents)), path, columns=len(noise), scale=4)

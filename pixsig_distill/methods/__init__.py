@@ -1,0 +1,1 @@
+"""Distillation methods. Each is a small class the shared loop (loop.py) drives."""

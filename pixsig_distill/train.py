@@ -1,0 +1,61 @@
+"""`python -m pixsig_distill.train distill=dmd t_bar=400`: distil the teacher into a student.
+
+A thin Hydra wrapper around `run(cfg)`, which tests call directly with a composed config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from accelerate.utils import set_seed
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as _config  # noqa: F401  (registers resolvers)
+from .config import check_int
+from .errors import UserError, exit_on_user_error
+from .loop import LoopConfig, train
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject bad values before anything is loaded, with the fix in the message."""
+    check_int(cfg, "t_bar", 1, 999, "use an integer in 1..999 (the PixArt-Σ DMD recipe uses 400)")
+    check_int(cfg, "seed", 0)
+    for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "train.log_every",
+                "train.sample_every", "train.ckpt_every"):
+        check_int(cfg, key, 1)
+    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
+        raise UserError(f"train.mixed_precision={cfg.train.mixed_precision!r}; use no, fp16 or bf16")
+
+
+def run(cfg: DictConfig) -> dict:
+    validate(cfg)
+    out_dir = Path(cfg.out_dir)
+    set_seed(cfg.seed)
+    teacher = instantiate(cfg.model)
+    dataset = instantiate(cfg.data)
+    if teacher.pipe.text_encoder is None and hasattr(dataset, "null_embedding"):
+        embeds, mask = dataset.null_embedding()
+        teacher.set_null_embedding(embeds[None].to(teacher.device, teacher.dtype), mask[None].to(teacher.device))
+    method = instantiate(cfg.distill, teacher=teacher)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    loop_cfg = LoopConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+    summary = train(method, dataset, teacher, loop_cfg, out_dir, seed=cfg.seed, resume=cfg.resume)
+    if summary.get("export"):
+        print(f"student exported to {summary['export']}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

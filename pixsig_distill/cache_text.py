@@ -6,11 +6,10 @@ import logging
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from . import config  # noqa: F401  (registers resolvers)
+from .config import build  # importing config also registers its resolvers
 from .data import check_prompts, write_text_cache
 from .errors import exit_on_user_error
 from .prompts import load_prompts
@@ -20,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def cache_text(cfg: DictConfig) -> Path:
     prompts = check_prompts(load_prompts(cfg.prompts))
-    teacher = instantiate(cfg.model)
+    teacher = build(cfg.model)
     meta = {"model": str(cfg.model.pretrained), "max_sequence_length": int(cfg.model.max_sequence_length),
             "source": str(cfg.prompts)}
     with tqdm(total=len(prompts), desc="T5 embeddings") as bar:

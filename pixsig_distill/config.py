@@ -33,3 +33,20 @@ def check_int(cfg: DictConfig, key: str, low: int, high: int | None = None, hint
         bounds = f"{low}..{high}" if high is not None else f">= {low}"
         raise UserError(f"{key}={value} is out of range; {hint or f'use an integer in {bounds}'}")
     return value
+
+
+def build(node: DictConfig, **kwargs):
+    """`hydra.utils.instantiate`, but a UserError raised while building stays a UserError (Hydra wraps
+    every exception in InstantiationException, which would turn a one-line message into a traceback)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

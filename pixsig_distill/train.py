@@ -10,11 +10,10 @@ from pathlib import Path
 
 import hydra
 from accelerate.utils import set_seed
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import config as _config  # noqa: F401  (registers resolvers)
-from .config import check_int
+from .config import build, check_int  # importing config also registers its resolvers
+
 from .errors import UserError, exit_on_user_error
 from .loop import LoopConfig, train
 
@@ -36,12 +35,12 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)
     out_dir = Path(cfg.out_dir)
     set_seed(cfg.seed)
-    teacher = instantiate(cfg.model)
-    dataset = instantiate(cfg.data)
+    teacher = build(cfg.model)
+    dataset = build(cfg.data)
     if teacher.pipe.text_encoder is None and hasattr(dataset, "null_embedding"):
         embeds, mask = dataset.null_embedding()
         teacher.set_null_embedding(embeds[None].to(teacher.device, teacher.dtype), mask[None].to(teacher.device))
-    method = instantiate(cfg.distill, teacher=teacher)
+    method = build(cfg.distill, teacher=teacher)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     loop_cfg = LoopConfig(**OmegaConf.to_container(cfg.train, resolve=True))

@@ -20,3 +20,19 @@ def tiny_folder(tiny_pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sigma")
     tiny_pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture
+def compose_train(tiny_folder, tmp_path):
+    """Compose the real `train` config, shrunk to the tiny random model and a few CPU steps."""
+    from hydra import compose, initialize_config_module
+
+    def _compose(*overrides, out_dir=None):
+        base = ["model=pixart_sigma_512", f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
+                "model.max_sequence_length=16", "model.resolution=16", f"out_dir={out_dir or tmp_path / 'run'}",
+                "train.max_steps=4", "train.batch_size=2", "train.log_every=2", "train.sample_every=4",
+                "train.ckpt_every=2", "device=cpu"]
+        with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+            return compose("train", overrides=base + list(overrides))
+
+    return _compose

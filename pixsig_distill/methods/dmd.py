@@ -24,6 +24,22 @@ from ..schedule import add_noise, x0_from_eps
 from .common import ema_update, export_pipeline, frozen_copy, optimizer_step, trainable_copy
 
 
+def dm_gradient(x0_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """The distribution-matching gradient on the generator's samples (DMD eq. 7–8).
+
+    ∇ = (x̂0_fake − x̂0_real) / mean_{C,H,W}|x̂0 − x̂0_real|: the fake score's denoised estimate minus
+    the real one, normalised per sample so that its scale does not depend on the noise level.
+    """
+    dims = tuple(range(1, x0_hat.ndim))
+    weight = 1.0 / ((x0_hat - x0_real).abs().mean(dim=dims, keepdim=True) + 1e-5)
+    return (x0_fake - x0_real) * weight
+
+
+def dm_loss(x0_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5·‖x̂0 − sg(x̂0 − ∇)‖² (mean): its gradient w.r.t. x̂0 is ∇ / numel, the DMD update direction."""
+    return 0.5 * F.mse_loss(x0_hat.float(), (x0_hat - grad).detach().float())
+
+
 class DMD:
     def __init__(self, teacher, t_bar: int = 400, real_guidance_scale: float = 3.0, fake_updates_per_step: int = 1,
                  dm_t_min: int = 20, dm_t_max: int = 980, generator_optimizer=None, fake_optimizer=None,
@@ -134,11 +150,8 @@ class DMD:
             x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.alphas_cumprod)
             x0_real = self.teacher.x0(x_t, t, embeds, mask, guidance_scale=self.real_guidance_scale)
             x0_fake = self.teacher.x0(x_t, t, embeds, mask, guidance_scale=1.0, transformer=self.fake_score)
-            weight = 1.0 / ((x0_hat - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-5)  # eq. 8
-            grad = (x0_fake - x0_real) * weight
-            target = x0_hat - grad
-        # The gradient of 0.5·‖x̂0 − sg(x̂0 − ∇)‖² w.r.t. x̂0 is exactly ∇ (per element, up to the mean).
-        return 0.5 * F.mse_loss(x0_hat.float(), target.float())
+            grad = dm_gradient(x0_hat.detach(), x0_real, x0_fake)
+        return dm_loss(x0_hat, grad)
 
     def fake_score_loss(self, samples, embeds, mask, gen) -> torch.Tensor:
         """Denoising score matching on the generator's (detached) samples: plain ε-MSE, conditional only."""

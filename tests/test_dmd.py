@@ -1,0 +1,141 @@
+import json
+import math
+
+import pytest
+import torch
+
+from pixsig_distill.checkpoint import list_checkpoints, load_checkpoint
+from pixsig_distill.errors import UserError
+from pixsig_distill.methods.dmd import dm_gradient, dm_loss
+from pixsig_distill.schedule import add_noise
+from pixsig_distill.train import run
+
+
+def _gaussian_denoiser(mean: float, std: float, alphas_cumprod):
+    """E[x0 | x_t] for data ~ N(mean, std²): the exact score of a Gaussian, in x0 form."""
+    def denoise(x_t, t):
+        a = alphas_cumprod[t].view(-1, 1)
+        gain = a.sqrt() * std**2 / (a * std**2 + 1 - a)
+        return mean + gain * (x_t - a.sqrt() * mean)
+    return denoise
+
+
+def test_dm_gradient_moves_the_student_toward_the_teacher():
+    """1-D case: real data N(2, 0.5²); the generator shifts unit noise by a learnable offset and the
+    fake score is the exact denoiser of the generator's current distribution. Following the DM loss
+    must carry the offset from 0 to the teacher's mean."""
+    torch.manual_seed(0)
+    alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+    real = _gaussian_denoiser(2.0, 0.5, alphas_cumprod)
+    offset = torch.zeros((), requires_grad=True)
+    opt = torch.optim.SGD([offset], lr=0.1)
+    trace = []
+    for _ in range(400):
+        x0_hat = offset + 0.5 * torch.randn(256, 1)
+        fake = _gaussian_denoiser(offset.item(), 0.5, alphas_cumprod)
+        t = torch.randint(20, 981, (256,))
+        x_t = add_noise(x0_hat.detach(), torch.randn(256, 1), t, alphas_cumprod)
+        grad = dm_gradient(x0_hat.detach(), real(x_t, t), fake(x_t, t))
+        opt.zero_grad()
+        dm_loss(x0_hat, grad).backward()
+        opt.step()
+        trace.append(offset.item())
+    assert trace[10] > 0  # it moves toward the teacher from the start
+    assert abs(sum(trace[-50:]) / 50 - 2.0) < 0.1  # and settles on the teacher's mean
+
+
+def test_dm_gradient_is_zero_when_distributions_match():
+    x0 = torch.randn(4, 4, 8, 8)
+    real = torch.randn(4, 4, 8, 8)
+    assert torch.count_nonzero(dm_gradient(x0, real, real)) == 0
+    grad = dm_gradient(x0, real, real + 1.0)
+    expected = 1.0 / ((x0 - real).abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-5)
+    assert torch.allclose(grad, expected.expand_as(grad))
+
+
+def test_training_writes_checkpoints_samples_logs_and_export(compose_train, tmp_path):
+    summary = run(compose_train())
+    out = tmp_path / "run"
+    assert summary["finished"] and summary["step"] == 4
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002", "step-0000004"]
+    assert (out / "samples" / "step-0000004.png").is_file()
+    assert any((out / "tensorboard").iterdir())
+    card = json.loads((out / "export" / "pixsig_student.json").read_text())
+    assert card["method"] == "dmd" and card["t_bar"] == 400
+    assert all(math.isfinite(v) for v in summary["last_logs"].values())
+
+
+def test_resume_continues_exactly(compose_train, tmp_path):
+    """4 steps in one go == 2 steps, stop, re-run the same command for the rest (deterministic mode)."""
+    straight = run(compose_train("train.deterministic=true", out_dir=tmp_path / "a"))
+    run(compose_train("train.deterministic=true", "train.max_steps=2", out_dir=tmp_path / "b"))
+    resumed = run(compose_train("train.deterministic=true", out_dir=tmp_path / "b"))
+    assert straight["step"] == resumed["step"] == 4
+    for name in ("generator", "fake_score", "generator_ema"):
+        a = load_checkpoint_tensors(tmp_path / "a" / "checkpoints" / "step-0000004" / f"{name}.safetensors")
+        b = load_checkpoint_tensors(tmp_path / "b" / "checkpoints" / "step-0000004" / f"{name}.safetensors")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
+
+
+def load_checkpoint_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_partial_checkpoint_is_never_resumed_from(compose_train, tmp_path):
+    run(compose_train("train.max_steps=2", out_dir=tmp_path / "c"))
+    partial = tmp_path / "c" / "checkpoints" / ".tmp-step-0000003"
+    partial.mkdir()
+    (partial / "generator.safetensors").write_bytes(b"half")
+    assert [p.name for p in list_checkpoints(tmp_path / "c" / "checkpoints")] == ["step-0000002"]
+    assert run(compose_train(out_dir=tmp_path / "c"))["step"] == 4
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(compose_train, tmp_path):
+    cfg = compose_train("train.max_steps=50", "distill.generator_optimizer.lr=1e30", "distill.grad_clip=null",
+                        "distill.fake_optimizer.lr=1e30", out_dir=tmp_path / "nan")
+    with pytest.raises(UserError, match="non-finite"):
+        run(cfg)
+    kept = list_checkpoints(tmp_path / "nan" / "checkpoints")
+    for ckpt in kept:  # every checkpoint that exists holds finite weights
+        tensors = load_checkpoint_tensors(ckpt / "generator.safetensors")
+        assert all(torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_export_round_trips_through_stock_diffusers(compose_train, tmp_path):
+    from diffusers import DDPMScheduler, PixArtSigmaPipeline
+
+    from pixsig_distill.methods.dmd import DMD
+    from pixsig_distill.teacher import Teacher
+    from hydra.utils import instantiate
+
+    cfg = compose_train("t_bar=400", out_dir=tmp_path / "e")
+    run(cfg)
+    export = tmp_path / "e" / "export"
+    pipe = PixArtSigmaPipeline.from_pretrained(export)
+    assert isinstance(pipe.scheduler, DDPMScheduler)
+    prompts = ["a red circle", "a blue square"]
+    stock = pipe(prompts, timesteps=[400], num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+                 generator=torch.Generator().manual_seed(0), use_resolution_binning=False).images
+    # Our generator from the same checkpoint, sampling the same noise.
+    teacher = instantiate(cfg.model)
+    method = instantiate(cfg.distill, teacher=teacher)
+    load_checkpoint(tmp_path / "e" / "checkpoints" / "step-0000004", method.checkpoint_modules(), {})
+    embeds, mask = teacher.encode_prompts(prompts)
+    noise = torch.randn(teacher.latent_shape(2), generator=torch.Generator().manual_seed(0))
+    ours = method.sample(embeds, mask, noise)
+    assert (ours - stock).abs().max() < 1e-4
+    # And the one-step sample really is x̂0 = (z − √(1−ᾱ)ε)/√ᾱ of the generator.
+    direct = method.generate(method.generator_ema, embeds, mask, noise)
+    assert (direct - ours).abs().max() < 1e-4
+
+
+def test_bad_t_bar_in_the_method_itself(compose_train):
+    from pixsig_distill.config import build
+
+    cfg = compose_train()
+    teacher = build(cfg.model)
+    for bad in (0, 1000, 4.5, "400"):
+        with pytest.raises(UserError, match="t_bar"):
+            build(cfg.distill, teacher=teacher, t_bar=bad)

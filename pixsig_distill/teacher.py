@@ -227,8 +227,10 @@ class Teacher:
     @torch.no_grad()
     def sample(self, prompts: list[str] | None = None, embeds=None, mask=None, num_inference_steps: int | None = None,
                guidance_scale: float | None = None, generator=None, noise=None, scheduler=None,
-               progress: bool = False) -> torch.Tensor:
-        """The teacher's own sampler (DPM-Solver++ 20 steps, CFG 4.5 by default) → latents."""
+               timesteps: list[int] | None = None, progress: bool = False) -> torch.Tensor:
+        """The teacher's own sampler (DPM-Solver++ 20 steps, CFG 4.5 by default) → latents.
+
+        The same call samples a student loaded into a `Teacher` (its scheduler, its steps or timesteps)."""
         if embeds is None:
             embeds, mask = self.encode_prompts(prompts)
         if noise is None:
@@ -239,8 +241,9 @@ class Teacher:
         def eps_fn(x_t, t):
             return self.guided_eps(x_t, t, embeds, mask, scale, null)
 
-        return sample_latents(eps_fn, scheduler or self.scheduler, noise,
-                              num_inference_steps or self.num_inference_steps, generator=generator, progress=progress)
+        steps = None if timesteps is not None else (num_inference_steps or self.num_inference_steps)
+        return sample_latents(eps_fn, scheduler or self.scheduler, noise, steps, timesteps=timesteps,
+                              generator=generator, progress=progress)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -139,3 +139,35 @@ def test_bad_t_bar_in_the_method_itself(compose_train):
     for bad in (0, 1000, 4.5, "400"):
         with pytest.raises(UserError, match="t_bar"):
             build(cfg.distill, teacher=teacher, t_bar=bad)
+
+
+def test_pairs_command_and_regression_loss(tiny_folder, compose_train, tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from pixsig_distill.data import CachedTextDataset
+    from pixsig_distill.make_pairs import make_pairs
+    from pixsig_distill.teacher import Teacher
+
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose("make_pairs", overrides=[
+            "model=pixart_sigma_512", f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
+            "model.max_sequence_length=16", "model.resolution=16", "prompts=toy_train", "max_pairs=6",
+            "num_inference_steps=3", "batch_size=4", "shard_size=4", f"out_dir={tmp_path / 'pairs'}", "device=cpu"])
+    make_pairs(cfg)
+    pairs = CachedTextDataset(tmp_path / "pairs")
+    assert len(pairs) == 6 and set(pairs[0]) >= {"noise", "latents", "embeds", "mask"}
+    # The stored latents are the teacher's own sample from the stored noise.
+    teacher = Teacher.from_pretrained(str(tiny_folder), max_sequence_length=16, device="cpu")
+    item = pairs[5]
+    again = teacher.sample(embeds=item["embeds"][None], mask=item["mask"][None], noise=item["noise"][None],
+                           num_inference_steps=3, guidance_scale=4.5)
+    assert torch.allclose(again[0], item["latents"], rtol=1e-4, atol=1e-4)
+    summary = run(compose_train("distill.regression_weight=0.25", "+distill.pairs._target_="
+                                "pixsig_distill.data.CachedTextDataset", f"+distill.pairs.folder={tmp_path / 'pairs'}",
+                                out_dir=tmp_path / "reg"))
+    assert summary["finished"] and "loss_reg" in summary["last_logs"]
+
+
+def test_regression_without_pairs_is_refused(compose_train):
+    with pytest.raises(UserError, match="needs teacher pairs"):
+        run(compose_train("distill.regression_weight=0.25"))

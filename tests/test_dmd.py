@@ -161,7 +161,8 @@ def test_pairs_command_and_regression_loss(tiny_folder, compose_train, tmp_path)
     item = pairs[5]
     again = teacher.sample(embeds=item["embeds"][None], mask=item["mask"][None], noise=item["noise"][None],
                            num_inference_steps=3, guidance_scale=4.5)
-    assert torch.allclose(again[0], item["latents"], rtol=1e-4, atol=1e-4)
+    # (the random tiny model's latents reach ~300; batch 1 vs 4 differs only by float rounding)
+    assert (again[0] - item["latents"]).abs().max() <= 1e-5 * item["latents"].abs().max()
     summary = run(compose_train("distill.regression_weight=0.25", "+distill.pairs._target_="
                                 "pixsig_distill.data.CachedTextDataset", f"+distill.pairs.folder={tmp_path / 'pairs'}",
                                 out_dir=tmp_path / "reg"))

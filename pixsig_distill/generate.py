@@ -44,6 +44,29 @@ def load_model(cfg: DictConfig):
     return teacher, teacher_spec(teacher)
 
 
+def generate_images(model, prompts: list[str], seeds: list[int], steps: int | None = None,
+                    guidance_scale: float | None = None, timesteps: list[int] | None = None, batch_size: int = 8,
+                    desc: str = "generating", progress: bool = True) -> tuple[np.ndarray, float]:
+    """Images (N, H, W, 3) uint8 for `prompts`, image i from noise seeded by `seeds[i]` (so the batch size
+    never changes an image), and the seconds spent prompt → image (model loading excluded)."""
+    images, seconds = [], 0.0
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        chunk = prompts[start:start + batch_size]
+        generators = [torch.Generator(model.device).manual_seed(s) for s in seeds[start:start + batch_size]]
+        noise = initial_noise(model.latent_shape(len(chunk)), generators, model.device, model.dtype)
+        _sync(model.device)
+        began = time.perf_counter()
+        embeds, mask = model.encode_prompts(chunk)
+        # The same generators keep going inside stochastic samplers (LCM re-noises between steps).
+        latents = model.sample(embeds=embeds, mask=mask, noise=noise, num_inference_steps=steps,
+                               guidance_scale=guidance_scale, timesteps=timesteps, generator=generators)
+        batch = to_uint8(model.decode(latents))
+        _sync(model.device)
+        seconds += time.perf_counter() - began
+        images.extend(batch)
+    return np.stack(images), seconds
+
+
 def generate(cfg: DictConfig) -> dict:
     prompts = _prompts(cfg)
     n_images = check_int(cfg, "n_images", 1)
@@ -55,29 +78,20 @@ def generate(cfg: DictConfig) -> dict:
     timesteps = spec.timesteps
     if spec.method == "dmd" and steps != 1:
         raise UserError(f"steps={steps}: a DMD student samples in one step from T̄={spec.timesteps[0]}; use steps=1")
+    original = spec.card.get("original_inference_steps")
+    if original is not None and steps > original:
+        raise UserError(f"steps={steps}: this {spec.method} student was trained on a {original}-step grid; "
+                        f"use steps <= {original} (it is made for 1 to 8)")
     guidance = spec.guidance_scale if cfg.guidance_scale is None else float(cfg.guidance_scale)
 
-    jobs = [(p, k) for p in prompts for k in range(n_images)]
+    jobs = [p for p in prompts for _ in range(n_images)]
     out = Path(cfg.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images, seconds = [], 0.0
-    for start in tqdm(range(0, len(jobs), batch_size), desc=f"generating ({spec.method}, {steps} steps)"):
-        chunk = jobs[start:start + batch_size]
-        # One generator per image, seeded by (seed, image index): batch size never changes an image.
-        generators = [torch.Generator(model.device).manual_seed(cfg.seed + start + i) for i in range(len(chunk))]
-        noise = initial_noise(model.latent_shape(len(chunk)), generators, model.device, model.dtype)
-        _sync(model.device)
-        began = time.perf_counter()
-        embeds, mask = model.encode_prompts([p for p, _ in chunk])
-        latents = model.sample(embeds=embeds, mask=mask, noise=noise, num_inference_steps=steps,
-                               guidance_scale=guidance, timesteps=timesteps)
-        batch = to_uint8(model.decode(latents))
-        _sync(model.device)
-        seconds += time.perf_counter() - began
-        images.extend(batch)
+    images, seconds = generate_images(model, jobs, [cfg.seed + i for i in range(len(jobs))], steps, guidance,
+                                      timesteps, batch_size, desc=f"generating ({spec.method}, {steps} steps)")
     for i, image in enumerate(images):
         Image.fromarray(image).save(out / "images" / f"{i:05d}.png")
-    save_grid(np.stack(images), out / "grid.png", columns=n_images if n_images > 1 else 8,
+    save_grid(images, out / "grid.png", columns=n_images if n_images > 1 else 8,
               scale=max(1, 128 // images[0].shape[0]))
     report = {"method": spec.method, "steps": steps, "guidance_scale": guidance, "images": len(images),
               "batch_size": batch_size, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),

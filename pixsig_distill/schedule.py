@@ -51,3 +51,22 @@ def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) per timestep."""
     a = alphas_cumprod.to(t.device)[t.long()]
     return a / (1 - a)
+
+
+# ---- latent consistency models (Luo et al. 2023) ------------------------------------------------
+
+def skipping_step_grid(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
+    """The skipping-step solver's grid {k−1, 2k−1, …} with k = T // N (LCM §4.3): {19, 39, …, 999} for
+    T = 1000, N = 50. It is also LCMScheduler's "original" schedule, so training and sampling agree."""
+    k = num_train_timesteps // num_ddim_timesteps
+    return torch.arange(1, num_ddim_timesteps + 1) * k - 1
+
+
+def lcm_boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consistency-model boundary scalings on discrete timesteps (Song et al. 2023, consistency models; LCM §4.1):
+    c_skip(t) = σ²/((s·t)² + σ²), c_out(t) = s·t / √((s·t)² + σ²), so f(x, 0) = x exactly."""
+    scaled = t.to(torch.float32) * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+    return c_skip, c_out

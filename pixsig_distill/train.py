@@ -47,7 +47,23 @@ def run(cfg: DictConfig) -> dict:
     summary = train(method, dataset, teacher, loop_cfg, out_dir, seed=cfg.seed, resume=cfg.resume)
     if summary.get("export"):
         print(f"student exported to {summary['export']}")
+        if cfg.eval.get("_target_"):
+            summary["eval"] = evaluate(cfg, teacher, summary["export"], out_dir)
     return summary
+
+
+def evaluate(cfg: DictConfig, teacher, export: str, out_dir: Path) -> dict:
+    """Score the exported student right away so every run folder holds its own figures."""
+    report = build(cfg.eval)(export=export, teacher=teacher, out_dir=out_dir)
+    for name, figures in report.items():
+        if isinstance(figures, dict) and "fid" in figures:
+            ratios = (f"  (FID {figures['fid_ratio_to_teacher']:.2f}× teacher, CLIP {figures['clip_ratio_to_teacher']:.3f}×)"
+                      if "fid_ratio_to_teacher" in figures else "")
+            msg = (f"{name}: FID {figures['fid']:.2f}  CLIP {figures['clip_score']:.4f}  "
+                   f"caption acc {figures['caption_accuracy']:.3f}{ratios}")
+            log.info(msg)
+            print(msg)
+    return report
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -31,7 +31,7 @@ def compose_train(tiny_folder, tmp_path):
         base = ["model=pixart_sigma_512", f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
                 "model.max_sequence_length=16", "model.resolution=16", f"out_dir={out_dir or tmp_path / 'run'}",
                 "train.max_steps=4", "train.batch_size=2", "train.log_every=2", "train.sample_every=4",
-                "train.ckpt_every=2", "device=cpu"]
+                "train.ckpt_every=2", "device=cpu", "eval=none"]
         with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
             return compose("train", overrides=base + list(overrides))
 

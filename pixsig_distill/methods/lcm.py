@@ -1,0 +1,284 @@
+"""LCM: latent consistency distillation into a few-step student f(x_t, t, text).
+
+Luo et al. 2023, "Latent Consistency Models" (Algorithm 1, latent consistency distillation), as
+PixArt-δ applies it to PixArt:
+- student f_θ, initialised from the teacher, in the consistency parameterisation (LCM §4.1)
+  f(x, t) = c_skip(t)·x + c_out(t)·x̂0(x, t), x̂0 from its ε prediction (learned-σ channels dropped);
+- target f_θ⁻ = EMA of the student (decay 0.95); the frozen teacher is the ODE solver;
+- skipping-step DDIM solver on the grid {19, 39, …, 999} (50 steps, k = 20; LCM §4.3):
+  x_{t_n} = DDIM(x_{t_{n+k}} → t_n) with the guided teacher ε (LCM §4.2);
+- loss d(f_θ(x_{t_{n+k}}, t_{n+k}), sg f_θ⁻(x_{t_n}, t_n)): pseudo-Huber (c = 0.001) or L2.
+
+Choices, and why:
+- t_n = t_{n+k} − k clamped at 0, as diffusers' LCM distillation example does (its DDIM solver
+  uses ᾱ_0 as the "previous" ᾱ of the first grid point); there f(x, 0) = x, the boundary condition.
+- Guidance: w follows the LCM/PixArt-δ convention ε_w = ε_c + w·(ε_c − ε_u). Our `Teacher.guided_eps`
+  uses ε_u + s·(ε_c − ε_u), so w = s − 1: `guidance_w: 4.5` (PixArt-δ) is CFG scale s = 5.5. The key
+  is named `guidance_w`, not `guidance_scale`, so that it cannot be confused with the s of the rest
+  of the project (model.guidance_scale, DMD's real_guidance_scale).
+- `w_embedding: true` is the LCM paper's variant: w ~ U[w_min, w_max] per sample, fed to the student
+  through a grafted w-embedding (methods/guidance_embedding.py). The export bakes one w (`export_w`,
+  default `guidance_w`) into the weights, so stock diffusers still loads the student.
+- Where x_{t_{n+k}} comes from without images: LCM noises data latents, x_{t_{n+k}} ~ q(x | x0). We
+  use the teacher's own samples as x0 (data-free distillation): batches from teacher pairs
+  (`python -m pixsig_distill.make_pairs`, then data=cached data.folder=PAIRS) carry them as
+  `latents`; for prompt-only batches the method makes the same pairs itself, once per prompt, with
+  the teacher's sampler (`pair_steps` DPM-Solver++ steps at CFG `pair_guidance_scale`, noise seeded by
+  the prompt), and keeps them in memory (`pair_cache_size`). The first epoch then pays for the
+  teacher's sampler; later epochs cost what pairs from disk cost. Running the teacher's 50-step
+  DDIM chain to a random t_{n+k} for every batch was the other faithful option, at up to 50 guided
+  teacher calls per step and never amortised: too slow on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+
+import torch
+from diffusers import LCMScheduler
+
+from ..errors import UserError
+from ..sampling import sample_latents
+from ..schedule import add_noise, ddim_step, lcm_boundary_scalings, skipping_step_grid, x0_from_eps
+from .common import ema_update, export_pipeline, frozen_copy, optimizer_step, trainable_copy
+from .guidance_embedding import add_guidance_embedding, bake_guidance, guidance
+
+log = logging.getLogger(__name__)
+
+
+def consistency_distance(pred: torch.Tensor, target: torch.Tensor, loss: str = "huber", huber_c: float = 0.001
+                         ) -> torch.Tensor:
+    """Pseudo-Huber mean(√((f − f⁻)² + c²) − c) (Song & Dhariwal 2023, §3.3; LCM-LoRA, PixArt-δ) or MSE."""
+    diff = pred.float() - target.float()
+    if loss == "l2":
+        return diff.pow(2).mean()
+    return ((diff.pow(2) + huber_c**2).sqrt() - huber_c).mean()
+
+
+def lcm_scheduler(config, original_inference_steps: int = 50, timestep_scaling: float = 10.0) -> LCMScheduler:
+    """diffusers' LCM sampler over the teacher's ᾱ schedule, on the grid the student was trained on."""
+    return LCMScheduler.from_config(config, original_inference_steps=original_inference_steps,
+                                    timestep_scaling=timestep_scaling, prediction_type="epsilon", clip_sample=False,
+                                    thresholding=False, set_alpha_to_one=True, steps_offset=0,
+                                    rescale_betas_zero_snr=False)
+
+
+def _int_in(name: str, value, low: int, high: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UserError(f"distill.{name}={value!r}; use an integer in {low}..{high} ({hint})")
+    return value
+
+
+class LCM:
+    method_name = "lcm"
+
+    def __init__(self, teacher, num_ddim_timesteps: int = 50, num_inference_steps: int = 4, guidance_w: float = 4.5,
+                 w_embedding: bool = False, w_min: float = 3.0, w_max: float = 15.0, export_w: float | None = None,
+                 ema_decay: float = 0.95, loss: str = "huber", huber_c: float = 0.001,
+                 timestep_scaling: float = 10.0, optimizer=None, grad_clip: float | None = 1.0,
+                 pair_steps: int | None = None, pair_guidance_scale: float | None = None,
+                 pair_cache_size: int = 4096, seed: int = 0, gradient_checkpointing: bool = False,
+                 full_pipeline_export: bool = True):
+        n_train = teacher.scheduler.config.num_train_timesteps
+        _int_in("num_ddim_timesteps", num_ddim_timesteps, 1, n_train, "LCM and PixArt-δ use 50")
+        _int_in("num_inference_steps", num_inference_steps, 1, num_ddim_timesteps, "at most num_ddim_timesteps")
+        if pair_steps is not None:
+            _int_in("pair_steps", pair_steps, 1, n_train, "or null for the teacher's own steps")
+        if loss not in ("huber", "l2"):
+            raise UserError(f"distill.loss={loss!r}; use huber or l2")
+        if huber_c <= 0:
+            raise UserError(f"distill.huber_c={huber_c}; use a positive number (LCM-LoRA uses 0.001)")
+        if not 0 <= ema_decay < 1:
+            raise UserError(f"distill.ema_decay={ema_decay}; use a number in [0, 1) (PixArt-δ uses 0.95)")
+        if guidance_w < 0 or (w_embedding and not 0 <= w_min < w_max):
+            raise UserError(f"distill.guidance_w={guidance_w}, w_min={w_min}, w_max={w_max}; need w >= 0 and "
+                            f"0 <= w_min < w_max (w = CFG scale − 1)")
+        if w_embedding and export_w is not None and not w_min <= export_w <= w_max:
+            raise UserError(f"distill.export_w={export_w} lies outside the trained range [{w_min}, {w_max}]")
+        if pair_cache_size < 0:
+            raise UserError(f"distill.pair_cache_size={pair_cache_size}; use an integer >= 0 (0: no cache)")
+        self.teacher = teacher
+        self.grid = skipping_step_grid(n_train, num_ddim_timesteps).to(teacher.device)
+        self.k = n_train // num_ddim_timesteps
+        self.num_ddim_timesteps = num_ddim_timesteps
+        self.num_inference_steps = num_inference_steps
+        self.guidance_w = guidance_w
+        self.w_embedding = w_embedding
+        self.w_range = (w_min, w_max)
+        self.export_w = guidance_w if export_w is None else export_w
+        self.ema_decay = ema_decay
+        self.loss, self.huber_c = loss, huber_c
+        self.timestep_scaling = timestep_scaling
+        self.grad_clip = grad_clip
+        self.pair_steps, self.pair_guidance_scale = pair_steps, pair_guidance_scale
+        self.pair_cache_size, self.seed = pair_cache_size, seed
+        self.full_pipeline_export = full_pipeline_export
+        self._pairs: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt → teacher sample (LRU)
+        self._warned = False
+        self.accelerator = None
+
+        self.student, self.target = self._build_networks(gradient_checkpointing)
+        make_opt = optimizer or partial(torch.optim.AdamW, lr=2e-5, weight_decay=0.0)
+        self.models = {"student": self.student}
+        self.optimizers = {"student": make_opt([p for p in self.student.parameters() if p.requires_grad])}
+
+    def _build_networks(self, gradient_checkpointing: bool):
+        """Student = trainable teacher copy (+ w-embedding); target = its EMA."""
+        student = trainable_copy(self.teacher.transformer, gradient_checkpointing)
+        if self.w_embedding:
+            add_guidance_embedding(student)
+        return student, frozen_copy(student)
+
+    # ---- loop interface ---------------------------------------------------------------------
+    def _unwrap(self, model):
+        return self.accelerator.unwrap_model(model) if self.accelerator else model
+
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        return {"student": self._unwrap(self.student), "target": self.target}
+
+    def prepare(self, accelerator) -> None:
+        self.accelerator = accelerator
+        if self.target is not None:
+            self.target.to(accelerator.device)
+        self.student, self.optimizers["student"] = accelerator.prepare(self.student, self.optimizers["student"])
+        self.models = {"student": self.student}
+
+    def train_step(self, batch: dict, gen: torch.Generator) -> dict[str, float]:
+        acc = self.accelerator
+        embeds, mask = batch["embeds"], batch["mask"]
+        x0 = self.clean_latents(batch)
+        b, device, ac = x0.shape[0], x0.device, self.teacher.alphas_cumprod
+        # Skipping-step pair (t_{n+k}, t_n) on the DDIM grid, and x_{t_{n+k}} ~ q(x | x0).
+        t_start = self.grid[torch.randint(0, len(self.grid), (b,), generator=gen).to(self.grid.device)].to(device)
+        t_end = (t_start - self.k).clamp(min=0)
+        x_start = add_noise(x0, torch.randn(x0.shape, generator=gen).to(device), t_start, ac)
+        w = self._sample_w(b, gen).to(device)
+        with acc.accumulate(self.student), acc.autocast():
+            pred = self.consistency_fn(self.student, x_start, t_start, embeds, mask, w)
+            with torch.no_grad():
+                eps = self.teacher_eps(x_start, t_start, embeds, mask, w).float()
+                x_end = ddim_step(x_start, eps, t_start, t_end, ac)
+                target = self.consistency_fn(self.target_network(), x_end, t_end, embeds, mask, w)
+            loss = consistency_distance(pred, target, self.loss, self.huber_c)
+            grad_norm = optimizer_step(acc, self.student, self.optimizers["student"], loss, self.grad_clip)
+        if acc.sync_gradients:
+            self.update_target()
+        return {"loss_lcm": loss.item(), "grad_norm": grad_norm}
+
+    # ---- the method -------------------------------------------------------------------------
+    def target_network(self):
+        return self.target
+
+    def update_target(self) -> None:
+        ema_update(self.target, self._unwrap(self.student), self.ema_decay)
+
+    def _sample_w(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+        if not self.w_embedding:
+            return torch.full((batch_size,), float(self.guidance_w))
+        low, high = self.w_range
+        return low + (high - low) * torch.rand(batch_size, generator=gen)
+
+    def consistency_fn(self, model, x_t, t, embeds, mask, w) -> torch.Tensor:
+        """f(x, t) = c_skip(t)·x + c_out(t)·x̂0(x, t) (LCM §4.1), x̂0 from the model's ε."""
+        with guidance(self._unwrap(model), w):
+            eps = self.teacher.eps(x_t, t, embeds, mask, transformer=model).float()
+        x0 = x0_from_eps(x_t.float(), eps, t, self.teacher.alphas_cumprod)
+        c_skip, c_out = (c.view(-1, *[1] * (x_t.ndim - 1)) for c in lcm_boundary_scalings(t, self.timestep_scaling))
+        return c_skip * x_t.float() + c_out * x0
+
+    def teacher_eps(self, x_t, t, embeds, mask, w) -> torch.Tensor:
+        """Guided teacher ε_w = ε_c + w·(ε_c − ε_u) per sample (LCM §4.2; = CFG scale w + 1)."""
+        x_t = x_t.to(self.teacher.dtype)
+        if not bool((w != 0).any()):
+            return self.teacher.eps(x_t, t, embeds, mask)
+        null_embeds, null_mask = self.teacher.null_embedding(x_t.shape[0])
+        both = self.teacher.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null_embeds, embeds]),
+                                torch.cat([null_mask, mask]))
+        eps_uncond, eps_cond = both.float().chunk(2)
+        return eps_cond + w.view(-1, 1, 1, 1) * (eps_cond - eps_uncond)
+
+    def clean_latents(self, batch: dict) -> torch.Tensor:
+        """x0 for q(x_{t_{n+k}} | x0): the teacher pairs' `latents` if the batch has them, else teacher
+        samples made here once per prompt and cached (see the module docstring)."""
+        shape = self.teacher.latent_shape(len(batch["prompt"]))
+        if "latents" in batch:
+            latents = batch["latents"].float()
+            if tuple(latents.shape) != shape:
+                raise UserError(f"the teacher pairs' latents have shape {tuple(latents.shape[1:])} but this "
+                                f"teacher makes {shape[1:]}; remake them with python -m pixsig_distill.make_pairs "
+                                f"and this model")
+            return latents
+        found = {p: self._pairs[p] for p in batch["prompt"] if p in self._pairs}
+        for p in found:
+            self._pairs.move_to_end(p)  # least recently used goes first
+        missing = [i for i, p in enumerate(batch["prompt"]) if p not in found]
+        if missing:
+            if not self._warned:
+                self._warned = True
+                log.warning("the batches carry no teacher latents: LCM makes a teacher sample per prompt on first "
+                            "use (%s steps, CFG %s) and caches it; precompute them with python -m "
+                            "pixsig_distill.make_pairs and train with data=cached data.folder=PAIRS to skip this",
+                            self.pair_steps or self.teacher.num_inference_steps,
+                            self.pair_guidance_scale or self.teacher.guidance_scale)
+            found.update(self._make_pairs(batch, missing))
+        return torch.stack([found[p] for p in batch["prompt"]]).to(self.teacher.device).float()
+
+    @torch.no_grad()
+    def _make_pairs(self, batch: dict, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The teacher's sample for each prompt in `rows`, from noise seeded by (seed, prompt) (make_pairs' way)."""
+        prompts = [batch["prompt"][i] for i in rows]
+        noise = torch.stack([torch.randn(self.teacher.latent_shape(1)[1:], generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + zlib.crc32(p.encode("utf-8")))) for p in prompts])
+        latents = self.teacher.sample(embeds=batch["embeds"][rows], mask=batch["mask"][rows],
+                                      noise=noise.to(self.teacher.device, self.teacher.dtype),
+                                      num_inference_steps=self.pair_steps, guidance_scale=self.pair_guidance_scale)
+        made = dict(zip(prompts, latents.float().cpu()))
+        self._pairs.update(made)
+        while len(self._pairs) > self.pair_cache_size:
+            self._pairs.popitem(last=False)
+        return made
+
+    # ---- inference and export -----------------------------------------------------------------
+    def scheduler(self) -> LCMScheduler:
+        return lcm_scheduler(self.teacher.scheduler.config, self.num_ddim_timesteps, self.timestep_scaling)
+
+    def sampling_network(self):
+        """The network that is exported: the EMA target (PixArt-δ, like DMD, ships the EMA weights)."""
+        return self.target
+
+    @torch.no_grad()
+    def sample(self, embeds, mask, noise, num_inference_steps: int | None = None, generator=None) -> torch.Tensor:
+        """LCMScheduler multistep sampling without CFG, exactly as the exported pipeline samples.
+
+        Multistep LCM re-noises between steps: pass the `generator` that drew `noise` to match a pipeline
+        (without one, a fixed seed keeps training previews comparable)."""
+        model = self.sampling_network()
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        w = torch.full((noise.shape[0],), float(self.export_w), device=noise.device)
+
+        def eps_fn(x, t):
+            with guidance(self._unwrap(model), w):
+                return self.teacher.eps(x, t, embeds, mask, transformer=model)
+
+        return sample_latents(eps_fn, self.scheduler(), noise, num_inference_steps or self.num_inference_steps,
+                              generator=generator)
+
+    def card(self) -> dict:
+        card = {"method": self.method_name, "num_inference_steps": self.num_inference_steps, "guidance_scale": 1.0,
+                "scheduler": "LCMScheduler", "original_inference_steps": self.num_ddim_timesteps,
+                "timestep_scaling": self.timestep_scaling, "guidance_w": self.guidance_w}
+        if self.w_embedding:
+            card.update(w_embedding=True, w_range=list(self.w_range), baked_w=self.export_w)
+        return card
+
+    def export_transformer(self):
+        model = self.sampling_network()
+        return bake_guidance(model, self.teacher.transformer, self.export_w) if self.w_embedding else model
+
+    def export(self, out_dir: Path) -> Path:
+        return export_pipeline(self.teacher, self.export_transformer(), self.scheduler(), out_dir, self.card(),
+                               self.full_pipeline_export)

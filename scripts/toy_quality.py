@@ -26,7 +26,7 @@ from pixsig_distill.images import save_grid
 from pixsig_distill.schedule import add_noise
 from pixsig_distill.teacher import Teacher
 from pixsig_distill.toy.clip import caption_accuracy, heldout_images, load_toy_clip
-from pixsig_distill.toy.features import toy_fid
+from pixsig_distill.toy.features import FID_DESCRIPTION, toy_fid
 
 
 def to_uint8(images01: torch.Tensor) -> np.ndarray:
@@ -74,7 +74,7 @@ def main():
     teacher = Teacher.from_pretrained(args.teacher, max_sequence_length=16, device="cpu")
     seeds = list(range(args.n))
     fig = {"n": args.n, "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-           "fid": "clean-fid frechet_distance on toy-CLIP pre-projection features (32 px, no resize)"}
+           "fid": FID_DESCRIPTION}
 
     fig["clip_acc_real"] = caption_accuracy(clip, tokenizer, real, captions)
     fig["clip_acc_real_one_attribute"] = caption_accuracy(clip, tokenizer, real, captions, distractors="one_attribute")

@@ -1,8 +1,8 @@
 """Score samplers on the toy world's held-out captions with the toy evaluators.
 
 Used at the end of a toy training run (figures into the run folder) and by the reports in docs/.
-Every figure says what it is: FID is clean-fid's Fréchet distance on toy-CLIP image features at
-32 px (no resize), CLIP score the mean plain cosine between toy-CLIP image and caption embeddings,
+Every figure says what it is: FID is clean-fid's Fréchet distance on toy-CLIP image features
+(`features.FID_DESCRIPTION`), CLIP score the mean plain cosine between toy-CLIP image and caption embeddings,
 caption accuracy the toy CLIP's top-1 pick among 10 held-out captions.
 """
 
@@ -18,9 +18,9 @@ import torch
 
 from ..generate import generate_images
 from .clip import caption_accuracy, clip_image_features, clip_text_features, heldout_images, load_toy_clip
-from .features import toy_fid
+from .features import FID_DESCRIPTION, toy_fid
 
-FID_LABEL = "clean-fid frechet_distance, toy-CLIP pre-projection features, 32 px, no resize"
+FID_LABEL = FID_DESCRIPTION
 CLIP_LABEL = "toy-CLIP plain cosine (image, caption)"
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pixsig_distill.faults import fault_point
+
 from .prompts import ImageFiles
 
 
@@ -79,6 +81,7 @@ class ImageCache:
             tmp = self.folder / f".{i:05d}.png.tmp{os.getpid()}"
             Image.fromarray(image).save(tmp, format="PNG")
             tmp.replace(self.path(i))
+            fault_point("image")  # tests/test_faults.py: an image no manifest vouches for is made again
             self.mine[str(i)] = {"prompt": prompts[i], "seed": seeds[i], "sha256": _sha256(self.path(i))}
         _atomic_write(self.manifest_path, json.dumps(self.mine))
 

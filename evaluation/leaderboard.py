@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import pixsig_distill.config  # noqa: F401  (registers the ${toy_asset:...} resolver the model configs use)
-from pixsig_distill.config import build, check_int
+from pixsig_distill.config import build, check_int, one_line_config_errors
 from pixsig_distill.errors import UserError, exit_on_user_error
 
 from . import report
@@ -284,6 +284,7 @@ def run(cfg: DictConfig) -> dict:
     return {"rows": results, "meta": meta}
 
 
+@one_line_config_errors("leaderboard")
 @hydra.main(version_base="1.3", config_path="pkg://pixsig_distill.conf", config_name="leaderboard")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from .config import build  # importing config also registers its resolvers
+from .config import build, check_int, one_line_config_errors  # importing config also registers its resolvers
 from .data import check_prompts, write_text_cache
 from .errors import exit_on_user_error
 from .prompts import load_prompts
@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def cache_text(cfg: DictConfig) -> Path:
+    for key in ("shard_size", "batch_size"):
+        check_int(cfg, key, 1)
     prompts = check_prompts(load_prompts(cfg.prompts))
     teacher = build(cfg.model)
     meta = {"model": str(cfg.model.pretrained), "max_sequence_length": int(cfg.model.max_sequence_length),
@@ -30,6 +32,7 @@ def cache_text(cfg: DictConfig) -> Path:
     return out
 
 
+@one_line_config_errors("cache_text")
 @hydra.main(version_base="1.3", config_path="conf", config_name="cache_text")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -1,7 +1,8 @@
 """Crash-safe checkpoints in safetensors only (no pickles): weights, optimizer states, step.
 
 A checkpoint is a folder `checkpoints/step-XXXXXXX/` written under a temporary name and renamed
-when complete, so a run killed mid-write leaves only a `.tmp-*` folder that resume ignores.
+when complete, so a run killed mid-write leaves only a `.tmp-*` folder that resume ignores (and the
+next save deletes). Nothing here unpickles: a folder with pickle files is refused, not loaded.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .faults import fault_point
 
 STATE_FILE = "state.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")  # torch.save / pickle formats
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -43,7 +46,8 @@ def save_checkpoint(ckpt_root: Path, step: int, models: dict[str, dict], optimiz
     """Write models (name → state_dict) and optimizers atomically; keep the `keep` newest checkpoints."""
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-*"):  # left by a run that was killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, state_dict in models.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / f"{name}.safetensors"))
@@ -54,12 +58,22 @@ def save_checkpoint(ckpt_root: Path, step: int, models: dict[str, dict], optimiz
     for f in tmp.iterdir():  # make the data durable before the rename makes it visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    fault_point("checkpoint")  # tests/test_faults.py: a crash here must leave no trusted checkpoint
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_dir(ckpt_root)  # and the rename itself
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -77,6 +91,12 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
         found = list_checkpoints(ckpt_root)
         return found[-1] if found else None
     path = Path(str(resume)).expanduser()
+    pickles = sorted(f.name for f in path.glob("*") if f.suffix.lower() in PICKLE_SUFFIXES) if path.is_dir() else []
+    if path.is_file() or pickles:
+        what = f"holds pickle files ({', '.join(pickles[:3])})" if pickles else "is a file"
+        raise UserError(f"resume='{resume}' {what}; checkpoints are safetensors folders and pickles are never "
+                        f"loaded (unpickling can run code); use resume=auto, resume=never or a checkpoints/step-N "
+                        f"folder written by this toolkit")
     if not (path / STATE_FILE).is_file():
         raise UserError(f"resume='{resume}' is not a complete checkpoint folder (no {STATE_FILE}); "
                         f"use resume=auto, resume=never or a checkpoints/step-N folder")

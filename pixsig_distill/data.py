@@ -79,6 +79,7 @@ def write_text_cache(out_dir: str | Path, prompts: list[str], encode, null: tupl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / INDEX).unlink(missing_ok=True)  # an old index must not vouch for shards this run is replacing
     shards, longest, dim, dtype = [], 1, None, None
     for start in range(0, len(prompts), shard_size):
         chunk = prompts[start:start + shard_size]
@@ -168,6 +169,15 @@ class CachedTextDataset(Dataset):
         for key in self.extra_keys:  # e.g. the teacher's noise and latents of a DMD regression pair
             item[key] = f.get_slice(key)[row:row + 1][0]
         return item
+
+    def preview_rows(self, wanted: list[str]) -> list[int]:
+        """Rows for training previews without T5: the `wanted` prompts that are in the cache, else the first
+        len(wanted) cached prompts (put the preview prompts in the prompt file to preview exactly those)."""
+        where: dict[str, int] = {}
+        for row, prompt in enumerate(self.prompts):
+            where.setdefault(prompt, row)
+        rows = [where[p] for p in dict.fromkeys(wanted) if p in where]
+        return rows or list(range(min(len(wanted), len(self))))
 
     def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty-prompt embedding (L, D) and mask (L,), for CFG without T5."""

@@ -16,7 +16,7 @@ from PIL import Image
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from .config import build, check_int
+from .config import build, check_float, check_int, one_line_config_errors
 from .data import check_prompts, read_prompt_file
 from .errors import UserError, exit_on_user_error
 from .images import save_grid, to_uint8
@@ -71,8 +71,11 @@ def generate(cfg: DictConfig) -> dict:
     prompts = _prompts(cfg)
     n_images = check_int(cfg, "n_images", 1)
     batch_size = check_int(cfg, "batch_size", 1)
+    check_int(cfg, "seed", 0)
     if cfg.steps is not None:
         check_int(cfg, "steps", 1, hint="use a positive number of sampling steps")
+    if cfg.guidance_scale is not None:
+        check_float(cfg, "guidance_scale", 0.0, hint="use a number >= 0 (1 = no guidance; the teacher's is 4.5)")
     model, spec = load_model(cfg)
     steps = cfg.steps or spec.num_inference_steps
     timesteps = spec.timesteps
@@ -108,6 +111,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@one_line_config_errors("generate")
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -22,7 +22,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .distributed import check_same_step, model_state_dicts, optimizer_sharded, optimizers_to_resume, write_rank_digest
 from .errors import UserError
+from .faults import fault_point
 from .images import save_grid, to_uint8
 
 log = logging.getLogger(__name__)
@@ -59,26 +61,40 @@ class LoopConfig:
 
 
 class RunLock:
-    """One run per output folder: a second run on the same folder stops instead of corrupting it."""
+    """One run per output folder: a second run on the same folder stops instead of corrupting it.
+
+    An advisory `flock` on `out_dir/.lock`: the kernel drops it when the holder dies (even by SIGKILL),
+    so a crashed run never blocks the next one. Re-entrant within a process (train.run takes it before
+    writing anything, the loop takes it again)."""
+
+    _held: dict[str, int] = {}  # lock path → nesting depth, in this process
 
     def __init__(self, out_dir: Path):
-        self.path = out_dir / ".lock"
+        self.path = Path(out_dir) / ".lock"
+        self.key = str(self.path.absolute())
         self.file = None
 
     def __enter__(self):
+        if self.key in RunLock._held:
+            RunLock._held[self.key] += 1
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "w")
+        self.file = open(self.path, "a")  # never truncate: the lock file may be another run's
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
             raise UserError(f"another run is using '{self.path.parent}'; wait for it to finish or pick another "
                             f"out_dir=") from None
+        RunLock._held[self.key] = 1
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+        RunLock._held[self.key] -= 1
+        if RunLock._held[self.key] == 0:
+            del RunLock._held[self.key]
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
 
 
 def step_generator(seed: int, step: int, process: int) -> torch.Generator:
@@ -119,10 +135,12 @@ def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed
         start_step = 0
         path = resolve_resume(resume, ckpt_root)
         if path is not None:
-            state = load_checkpoint(path, method.checkpoint_modules(), method.optimizers)
+            state = load_checkpoint(path, method.checkpoint_modules(),
+                                    optimizers_to_resume(path, method.optimizers, accelerator))
             start_step = state["step"]
             accelerator.print(f"resuming from {path} (step {start_step})")
             log.info("resumed from %s at step %d", path, start_step)
+        check_same_step(accelerator, start_step, out_dir)  # several processes: all from the same checkpoint
         method.prepare(accelerator)
         summary = _run(method, dataset, teacher, cfg, out_dir, seed, start_step, accelerator)
     return summary
@@ -154,13 +172,11 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
                                 accelerator.num_processes, seed)
         batch = _to_device(_encode(collate([dataset[i] for i in indices]), teacher), accelerator.device)
         logs = method.train_step(batch, step_generator(seed, step, accelerator.process_index))
-        # Losses only: gradient norms are nan by design on accumulation steps that do not sync.
+        fault_point("step")  # tests/test_faults.py: a crash here loses only the steps since the last checkpoint
+        # Losses only: a gradient norm is nan by design on accumulation micro-steps (no synced gradient).
         bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
         if bad:
-            last = list_checkpoints(out_dir / "checkpoints")
-            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-            raise UserError(f"{', '.join(bad)} became non-finite at step {step + 1}; stopped, {where}; "
-                            f"lower the learning rate or enable gradient clipping")
+            _stop_non_finite(", ".join(bad), step + 1, out_dir)
         step += 1
         samples_since += cfg.batch_size * accelerator.num_processes
         bar.update(1)
@@ -197,11 +213,27 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
     return summary
 
 
+def _stop_non_finite(what: str, step: int, out_dir: Path):
+    last = list_checkpoints(out_dir / "checkpoints")
+    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+    raise UserError(f"{what} became non-finite at step {step}; stopped, {where}; "
+                    f"lower the learning rate or enable gradient clipping")
+
+
 def _checkpoint(method, accelerator, out_dir: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
+    models = model_state_dicts(method, accelerator)  # on every process: gathering sharded weights is collective
+    # A finite loss can still be followed by an update that blew the weights up: never save those.
+    # (Every process checks: the weights are the same on all, so all stop together.)
+    broken = [name for name, sd in models.items()
+              if any(v.is_floating_point() and not torch.isfinite(v).all() for v in sd.values())]
+    if broken:
+        _stop_non_finite(f"the weights of {', '.join(broken)}", step, out_dir)
+    write_rank_digest(out_dir, step, accelerator, models)  # test hook (PIXSIG_RANK_DIGESTS=1), off otherwise
     if accelerator.is_main_process:
-        models = {name: module.state_dict() for name, module in method.checkpoint_modules().items()}
-        path = save_checkpoint(out_dir / "checkpoints", step, models, method.optimizers, {}, keep)
+        sharded = optimizer_sharded(accelerator)  # FSDP/ZeRO: each process holds a shard; not saved (docs/scaling.md)
+        path = save_checkpoint(out_dir / "checkpoints", step, models, {} if sharded else method.optimizers,
+                               {"optimizer_states": not sharded}, keep)
         log.info("checkpoint %s", path)
     accelerator.wait_for_everyone()
 
@@ -218,7 +250,7 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _preview_inputs(teacher, prompts: list[str], seed: int):
-    if not prompts or teacher.pipe.text_encoder is None:
+    if not prompts or not teacher.can_encode(list(prompts)):  # no T5: cached prompts only (train.py)
         return None
     embeds, mask = teacher.encode_prompts(list(prompts))
     noise = torch.randn(teacher.latent_shape(len(prompts)), generator=torch.Generator().manual_seed(seed))

@@ -52,8 +52,16 @@ def save_lora(model, folder: Path, card: dict) -> Path:
 
 
 def read_lora_card(folder: Path) -> dict:
-    path = Path(folder) / LORA_CARD
-    return json.loads(path.read_text()) if path.is_file() else {}
+    path = Path(folder).expanduser() / LORA_CARD
+    if not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"LoRA card '{path}' is corrupt ({type(err).__name__}: {err}); re-export the adapter") from None
+    if not isinstance(card, dict):
+        raise UserError(f"LoRA card '{path}' is corrupt (not a JSON object); re-export the adapter")
+    return card
 
 
 def check_lora_folder(folder: Path) -> Path:
@@ -70,7 +78,13 @@ def check_lora_fits(transformer: torch.nn.Module, folder: Path) -> None:
 
     folder = check_lora_folder(folder)
     modules = dict(transformer.named_modules())
-    with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as f:
+    try:
+        adapter = safe_open(str(folder / ADAPTER_WEIGHTS), "pt")
+    except Exception as err:  # a truncated or foreign file: safetensors says why in its first line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"LoRA weights '{folder / ADAPTER_WEIGHTS}' are corrupt ({first}); re-export the adapter") \
+            from None
+    with adapter as f:
         for key in f.keys():
             path, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
             base = modules.get(path)

@@ -14,17 +14,18 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from .config import build, check_int
+from .config import build, check_float, check_int, one_line_config_errors
 from .data import check_prompts, write_text_cache
 from .errors import exit_on_user_error
 from .prompts import load_prompts
 
 
 def make_pairs(cfg: DictConfig) -> Path:
-    prompts = check_prompts(load_prompts(cfg.prompts))
-    if cfg.max_pairs is not None:
-        prompts = prompts[: check_int(cfg, "max_pairs", 1)]
-    check_int(cfg, "num_inference_steps", 1)
+    for key, low in (("num_inference_steps", 1), ("seed", 0), ("shard_size", 1), ("batch_size", 1)):
+        check_int(cfg, key, low)
+    check_float(cfg, "guidance_scale", 0.0, hint="use a number >= 0 (the teacher's CFG scale is 4.5)")
+    max_pairs = None if cfg.max_pairs is None else check_int(cfg, "max_pairs", 1)
+    prompts = check_prompts(load_prompts(cfg.prompts))[:max_pairs]
     teacher = build(cfg.model)
 
     def teacher_sample(embeds, mask, first_index):
@@ -45,6 +46,7 @@ def make_pairs(cfg: DictConfig) -> Path:
     return out
 
 
+@one_line_config_errors("make_pairs")
 @hydra.main(version_base="1.3", config_path="conf", config_name="make_pairs")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .config import check_int
+from .config import check_int, one_line_config_errors
 from .errors import UserError, exit_on_user_error
 from .lora import check_lora_folder, load_lora, read_lora_card
 from .methods.common import export_pipeline
@@ -24,6 +24,7 @@ def merge_lora(cfg: DictConfig) -> Path:
             raise UserError(f"no {key}=; usage: python -m pixsig_distill.merge_lora base=TEACHER lora=RUN/export/lora "
                             f"out_dir=DIR")
     card = read_lora_card(check_lora_folder(Path(str(cfg.lora))))  # before loading a large base
+    dtype = resolve_dtype(cfg.torch_dtype or "float32")
     steps = card.get("num_inference_steps", 4) if cfg.num_inference_steps is None else \
         check_int(cfg, "num_inference_steps", 1)
     original = card.get("original_inference_steps", 50)
@@ -36,12 +37,13 @@ def merge_lora(cfg: DictConfig) -> Path:
     out = {**card, "method": "lcm_lora", "num_inference_steps": steps, "guidance_scale": 1.0,
            "scheduler": "LCMScheduler", "original_inference_steps": original, "base": str(cfg.base),
            "lora": str(cfg.lora)}
-    merged = merged.to(resolve_dtype(cfg.torch_dtype or "float32"))
+    merged = merged.to(dtype)
     path = export_pipeline(teacher, merged, scheduler, Path(str(cfg.out_dir)), out, cfg.full_pipeline)
     print(f"merged {cfg.lora} into {cfg.base} → {path}")
     return path
 
 
+@one_line_config_errors("merge_lora")
 @hydra.main(version_base="1.3", config_path="conf", config_name="merge_lora")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -15,6 +15,7 @@ import diffusers
 import torch
 from diffusers import PixArtSigmaPipeline
 
+from .checkpoint import PICKLE_SUFFIXES
 from .errors import UserError
 from .sampling import initial_noise, sample_latents
 from .schedule import x0_from_eps
@@ -55,6 +56,20 @@ def check_model_folder(folder: Path, components=PIPELINE_COMPONENTS) -> None:
     if missing:
         raise UserError(f"model folder '{folder}' lacks {', '.join(missing)}; it must be a diffusers pipeline folder "
                         f"(save one with PixArtSigmaPipeline.save_pretrained)")
+    for name in components:
+        if (folder / name).is_dir():
+            refuse_pickle_weights(folder / name)
+
+
+def refuse_pickle_weights(folder: Path) -> None:
+    """Weights are read from safetensors only: a folder whose weights are pickles (`.bin`, `.pt`, ...) is refused
+    before diffusers could fall back to unpickling them (unpickling runs whatever code the file names)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"'{folder}' holds pickle weights ({', '.join(pickles[:3])}) and no safetensors; pickles are "
+                        f"never loaded (unpickling can run code): re-save the model with safe_serialization=True")
 
 
 def load_pipeline(pretrained: str, transformer: str | None = None, torch_dtype: str | torch.dtype = "float32",
@@ -74,8 +89,8 @@ def load_pipeline(pretrained: str, transformer: str | None = None, torch_dtype: 
         components = tuple(c for c in components if c != "transformer")
     if not _is_hub_id(pretrained):
         check_model_folder(Path(pretrained), components)
-    try:
-        return PixArtSigmaPipeline.from_pretrained(pretrained, torch_dtype=dtype, **kwargs)
+    try:  # use_safetensors: never fall back to pickled .bin weights, local or from the hub
+        return PixArtSigmaPipeline.from_pretrained(pretrained, torch_dtype=dtype, use_safetensors=True, **kwargs)
     except Exception as err:  # diffusers/hub errors are long; name the model and the fix in one line
         raise UserError(_load_error_message(pretrained, err)) from None
 
@@ -91,13 +106,15 @@ def _load_transformer(name: str, dtype: torch.dtype):
         if not (folder / "config.json").exists():
             raise UserError(f"transformer folder '{name}' has no config.json; point it at a diffusers "
                             f"transformer folder or a pipeline folder with transformer/")
+        refuse_pickle_weights(folder)
         name = str(folder)
         try:
-            return PixArtTransformer2DModel.from_pretrained(name, torch_dtype=dtype)
+            return PixArtTransformer2DModel.from_pretrained(name, torch_dtype=dtype, use_safetensors=True)
         except Exception as err:
             raise UserError(_load_error_message(name, err)) from None
     try:
-        return PixArtTransformer2DModel.from_pretrained(name, subfolder="transformer", torch_dtype=dtype)
+        return PixArtTransformer2DModel.from_pretrained(name, subfolder="transformer", torch_dtype=dtype,
+                                                        use_safetensors=True)
     except Exception as err:
         raise UserError(_load_error_message(name, err)) from None
 
@@ -133,6 +150,7 @@ class Teacher:
         self.vae_scale_factor = pipe.vae_scale_factor
         self.resolution = resolution or pipe.transformer.config.sample_size * self.vae_scale_factor
         self._null = None
+        self._known: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt → cached (embeds, mask), no T5
 
     @classmethod
     def from_pretrained(cls, pretrained: str, transformer: str | None = None, torch_dtype: str = "float32",
@@ -178,12 +196,23 @@ class Teacher:
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 embeddings (B, L, D) and attention masks (B, L) exactly as the pipeline computes them."""
         if self.pipe.text_encoder is None:
+            if prompts and all(p in self._known for p in prompts):  # e.g. training previews from the text cache
+                return (torch.stack([self._known[p][0] for p in prompts]),
+                        torch.stack([self._known[p][1] for p in prompts]))
             raise UserError("this teacher was loaded without its text encoder; use cached embeddings "
                             "(data=cached) or load it with model.load_text_encoder=true")
         embeds, mask, _, _ = self.pipe.encode_prompt(
             list(prompts), do_classifier_free_guidance=False, device=self.device, clean_caption=False,
             max_sequence_length=self.max_sequence_length)
         return embeds.to(self.dtype), mask
+
+    def add_prompt_embeddings(self, prompts: list[str], embeds: torch.Tensor, mask: torch.Tensor) -> None:
+        """Cached embeddings (B, L, D) of some prompts: `encode_prompts` answers them when T5 is not loaded."""
+        for prompt, e, m in zip(prompts, embeds, mask):
+            self._known[prompt] = (e.to(self.device, self.dtype), m.to(self.device))
+
+    def can_encode(self, prompts: list[str]) -> bool:
+        return self.pipe.text_encoder is not None or all(p in self._known for p in prompts)
 
     def set_null_embedding(self, embeds: torch.Tensor, mask: torch.Tensor) -> None:
         """Use a cached empty-prompt embedding (1, L, D) when T5 is not loaded."""
@@ -201,6 +230,11 @@ class Teacher:
             transformer=None) -> torch.Tensor:
         """ε̂(x_t, t, text). PixArt also predicts learned variances: keep only the first C channels."""
         transformer = transformer or self.transformer
+        if not torch.is_autocast_enabled(x_t.device.type):
+            # Without autocast (mixed_precision=no, or DeepSpeed, which casts the weights instead) feed the
+            # network its own dtype: a bf16 teacher gets bf16 latents, as in the pipeline.
+            dtype = next(transformer.parameters()).dtype
+            x_t, embeds = x_t.to(dtype), embeds.to(dtype)
         out = transformer(x_t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
                           timestep=t.expand(x_t.shape[0]) if t.ndim <= 1 else t,
                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]

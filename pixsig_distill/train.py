@@ -5,17 +5,21 @@ A thin Hydra wrapper around `run(cfg)`, which tests call directly with a compose
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import hydra
+import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from .config import build, check_int  # importing config also registers its resolvers
+from .checkpoint import resolve_resume
+from .config import build, check_int, one_line_config_errors  # importing config also registers its resolvers
+from .distributed import make_accelerator
 
 from .errors import UserError, exit_on_user_error
-from .loop import LoopConfig, train
+from .loop import LoopConfig, RunLock, train
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +33,24 @@ def validate(cfg: DictConfig) -> None:
         check_int(cfg, key, 1)
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"train.mixed_precision={cfg.train.mixed_precision!r}; use no, fp16 or bf16")
+    resolve_resume(cfg.resume, Path(str(cfg.out_dir)) / "checkpoints")  # a bad resume= path fails before loading
 
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
     out_dir = Path(cfg.out_dir)
+    # Lock the run folder before anything is written to it: a second run on it stops at once, and its
+    # config.yaml never replaces the running one's.
+    # The process's device and rank first (docs/scaling.md): under `accelerate launch` every process builds
+    # its teacher on its own device, and only the main one locks and writes the run folder.
+    accelerator = make_accelerator(cfg.device, cfg.train.mixed_precision, cfg.train.grad_accum, cfg.train.batch_size)
+    with RunLock(out_dir) if accelerator.is_main_process else contextlib.nullcontext():
+        return _run(cfg, out_dir, accelerator)
+
+
+def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
     set_seed(cfg.seed)
-    teacher = build(cfg.model)
+    teacher = build(cfg.model, device=str(accelerator.device))
     dataset = build(cfg.data)
     if teacher.pipe.text_encoder is None and hasattr(dataset, "null_embedding"):
         embeds, mask = dataset.null_embedding()
@@ -43,9 +58,17 @@ def run(cfg: DictConfig) -> dict:
     method = build(cfg.distill, teacher=teacher)
     out_dir.mkdir(parents=True, exist_ok=True)
     _log_to(out_dir / "train.log")
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if accelerator.is_main_process:
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     loop_cfg = LoopConfig(**OmegaConf.to_container(cfg.train, resolve=True))
-    summary = train(method, dataset, teacher, loop_cfg, out_dir, seed=cfg.seed, resume=cfg.resume)
+    if teacher.pipe.text_encoder is None and hasattr(dataset, "preview_rows") and loop_cfg.preview_prompts:
+        # No T5 to encode the preview prompts: preview cached prompts instead (those of them in the cache).
+        items = [dataset[row] for row in dataset.preview_rows(list(loop_cfg.preview_prompts))]
+        loop_cfg.preview_prompts = [item["prompt"] for item in items]
+        teacher.add_prompt_embeddings(loop_cfg.preview_prompts, torch.stack([item["embeds"] for item in items]),
+                                      torch.stack([item["mask"] for item in items]))
+    summary = train(method, dataset, teacher, loop_cfg, out_dir, seed=cfg.seed, resume=cfg.resume,
+                    accelerator=accelerator)
     if summary.get("export"):
         print(f"student exported to {summary['export']}")
         if cfg.eval.get("_target_"):
@@ -80,6 +103,7 @@ def evaluate(cfg: DictConfig, teacher, export: str, out_dir: Path) -> dict:
     return report
 
 
+@one_line_config_errors("train")
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -22,17 +22,29 @@ def tiny_folder(tiny_pipe, tmp_path_factory):
     return folder
 
 
+def tiny_train_overrides(tiny_folder, out_dir) -> list[str]:
+    """The `train` overrides that shrink a run to the tiny random model and a few CPU steps (also used
+    on the command line by the subprocess tests)."""
+    return ["model=pixart_sigma_512", f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
+            "model.max_sequence_length=16", "model.resolution=16", f"out_dir={out_dir}",
+            "train.max_steps=4", "train.batch_size=2", "train.log_every=2", "train.sample_every=4",
+            "train.ckpt_every=2", "device=cpu", "eval=none"]
+
+
 @pytest.fixture
 def compose_train(tiny_folder, tmp_path):
     """Compose the real `train` config, shrunk to the tiny random model and a few CPU steps."""
     from hydra import compose, initialize_config_module
 
     def _compose(*overrides, out_dir=None):
-        base = ["model=pixart_sigma_512", f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
-                "model.max_sequence_length=16", "model.resolution=16", f"out_dir={out_dir or tmp_path / 'run'}",
-                "train.max_steps=4", "train.batch_size=2", "train.log_every=2", "train.sample_every=4",
-                "train.ckpt_every=2", "device=cpu", "eval=none"]
+        base = tiny_train_overrides(tiny_folder, out_dir or tmp_path / "run")
         with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
             return compose("train", overrides=base + list(overrides))
 
     return _compose
+
+
+@pytest.fixture
+def tiny_train_args(tiny_folder):
+    """`tiny_train_overrides` for the tiny folder: out_dir → the command-line overrides of a tiny run."""
+    return lambda out_dir: tiny_train_overrides(tiny_folder, out_dir)

@@ -45,13 +45,15 @@ def optimizer_step(accelerator, model, optimizer, loss: torch.Tensor, grad_clip:
 
 
 def export_pipeline(teacher, transformer: torch.nn.Module, scheduler, out_dir: Path, card: dict,
-                    full_pipeline: bool) -> Path:
+                    full_pipeline: bool, extra=None) -> Path:
     """Write a student so that stock `PixArtSigmaPipeline.from_pretrained` loads it.
 
     `full_pipeline=True` writes every component (the toy: a few MB). For the real model the 4.7B T5
     and the VAE are the teacher's, unchanged: only transformer/ and scheduler/ are written, with the
     teacher's id in the card, and `PixArtSigmaPipeline.from_pretrained(teacher_id, transformer=...,
     scheduler=...)` assembles the pipeline (see docs/export.md).
+
+    The folder is written as `<out_dir>.tmp` and renamed, so an export that exists is complete.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -63,6 +65,8 @@ def export_pipeline(teacher, transformer: torch.nn.Module, scheduler, out_dir: P
     else:
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
+    if extra is not None:  # more files of the export (e.g. the LoRA adapter), inside the same atomic rename
+        extra(tmp)
     (tmp / STUDENT_CARD).write_text(json.dumps({**card, "full_pipeline": full_pipeline}, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from diffusers import DDPMScheduler
 
+from ..distributed import full_parameters
 from ..errors import UserError
 from ..sampling import sample_latents
 from ..schedule import add_noise, x0_from_eps
@@ -90,6 +92,10 @@ class DMD:
                 "generator_ema": self.generator_ema}
 
     def prepare(self, accelerator) -> None:
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise UserError("distill=dmd trains two networks (generator and fake score) and accelerate's DeepSpeed "
+                            "integration prepares one trained network per run; launch DMD with "
+                            "pixsig_distill/conf/accelerate/fsdp_shard_grad_op.yaml or ddp.yaml (docs/scaling.md)")
         self.accelerator = accelerator
         self.generator_ema.to(accelerator.device)
         (self.generator, self.fake_score, self.optimizers["generator"],
@@ -114,7 +120,8 @@ class DMD:
             logs["grad_norm_generator"] = optimizer_step(acc, self.generator, self.optimizers["generator"], loss,
                                                          self.grad_clip)
         if acc.sync_gradients:
-            ema_update(self.generator_ema, acc.unwrap_model(self.generator), self.ema_decay)
+            with full_parameters(acc, self.generator) as generator:  # gathered if sharded (FSDP, ZeRO-3)
+                ema_update(self.generator_ema, generator, self.ema_decay)
         # Fake-score updates (two time-scale rule: several per generator update, DMD2 §4.1).
         samples = x0_hat.detach()
         for i in range(self.fake_updates_per_step):

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from diffusers import LCMScheduler
 
+from ..distributed import full_parameters
 from ..errors import UserError
 from ..sampling import sample_latents
 from ..schedule import add_noise, ddim_step, lcm_boundary_scalings, skipping_step_grid, x0_from_eps
@@ -174,7 +175,8 @@ class LCM:
         return self.target
 
     def update_target(self) -> None:
-        ema_update(self.target, self._unwrap(self.student), self.ema_decay)
+        with full_parameters(self.accelerator, self.student) as student:  # gathered if sharded (FSDP, ZeRO-3)
+            ema_update(self.target, student, self.ema_decay)
 
     def _sample_w(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
         if not self.w_embedding:

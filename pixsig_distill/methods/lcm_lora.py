@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import parameters_sharded
 from ..errors import UserError
 from ..lora import DEFAULT_TARGETS, add_lora, check_rank, save_lora
 from .common import export_pipeline
@@ -58,6 +59,13 @@ class LCMLoRA(LCM):
     def update_target(self) -> None:
         pass
 
+    def prepare(self, accelerator) -> None:
+        if parameters_sharded(accelerator):  # the checkpoint reads the adapters straight from the model
+            raise UserError("distill=lcm_lora cannot run with sharded weights (FSDP, DeepSpeed ZeRO-3): its "
+                            "checkpoints read the adapters from the model; use ddp.yaml or deepspeed_zero2.yaml "
+                            "(the frozen base fits on one GPU; docs/scaling.md)")
+        super().prepare(accelerator)
+
     def sampling_network(self):
         return self.student
 
@@ -70,8 +78,7 @@ class LCMLoRA(LCM):
     def export(self, out_dir: Path) -> Path:
         model = self._unwrap(self.student)
         merged = copy.deepcopy(model).merge_and_unload()
-        out = export_pipeline(self.teacher, merged, self.scheduler(), out_dir, self.card(), self.full_pipeline_export)
         lora_card = {**{k: v for k, v in self.card().items() if k != "lora"},
                      "base": getattr(self.teacher.pipe, "name_or_path", None)}  # the teacher it was trained on
-        save_lora(model, out / "lora", lora_card)
-        return out
+        return export_pipeline(self.teacher, merged, self.scheduler(), out_dir, self.card(), self.full_pipeline_export,
+                               extra=lambda folder: save_lora(model, folder / "lora", lora_card))

@@ -1,0 +1,384 @@
+"""Latency, memory and DMD training cost of PixArt-Σ at its real size, with random weights.
+
+    python scripts/benchmark.py --out docs/results/benchmark                      # GPU: Σ 512 and 1024
+    python scripts/benchmark.py --config toy --out /tmp/bench                     # CPU, toy size, < 1 min
+
+Nothing is downloaded: every network is built from its published configuration with random weights,
+directly on the device and in the dtype it is measured in (time and memory do not depend on the
+values). The components:
+
+- transformer: PixArt-Σ XL/2 (28 blocks, 16 heads × 72, adaLN-single, 4 → 8 channels with learned σ,
+  T5 captions 4096-d); sample size 64 (512 px) or 128 (1024 px);
+- text encoder: the T5 v1.1 XXL encoder (d_model 4096, 24 layers, 64 heads, d_ff 10240, gated GELU,
+  vocabulary 32128), 300 tokens as in Σ; the tokenizer is a local word-level T5 tokenizer (tokenising
+  costs the same order of time; the encoder always sees 300 padded tokens);
+- VAE: the SDXL VAE configuration (block_out_channels 128/256/512/512, scaling 0.13025).
+
+Measured per configuration (`--config toy` runs the same on the toy components, fp32 on CPU):
+
+- latency with `evaluation/latency.py` (batch 1, warm-up, device sync around every run, median and
+  p90): end-to-end (prompt → image: T5, the transformer steps, VAE decode) and transformer-only, for the
+  teacher (20 DPM-Solver++ steps with CFG 4.5, both branches in one batched call) and a one-step student
+  (one DDPM step from T̄ = 400 without CFG: how the DMD student samples); per dtype, with torch.compile
+  off and on (the transformer and the VAE decoder are compiled), attention through PyTorch SDPA
+  (diffusers' AttnProcessor2_0; `--attention eager` for the unfused reference); peak memory per run;
+- DMD training at 512 px: the time and peak memory of one `DMD.train_step` (generator update with the
+  distribution-matching loss, then a fake-score update) for growing batch sizes, with and without
+  gradient checkpointing. Resident: generator and fake score (fp32 weights, AdamW each, bf16 autocast),
+  the frozen bf16 teacher and the generator's EMA; T5 is not (training reads cached embeddings).
+
+Writes `benchmark.json` and `benchmark.md` to --out, with the targets beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from evaluation.latency import device_name, device_sync, measure_latency, summarize, time_runs, versions  # noqa: E402
+
+CONFIGS = {  # name → (resolution, text tokens); "toy" uses pixsig_distill/toy/components.py
+    "sigma_512": (512, 300),
+    "sigma_1024": (1024, 300),
+    "toy": (32, 16),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROMPT = "a large red circle in the center on a white background"
+GIB = 1024**3
+TARGETS = {
+    "student_e2e_ms": 40.0,       # 1-step end-to-end at 512 px on an H100
+    "teacher_student_ratio": 13.0,  # teacher (20 steps, CFG) / student (1 step), end-to-end
+    "train_memory_gib": 80.0,     # DMD training at 512 px fits an 80 GB GPU ...
+    "train_batch": 4,             # ... at batch >= 4
+}
+
+
+# ---- components -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def built_on(device: torch.device, dtype: torch.dtype):
+    """Create parameters on `device` in `dtype` (no fp32 host copy of a 4.7B encoder)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def sigma_transformer(resolution: int):
+    from diffusers import PixArtTransformer2DModel
+
+    sample_size = resolution // 8
+    return PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=28, attention_head_dim=72, num_attention_heads=16, in_channels=4,
+        out_channels=8, patch_size=2, caption_channels=4096, cross_attention_dim=1152, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, activation_fn="gelu-approximate", attention_bias=True,
+        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+        interpolation_scale=max(sample_size // 64, 1))
+
+
+def t5_xxl_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, layer_norm_epsilon=1e-6, tie_word_embeddings=False, decoder_start_token_id=0))
+
+
+def sdxl_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                         layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=1024,
+                         scaling_factor=0.13025, force_upcast=True)
+
+
+def components(config: str, device: torch.device, dtype: torch.dtype, text_encoder: bool = True) -> dict:
+    """Random-weight parts of the pipeline of `config`, built on `device` in `dtype`."""
+    from pixsig_distill.testing import PIXART_SCHEDULER
+    from pixsig_distill.tokenizer import build_t5_tokenizer
+    from diffusers import DPMSolverMultistepScheduler
+
+    resolution, tokens = CONFIGS[config]
+    with built_on(device, dtype):
+        if config == "toy":
+            from pixsig_distill.toy import components as toy
+
+            tokenizer = toy.toy_tokenizer()
+            parts = {"transformer": toy.toy_transformer(), "vae": toy.toy_vae(),
+                     "text_encoder": toy.toy_text_encoder(len(tokenizer)) if text_encoder else None}
+        else:
+            tokenizer = build_t5_tokenizer(PROMPT.split(), model_max_length=tokens)
+            parts = {"transformer": sigma_transformer(resolution), "vae": sdxl_vae(),
+                     "text_encoder": t5_xxl_encoder() if text_encoder else None}
+    for module in parts.values():
+        if module is not None:
+            module.to(device, dtype).eval().requires_grad_(False)
+    parts.update(tokenizer=tokenizer if text_encoder else None,
+                 scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER))
+    return parts
+
+
+def samplers(parts: dict, config: str, device: torch.device):
+    """The teacher (20 DPM-Solver++ steps, CFG 4.5) and a one-step student (DDPM from T̄ = 400, no CFG)."""
+    from diffusers import DDPMScheduler, PixArtSigmaPipeline
+
+    from pixsig_distill.teacher import Teacher
+
+    resolution, tokens = CONFIGS[config]
+    teacher = Teacher(PixArtSigmaPipeline(**parts), max_sequence_length=tokens, guidance_scale=4.5,
+                      num_inference_steps=20, resolution=resolution, device=str(device))
+    one_step = DDPMScheduler.from_config(parts["scheduler"].config, clip_sample=False, thresholding=False,
+                                         variance_type="fixed_small")
+    student = Teacher(PixArtSigmaPipeline(**{**parts, "scheduler": one_step}), max_sequence_length=tokens,
+                      guidance_scale=1.0, num_inference_steps=1, resolution=resolution, device=str(device))
+    return teacher, student
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> dict:
+    """Peak memory since the last reset (CUDA caching allocator); None on CPU (not measured)."""
+    if device.type != "cuda":
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+
+
+# ---- measurements ---------------------------------------------------------------------------------
+
+def latency(config: str, dtype_name: str, compile_modes: list[str], attention: str, device: torch.device,
+            warmup: int, runs: int, teacher_steps: int) -> list[dict]:
+    """Teacher and student, end-to-end and transformer-only, compile off then on."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    parts = components(config, device, DTYPES[dtype_name])
+    parts["transformer"].set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+    teacher, student = samplers(parts, config, device)
+    records = []
+    for compiled in compile_modes:
+        if compiled == "on":
+            parts["transformer"].compile()
+            parts["vae"].decoder.compile()
+        for name, model, kwargs in (("teacher", teacher, {"steps": teacher_steps, "guidance_scale": 4.5}),
+                                    ("student_1step", student, {"timesteps": [400], "guidance_scale": 1.0})):
+            for mode in ("end_to_end", "transformer"):
+                reset_peak(device)
+                record = measure_latency(model, PROMPT, mode=mode, warmup=warmup, runs=runs, **kwargs)
+                record.pop("versions")
+                records.append({**record, "config": config, "model": name, "dtype": dtype_name,
+                                "compile": compiled, "attention": attention, **peak_gib(device)})
+                print(f"  {config} {name:13s} {dtype_name} compile={compiled} {mode:10s} "
+                      f"median {record['median']:.2f} ms", flush=True)
+    del teacher, student, parts
+    free(device)
+    return records
+
+
+def dmd_training(config: str, batch_sizes: list[int], checkpointing: list[str], device: torch.device,
+                 warmup: int, runs: int) -> list[dict]:
+    """Time and peak memory of one DMD step (generator + fake score updates) per batch size."""
+    from accelerate import Accelerator
+    from diffusers import PixArtSigmaPipeline
+
+    from pixsig_distill.loop import step_generator
+    from pixsig_distill.methods.dmd import DMD
+    from pixsig_distill.teacher import Teacher
+
+    mixed = "bf16" if device.type == "cuda" else "no"
+    teacher_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
+    resolution, tokens = CONFIGS[config]
+    parts = components(config, device, teacher_dtype, text_encoder=False)  # cached embeddings: T5 not resident
+    teacher = Teacher(PixArtSigmaPipeline(**parts), max_sequence_length=tokens, resolution=resolution,
+                      device=str(device))
+    dim = teacher.transformer.config.caption_channels
+    teacher.set_null_embedding(torch.zeros(1, tokens, dim, device=device, dtype=teacher_dtype),
+                               torch.ones(1, tokens, dtype=torch.long, device=device))
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    records = []
+    for ckpt in checkpointing:
+        for batch_size in batch_sizes:
+            record = {"config": config, "resolution": resolution, "batch_size": batch_size,
+                      "gradient_checkpointing": ckpt == "on", "mixed_precision": mixed, "device": device_name(device)}
+            method = None
+            try:
+                reset_peak(device)
+                method = DMD(teacher, t_bar=400, gradient_checkpointing=ckpt == "on")
+                method.prepare(accelerator)
+                batch = {"embeds": torch.randn(batch_size, tokens, dim, device=device, dtype=teacher_dtype),
+                         "mask": torch.ones(batch_size, tokens, dtype=torch.long, device=device)}
+                counter = iter(range(10**9))
+
+                def step():
+                    method.train_step(batch, step_generator(0, next(counter), 0))
+
+                times = time_runs(step, warmup, runs, device_sync(device))
+                stats = summarize(times)
+                record.update(status="ok", step_ms=stats, samples_per_s=batch_size / (stats["median"] / 1000),
+                              **peak_gib(device))
+            except torch.cuda.OutOfMemoryError:
+                record.update(status="OOM", **peak_gib(device))
+            del method
+            accelerator.free_memory()
+            free(device)
+            records.append(record)
+            ms = f"{record['step_ms']['median']:.1f} ms" if record["status"] == "ok" else record["status"]
+            print(f"  DMD {config} batch {batch_size} grad-ckpt {ckpt}: {ms}", flush=True)
+    del teacher, parts
+    free(device)
+    return records
+
+
+# ---- targets and report ---------------------------------------------------------------------------
+
+def check_targets(latencies: list[dict], training: list[dict], device: torch.device) -> list[dict]:
+    """The targets beside the figures; a target is only judged on the hardware and size it names."""
+    on_h100 = device.type == "cuda" and "H100" in torch.cuda.get_device_name(device)
+    where = "" if on_h100 else f" (measured on {device_name(device)}, not an H100: not judged)"
+    e2e = {(r["dtype"], r["compile"], r["model"]): r["median"] for r in latencies
+           if r["config"] == "sigma_512" and r["mode"] == "end_to_end"}
+    students = {k[:2]: v for k, v in e2e.items() if k[2] == "student_1step"}
+    out = []
+    if students:
+        best = min(students, key=students.get)
+        ms, ratio = students[best], e2e.get((*best, "teacher"), float("nan")) / students[best]
+        out.append({"target": f"1-step end-to-end at 512 px <= {TARGETS['student_e2e_ms']:.0f} ms on an H100",
+                    "measured": f"{ms:.1f} ms ({best[0]}, compile {best[1]})" + where,
+                    "met": (ms <= TARGETS["student_e2e_ms"]) if on_h100 else None})
+        out.append({"target": f"teacher-20 / student-1 end-to-end >= {TARGETS['teacher_student_ratio']:.0f}",
+                    "measured": f"{ratio:.1f}x ({best[0]}, compile {best[1]})" + where,
+                    "met": (ratio >= TARGETS["teacher_student_ratio"]) if on_h100 else None})
+    fits = [r for r in training if r["config"] == "sigma_512" and r["status"] == "ok"
+            and r["peak_reserved_gib"] is not None and r["peak_reserved_gib"] <= TARGETS["train_memory_gib"]]
+    if any(r["config"] == "sigma_512" for r in training):
+        largest = max((r["batch_size"] for r in fits), default=0)
+        judged = device.type == "cuda"
+        out.append({"target": f"DMD training at 512 px fits in {TARGETS['train_memory_gib']:.0f} GB at batch "
+                              f">= {TARGETS['train_batch']}",
+                    "measured": f"largest batch within {TARGETS['train_memory_gib']:.0f} GiB reserved: {largest}",
+                    "met": (largest >= TARGETS["train_batch"]) if judged else None})
+    if not out:
+        out.append({"target": "all targets are for the real PixArt-Σ 512 on an H100",
+                    "measured": "not judged: run without --config toy on a GPU", "met": None})
+    return out
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"# PixArt-Σ benchmark ({', '.join(meta['configs'])})", "",
+             f"Device: {meta['device']}; torch {meta['versions']['torch']}, diffusers {meta['versions']['diffusers']}; "
+             f"random weights; {meta['runs']} timed runs after {meta['warmup']} warm-up runs; "
+             f"{meta['date']}.", ""]
+    if result["latency"]:
+        lines += ["## Latency (batch 1)", "",
+                  "| config | model | dtype | compile | attention | mode | median ms | p90 ms | peak alloc GiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["latency"]:
+            lines.append(f"| {r['config']} | {r['model']} | {r['dtype']} | {r['compile']} | {r['attention']} | "
+                         f"{r['mode']} | {r['median']:.2f} | {r['p90']:.2f} | {fmt(r['peak_allocated_gib'])} |")
+        lines.append("")
+    if result["training"]:
+        lines += ["## DMD training step", "",
+                  "| config | batch | grad ckpt | precision | step median ms | samples/s | peak alloc GiB | "
+                  "peak reserved GiB | status |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["training"]:
+            ok = r["status"] == "ok"
+            lines.append(f"| {r['config']} | {r['batch_size']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+                         f"{r['mixed_precision']} | {fmt(r['step_ms']['median'] if ok else None, 1)} | "
+                         f"{fmt(r['samples_per_s'] if ok else None)} | {fmt(r['peak_allocated_gib'])} | "
+                         f"{fmt(r['peak_reserved_gib'])} | {r['status']} |")
+        lines.append("")
+    lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for t in result["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "no")
+        lines.append(f"| {t['target']} | {t['measured']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="sigma_512,sigma_1024", help=f"comma list of {', '.join(CONFIGS)}")
+    parser.add_argument("--out", required=True, help="folder for benchmark.json and benchmark.md")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    parser.add_argument("--dtypes", default=None, help="comma list of fp16, bf16, fp32 (default: fp16,bf16 on "
+                                                       "CUDA; fp32 on CPU and for the toy)")
+    parser.add_argument("--compile", default=None, help="off,on (default on CUDA) | off (default on CPU)")
+    parser.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"))
+    parser.add_argument("--teacher-steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--batch-sizes", default="1,2,4,8", help="DMD training batch sizes (512 px and toy)")
+    parser.add_argument("--gradient-checkpointing", default="off,on")
+    parser.add_argument("--train-warmup", type=int, default=2)
+    parser.add_argument("--train-runs", type=int, default=5)
+    parser.add_argument("--skip", default="", help="comma list of latency, training")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    configs = parse_list(args.config)
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown --config {unknown}; choose from {list(CONFIGS)}")
+    skip = set(parse_list(args.skip))
+    compile_modes = parse_list(args.compile or ("off,on" if device.type == "cuda" else "off"))
+    started = time.time()
+    latencies, training = [], []
+    for config in configs:
+        dtypes = parse_list(args.dtypes) if args.dtypes else (
+            ["fp32"] if config == "toy" or device.type == "cpu" else ["bf16", "fp16"])
+        if "latency" not in skip:
+            for dtype_name in dtypes:
+                latencies += latency(config, dtype_name, compile_modes, args.attention, device, args.warmup,
+                                     args.runs, args.teacher_steps)
+        if "training" not in skip and config in ("sigma_512", "toy"):  # DMD training is measured at 512 px
+            training += dmd_training(config, [int(b) for b in parse_list(args.batch_sizes)],
+                                     parse_list(args.gradient_checkpointing), device, args.train_warmup,
+                                     args.train_runs)
+    result = {"meta": {"configs": configs, "device": device_name(device), "versions": versions(),
+                       "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup": args.warmup, "runs": args.runs,
+                       "train_warmup": args.train_warmup, "train_runs": args.train_runs,
+                       "teacher_steps": args.teacher_steps, "weights": "random (published configurations)",
+                       "seconds": None},
+              "latency": latencies, "training": training, "targets": check_targets(latencies, training, device)}
+    result["meta"]["seconds"] = time.time() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(result, indent=1))
+    (out / "benchmark.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Bad input at every entry point (train, generate, cache_text, make_pairs, merge_lora, evaluation.leaderboard):
+one clear line, a non-zero exit, and nothing left behind that a later run would trust.
+
+Most cases call the entry function in this process and expect a one-line `UserError` (which every `main` turns
+into `error: ...` on stderr and exit code 2); config errors that Hydra itself reports go through the `main`
+wrappers; a handful run as real commands. Pickles offered as weights or checkpoints are refused without being
+unpickled: `torch.load` and `pickle.load(s)` fail the test if called, and each pickle here would create a marker
+file if it ever were unpickled. (Cases already covered elsewhere are not repeated: test_config.py,
+test_generate.py, test_text_cache.py, test_teacher.py, test_lcm.py, test_evaluation.py.)
+"""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from pixsig_distill.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+MAINS = {"train": "pixsig_distill.train", "generate": "pixsig_distill.generate",
+         "cache_text": "pixsig_distill.cache_text", "make_pairs": "pixsig_distill.make_pairs",
+         "merge_lora": "pixsig_distill.merge_lora", "leaderboard": "evaluation.leaderboard"}
+TRUSTED_OUTPUT = ("*.safetensors", "*.png", "index.json", "leaderboard.json", "pixsig_student.json", "config.yaml",
+                  "latency.json", "train_summary.json", "adapter_config.json")
+
+
+class _Bomb:
+    """Unpickling this creates `marker`: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _write_pickle(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps({"weight": _Bomb(marker)}))
+    return path
+
+
+class Files:
+    """Broken models, prompt files, adapters and exports, made once for the module."""
+
+    def __init__(self, root: Path, tiny_folder: Path):
+        self.root, self.tiny = root, tiny_folder
+        self.marker = root / "UNPICKLED"  # must never exist
+        prompts = {"empty": b"", "binary": b"\x00\x01\x02\xff\xfe binary", "long_lines": b"x" * 10_000 + b"\n",
+                   "non_utf8": "caf\u00e9 au lait\n".encode("latin-1")}
+        self.prompt = {}
+        for name, content in prompts.items():
+            self.prompt[name] = root / f"prompts_{name}.txt"
+            self.prompt[name].write_bytes(content)
+        self.prompt["missing"] = root / "no_such_prompts.txt"
+        self.good_prompts = root / "prompts.txt"
+        self.good_prompts.write_text("a red circle\na blue square\n")
+
+        self.model = {"missing": root / "no_such_model"}
+        self.model["no_vae"] = self._copy("no_vae")
+        shutil.rmtree(self.model["no_vae"] / "vae")
+        self.model["truncated"] = self._copy("truncated")
+        weights = next((self.model["truncated"] / "transformer").glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:100])
+        self.model["pickled"] = self._pickled(self._copy("pickled"))
+
+        # Student exports: full pipeline with pickled weights; transformer-only with pickled weights; a corrupt card.
+        card = {"method": "dmd", "t_bar": 400, "num_inference_steps": 1, "timesteps": [400], "guidance_scale": 1.0,
+                "scheduler": "DDPMScheduler"}
+        self.student_full = self._pickled(self._copy("student_full"))
+        (self.student_full / "pixsig_student.json").write_text(json.dumps({**card, "full_pipeline": True}))
+        self.student_transformer = root / "student_transformer"
+        shutil.copytree(tiny_folder / "transformer", self.student_transformer / "transformer")
+        shutil.copytree(tiny_folder / "scheduler", self.student_transformer / "scheduler")
+        self._pickled(self.student_transformer)
+        (self.student_transformer / "pixsig_student.json").write_text(json.dumps({**card, "full_pipeline": False}))
+        self.student_bad_card = root / "student_bad_card"
+        self.student_bad_card.mkdir()
+        (self.student_bad_card / "pixsig_student.json").write_text('{"method": "dmd", ')
+
+        # Checkpoint folders offered to resume=.
+        self.resume_pickles = root / "resume_pickles"
+        for name in ("generator.pt", "optimizer.bin", "state.pkl"):
+            _write_pickle(self.resume_pickles / name, self.marker)
+        (self.resume_pickles / "state.json").write_text('{"step": 2}')
+        self.resume_file = _write_pickle(root / "checkpoint.pt", self.marker)
+        self.resume_empty = root / "resume_empty"
+        self.resume_empty.mkdir()
+
+        # LoRA adapters for merge_lora: a good one, and broken copies.
+        from pixsig_distill.lora import add_lora, save_lora
+        from pixsig_distill.teacher import load_pipeline
+
+        transformer = load_pipeline(str(tiny_folder)).transformer
+        self.lora = save_lora(add_lora(transformer, rank=2), root / "lora",
+                              {"method": "lcm_lora", "num_inference_steps": 4, "original_inference_steps": 50})
+        self.lora_bad = {}
+        for name in ("pickled", "bad_card", "truncated"):
+            folder = self.lora_bad[name] = root / f"lora_{name}"
+            shutil.copytree(self.lora, folder)
+        (self.lora_bad["pickled"] / "adapter_model.safetensors").unlink()
+        _write_pickle(self.lora_bad["pickled"] / "adapter_model.bin", self.marker)
+        (self.lora_bad["bad_card"] / "pixsig_lora.json").write_bytes(b"\xff\xfe{not json")
+        weights = self.lora_bad["truncated"] / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:64])
+
+    def _copy(self, name: str) -> Path:
+        folder = self.root / f"model_{name}"
+        shutil.copytree(self.tiny, folder)
+        return folder
+
+    def _pickled(self, folder: Path) -> Path:
+        """Replace the transformer's safetensors weights by a pickle with the same role."""
+        for weights in (folder / "transformer").glob("*.safetensors"):
+            weights.unlink()
+        _write_pickle(folder / "transformer" / "diffusion_pytorch_model.bin", self.marker)
+        return folder
+
+
+@pytest.fixture(scope="module")
+def files(tiny_folder, tmp_path_factory):
+    return Files(tmp_path_factory.mktemp("bad_input"), tiny_folder)
+
+
+@pytest.fixture
+def never_unpickle(monkeypatch, files):
+    """Any call to torch.load / pickle.load(s) during the test fails it."""
+    calls = []
+
+    def refuse(name):
+        def fail(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} was called")
+        return fail
+
+    import torch.serialization
+
+    for owner, name in ((torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(owner, name, refuse(f"{owner.__name__}.{name}"))
+    yield calls
+    assert calls == [] and not files.marker.exists()
+
+
+# ---- the entry points, in this process ---------------------------------------------------------------
+
+TINY_MODEL = ["model=pixart_sigma_512", "model.torch_dtype=float32", "model.max_sequence_length=16",
+              "model.resolution=16"]
+
+
+@pytest.fixture
+def base(files, tiny_train_args):
+    return lambda entry, out: _base(entry, files, out, tiny_train_args)
+
+
+def _base(entry: str, files: Files, out: Path, tiny_train_args) -> list[str]:
+    """The overrides of a working command of `entry` on the tiny model, writing to `out`."""
+    tiny = [*TINY_MODEL, f"model.pretrained={files.tiny}", "device=cpu", f"out_dir={out}"]
+    if entry == "train":
+        return tiny_train_args(out)
+    if entry in ("generate", "cache_text"):
+        return tiny
+    if entry == "make_pairs":
+        return [*tiny, "max_pairs=2", "num_inference_steps=2"]
+    if entry == "merge_lora":
+        return [f"base={files.tiny}", f"lora={files.lora}", f"out_dir={out}"]
+    if entry == "leaderboard":
+        return [*tiny, "n_samples=2", "batch_size=2", "teacher_steps=[1]", "latency.enabled=false",
+                "fid.enabled=false", "clip.enabled=false", "progress=false"]
+    raise ValueError(entry)
+
+
+def _entry(entry: str):
+    """The function behind the command (what its `main` calls)."""
+    module = __import__(MAINS[entry], fromlist=["_"])
+    return getattr(module, "run" if entry in ("train", "leaderboard") else entry)
+
+
+def _pickled_student_entry(files):
+    return (f"entries=[{{name: s, method: dmd, path: '{files.student_full}'}}]")
+
+
+P = "prompt='a red circle'"
+# (entry, overrides given the Files, the message it must raise)
+CASES = {
+    # train: values (t_bar also in test_config.py, through validate only)
+    "train-t_bar-0": ("train", lambda f: ["t_bar=0"], "t_bar=0 is out of range"),
+    "train-t_bar-1000": ("train", lambda f: ["t_bar=1000"], "t_bar=1000 is out of range"),
+    "train-t_bar-neg": ("train", lambda f: ["t_bar=-5"], "t_bar=-5 is out of range"),
+    "train-t_bar-abc": ("train", lambda f: ["t_bar=abc"], "t_bar='abc' is not an integer"),
+    "train-steps-0": ("train", lambda f: ["train.max_steps=0"], "train.max_steps=0 is out of range"),
+    "train-steps-neg": ("train", lambda f: ["train.max_steps=-3"], "train.max_steps=-3 is out of range"),
+    "train-batch-abc": ("train", lambda f: ["train.batch_size=abc"], "train.batch_size='abc' is not an integer"),
+    "train-accum-0": ("train", lambda f: ["train.grad_accum=0"], "train.grad_accum=0 is out of range"),
+    "train-seed-neg": ("train", lambda f: ["seed=-1"], "seed=-1 is out of range"),
+    # train: files
+    **{f"train-prompts-{k}": ("train", lambda f, k=k: ["data=prompts", f"data.source={f.prompt[k]}"], m)
+       for k, m in (("empty", "has no prompts"), ("binary", "is binary"), ("long_lines", "10000 characters"),
+                    ("non_utf8", "not UTF-8"), ("missing", "does not exist"))},
+    **{f"train-model-{k}": ("train", lambda f, k=k: [f"model.pretrained={f.model[k]}"], m)
+       for k, m in (("no_vae", "lacks vae"), ("truncated", "could not load model"), ("missing", "does not exist"),
+                    ("pickled", "holds pickle weights"))},
+    "train-cached-missing": ("train", lambda f: ["data=cached", f"data.folder={f.root / 'no_cache'}"],
+                             "not a complete text-embedding cache"),
+    "train-resume-pickles": ("train", lambda f: [f"resume={f.resume_pickles}"], "holds pickle files"),
+    "train-resume-file": ("train", lambda f: [f"resume={f.resume_file}"], "is a file"),
+    "train-resume-empty": ("train", lambda f: [f"resume={f.resume_empty}"], "not a complete checkpoint folder"),
+    # generate (steps 0/-3, n_images 0, empty prompt, missing files: test_generate.py)
+    "generate-steps-abc": ("generate", lambda f: [P, "steps=abc"], "steps='abc' is not an integer"),
+    "generate-n_images-abc": ("generate", lambda f: [P, "n_images=abc"], "n_images='abc' is not an integer"),
+    "generate-batch-0": ("generate", lambda f: [P, "batch_size=0"], "batch_size=0 is out of range"),
+    "generate-seed-abc": ("generate", lambda f: [P, "seed=abc"], "seed='abc' is not an integer"),
+    "generate-guidance-abc": ("generate", lambda f: [P, "guidance_scale=abc"], "guidance_scale='abc' is not a"),
+    "generate-guidance-neg": ("generate", lambda f: [P, "guidance_scale=-1"], "guidance_scale=-1 is out of range"),
+    "generate-dtype": ("generate", lambda f: [P, "dtype=float8"], "unknown dtype 'float8'"),
+    "generate-both-prompts": ("generate", lambda f: [P, f"prompt_file={f.good_prompts}"], "not both"),
+    **{f"generate-prompts-{k}": ("generate", lambda f, k=k: [f"prompt_file={f.prompt[k]}"], m)
+       for k, m in (("empty", "has no prompts"), ("binary", "is binary"), ("long_lines", "10000 characters"),
+                    ("non_utf8", "not UTF-8"))},
+    **{f"generate-model-{k}": ("generate", lambda f, k=k: [P, f"model.pretrained={f.model[k]}"], m)
+       for k, m in (("no_vae", "lacks vae"), ("truncated", "could not load model"),
+                    ("pickled", "holds pickle weights"))},
+    "generate-student-pickled": ("generate", lambda f: [P, f"student={f.student_full}"], "holds pickle weights"),
+    "generate-student-transformer-pickled": ("generate", lambda f: [P, f"student={f.student_transformer}"],
+                                             "holds pickle weights"),
+    "generate-student-bad-card": ("generate", lambda f: [P, f"student={f.student_bad_card}"], "is corrupt"),
+    # cache_text (a missing prompt file: test_text_cache.py)
+    **{f"cache_text-prompts-{k}": ("cache_text", lambda f, k=k: [f"prompts={f.prompt[k]}"], m)
+       for k, m in (("empty", "has no prompts"), ("binary", "is binary"), ("long_lines", "10000 characters"),
+                    ("non_utf8", "not UTF-8"))},
+    "cache_text-shard-0": ("cache_text", lambda f: ["shard_size=0"], "shard_size=0 is out of range"),
+    "cache_text-batch-abc": ("cache_text", lambda f: ["batch_size=abc"], "batch_size='abc' is not an integer"),
+    **{f"cache_text-model-{k}": ("cache_text", lambda f, k=k: [f"model.pretrained={f.model[k]}"], m)
+       for k, m in (("no_vae", "lacks vae"), ("truncated", "could not load model"))},
+    # make_pairs
+    "make_pairs-steps-0": ("make_pairs", lambda f: ["num_inference_steps=0"], "num_inference_steps=0 is out of range"),
+    "make_pairs-steps-neg": ("make_pairs", lambda f: ["num_inference_steps=-2"], "num_inference_steps=-2 is out of"),
+    "make_pairs-steps-abc": ("make_pairs", lambda f: ["num_inference_steps=abc"], "is not an integer"),
+    "make_pairs-max-0": ("make_pairs", lambda f: ["max_pairs=0"], "max_pairs=0 is out of range"),
+    "make_pairs-seed-abc": ("make_pairs", lambda f: ["seed=abc"], "seed='abc' is not an integer"),
+    "make_pairs-guidance-abc": ("make_pairs", lambda f: ["guidance_scale=abc"], "guidance_scale='abc' is not a"),
+    "make_pairs-shard-0": ("make_pairs", lambda f: ["shard_size=0"], "shard_size=0 is out of range"),
+    **{f"make_pairs-prompts-{k}": ("make_pairs", lambda f, k=k: [f"prompts={f.prompt[k]}"], m)
+       for k, m in (("binary", "is binary"), ("non_utf8", "not UTF-8"), ("missing", "does not exist"))},
+    "make_pairs-model-pickled": ("make_pairs", lambda f: [f"model.pretrained={f.model['pickled']}"],
+                                 "holds pickle weights"),
+    # merge_lora
+    "merge_lora-no-out": ("merge_lora", lambda f: ["out_dir=null"], "no out_dir="),
+    "merge_lora-lora-missing": ("merge_lora", lambda f: [f"lora={f.root / 'no_lora'}"], "not a peft LoRA folder"),
+    "merge_lora-lora-pickled": ("merge_lora", lambda f: [f"lora={f.lora_bad['pickled']}"], "not a peft LoRA folder"),
+    "merge_lora-lora-bad-card": ("merge_lora", lambda f: [f"lora={f.lora_bad['bad_card']}"], "is corrupt"),
+    "merge_lora-lora-truncated": ("merge_lora", lambda f: [f"lora={f.lora_bad['truncated']}"], "are corrupt"),
+    "merge_lora-steps-0": ("merge_lora", lambda f: ["num_inference_steps=0"], "num_inference_steps=0 is out of"),
+    "merge_lora-steps-abc": ("merge_lora", lambda f: ["num_inference_steps=abc"], "is not an integer"),
+    "merge_lora-steps-64": ("merge_lora", lambda f: ["num_inference_steps=64"], "exceeds the adapter's 50-step"),
+    "merge_lora-dtype": ("merge_lora", lambda f: ["torch_dtype=float8"], "unknown dtype 'float8'"),
+    **{f"merge_lora-base-{k}": ("merge_lora", lambda f, k=k: [f"base={f.model[k]}"], m)
+       for k, m in (("no_vae", "lacks vae"), ("truncated", "could not load model"), ("missing", "does not exist"),
+                    ("pickled", "holds pickle weights"))},
+    # leaderboard (entries, steps, n_samples=0, empty and missing prompt files: test_evaluation.py)
+    **{f"leaderboard-prompts-{k}": ("leaderboard", lambda f, k=k: [f"prompts={f.prompt[k]}"], m)
+       for k, m in (("binary", "is binary"), ("long_lines", "10000 characters"), ("non_utf8", "not UTF-8"))},
+    "leaderboard-n-abc": ("leaderboard", lambda f: ["n_samples=abc"], "n_samples='abc' is not an integer"),
+    "leaderboard-seed-neg": ("leaderboard", lambda f: ["seed=-1"], "seed=-1 is out of range"),
+    "leaderboard-batch-0": ("leaderboard", lambda f: ["batch_size=0"], "batch_size=0 is out of range"),
+    "leaderboard-latency-mode": ("leaderboard", lambda f: ["latency.modes=[fast]"], "latency.modes has"),
+    "leaderboard-model-truncated": ("leaderboard", lambda f: [f"model.pretrained={f.model['truncated']}"],
+                                    "could not load model"),
+    "leaderboard-student-pickled": ("leaderboard", lambda f: ["teacher_steps=[]", _pickled_student_entry(f)],
+                                    "holds pickle weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_leaves_nothing_trusted(case, files, base, tmp_path, never_unpickle):
+    entry, overrides, message = CASES[case]
+    out = tmp_path / "out"
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose(entry, overrides=base(entry, out) + overrides(files))
+    with pytest.raises(UserError, match=message) as err:
+        _entry(entry)(cfg)
+    assert "\n" not in str(err.value)
+    left = [p for pattern in TRUSTED_OUTPUT for p in out.rglob(pattern)] if out.exists() else []
+    assert left == [], left
+    assert not out.with_name(out.name + ".tmp").exists()
+
+
+# ---- config errors Hydra reports, through the `main` wrappers ------------------------------------
+
+HYDRA_CASES = [
+    *[(entry, ["model=nope"], "model=nope is not a config option. Available options in 'model': pixart_alpha_512, "
+                              "pixart_sigma_1024, pixart_sigma_512, toy")
+      for entry in ("train", "generate", "cache_text", "make_pairs", "leaderboard")],
+    ("train", ["distill=nope"], "distill=nope is not a config option. Available options in 'distill': dmd, lcm, "
+                                "lcm_lora"),
+    ("train", ["train.max_step=3"], "Could not override 'train.max_step'"),
+    ("train", ["t_bar=["], "cannot parse the override 't_bar=['"),
+    ("merge_lora", ["model=toy"], "Could not override 'model'"),
+    ("generate", ["prompts=x"], "Could not override 'prompts'"),
+]
+
+
+@pytest.mark.parametrize("entry,argv,message", HYDRA_CASES, ids=[f"{e}-{' '.join(a)}" for e, a, _ in HYDRA_CASES])
+def test_config_errors_from_the_command_line_are_one_line(entry, argv, message, monkeypatch, capsys, tmp_path):
+    module = __import__(MAINS[entry], fromlist=["main"])
+    monkeypatch.setattr(sys, "argv", [entry, *argv, f"out_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- a representative handful as real commands -------------------------------------------------
+
+def _command(module: str, args: list[str], cwd: Path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args, f"hydra.run.dir={cwd / 'hydra'}"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+COMMANDS = {
+    "train-truncated-model": ("train", lambda f: [f"model.pretrained={f.model['truncated']}"], "could not load model"),
+    "train-resume-pickles": ("train", lambda f: [f"resume={f.resume_pickles}"], "holds pickle files"),
+    "generate-pickled-student": ("generate", lambda f: [P, f"student={f.student_transformer}"],
+                                 "holds pickle weights"),
+    "cache_text-binary-prompts": ("cache_text", lambda f: [f"prompts={f.prompt['binary']}"], "is binary"),
+    "make_pairs-non-utf8-prompts": ("make_pairs", lambda f: [f"prompts={f.prompt['non_utf8']}"], "not UTF-8"),
+    "merge_lora-truncated-adapter": ("merge_lora", lambda f: [f"lora={f.lora_bad['truncated']}"], "are corrupt"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(COMMANDS))
+def test_bad_input_on_the_command_line(case, files, base, tmp_path):
+    entry, overrides, message = COMMANDS[case]
+    out = tmp_path / "out"
+    result = _command(MAINS[entry], base(entry, out) + overrides(files), tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert message in lines[-1], lines[-1]
+    assert sum(line.startswith("error:") for line in lines) == 1
+    assert not files.marker.exists()  # no pickle was unpickled, in the process that was offered one
+    left = [p for pattern in TRUSTED_OUTPUT for p in out.rglob(pattern)] if out.exists() else []
+    assert left == [], left

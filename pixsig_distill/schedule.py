@@ -7,6 +7,8 @@ tensor so that the schedule itself comes from the teacher's diffusers scheduler,
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -70,3 +72,10 @@ def lcm_boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma
     c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
     c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
     return c_skip, c_out
+
+
+def scheduler_like(scheduler_cls, config, **overrides):
+    """`scheduler_cls` over the teacher's noise schedule. Settings it does not take (the teacher's
+    DPM-Solver ones) are dropped, so the exported scheduler_config.json loads without warnings."""
+    accepted = set(inspect.signature(scheduler_cls.__init__).parameters) - {"self"}
+    return scheduler_cls.from_config({k: v for k, v in dict(config).items() if k in accepted}, **overrides)

@@ -18,7 +18,7 @@ from diffusers import PixArtSigmaPipeline
 from .checkpoint import PICKLE_SUFFIXES
 from .errors import UserError
 from .sampling import initial_noise, sample_latents
-from .schedule import x0_from_eps
+from .schedule import scheduler_like, x0_from_eps
 
 PIPELINE_COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -143,7 +143,7 @@ class Teacher:
             if not hasattr(diffusers, scheduler):
                 raise UserError(f"unknown scheduler '{scheduler}'; use a diffusers scheduler class name "
                                 f"such as DPMSolverMultistepScheduler or DDIMScheduler")
-            pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+            pipe.scheduler = scheduler_like(getattr(diffusers, scheduler), pipe.scheduler.config)
         self.max_sequence_length = max_sequence_length
         self.guidance_scale = guidance_scale
         self.num_inference_steps = num_inference_steps

@@ -136,13 +136,14 @@ def samplers(parts: dict, config: str, device: torch.device):
     """The teacher (20 DPM-Solver++ steps, CFG 4.5) and a one-step student (DDPM from T̄ = 400, no CFG)."""
     from diffusers import DDPMScheduler, PixArtSigmaPipeline
 
+    from pixsig_distill.schedule import scheduler_like
     from pixsig_distill.teacher import Teacher
 
     resolution, tokens = CONFIGS[config]
     teacher = Teacher(PixArtSigmaPipeline(**parts), max_sequence_length=tokens, guidance_scale=4.5,
                       num_inference_steps=20, resolution=resolution, device=str(device))
-    one_step = DDPMScheduler.from_config(parts["scheduler"].config, clip_sample=False, thresholding=False,
-                                         variance_type="fixed_small")
+    one_step = scheduler_like(DDPMScheduler, parts["scheduler"].config, clip_sample=False, thresholding=False,
+                              variance_type="fixed_small")
     student = Teacher(PixArtSigmaPipeline(**{**parts, "scheduler": one_step}), max_sequence_length=tokens,
                       guidance_scale=1.0, num_inference_steps=1, resolution=resolution, device=str(device))
     return teacher, student

@@ -115,6 +115,8 @@ def test_export_round_trips_through_stock_diffusers(compose_train, tmp_path):
     export = tmp_path / "e" / "export"
     pipe = PixArtSigmaPipeline.from_pretrained(export)
     assert isinstance(pipe.scheduler, DDPMScheduler)
+    saved = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
+    assert "solver_order" not in saved and saved["variance_type"] == "fixed_small"  # no DPM-Solver leftovers
     prompts = ["a red circle", "a blue square"]
     stock = pipe(prompts, timesteps=[400], num_inference_steps=1, guidance_scale=1.0, output_type="latent",
                  generator=torch.Generator().manual_seed(0), use_resolution_binning=False).images

@@ -1,6 +1,7 @@
 import json
 import math
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +140,8 @@ def test_export_round_trips_through_stock_diffusers(compose_train, tmp_path, var
     _, teacher, method = _trained(compose_train, tmp_path / "run", *VARIANTS[variant])
     pipe = PixArtSigmaPipeline.from_pretrained(tmp_path / "run" / "export")
     assert isinstance(pipe.scheduler, LCMScheduler)
+    saved = json.loads((tmp_path / "run" / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert "solver_order" not in saved and saved["original_inference_steps"] == 50  # no DPM-Solver leftovers
     prompts = ["a red circle", "a blue square"]
     embeds, mask = teacher.encode_prompts(prompts)
     for steps in (1, 2, 4):
@@ -294,3 +297,22 @@ def test_training_from_teacher_pairs(compose_train, tiny_folder, tmp_path, caplo
         summary = run(compose_train("distill=lcm", "data=cached", f"data.folder={tmp_path / 'pairs'}",
                                     out_dir=tmp_path / "run"))
     assert summary["finished"] and "no teacher latents" not in caplog.text
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "pixsig_distill" / "toy" / "weights" / "teacher" /
+                         "model_index.json").is_file(), reason="the toy teacher is not shipped yet")
+def test_toy_run_reports_one_two_and_four_steps_against_the_teacher(tmp_path, monkeypatch):
+    """The default toy command's end-of-run report, shrunk: LCM at 1/2/4 steps and the teacher's own 4 steps."""
+    from hydra import compose, initialize_config_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # teacher figures are cached per machine
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["distill=lcm", *FAST, f"out_dir={tmp_path / 'run'}", "device=cpu",
+                                          "train.max_steps=1", "train.batch_size=2", "eval.n_samples=4",
+                                          "eval.batch_size=4"])
+    run(cfg)
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert {"teacher_20", "lcm_1", "lcm_2", "lcm_4", "teacher_4"} <= set(report)
+    assert report["teacher_4"]["steps"] == 4 and report["lcm_4"]["n_samples"] == 4
+    assert all(math.isfinite(report[k]["fid"]) for k in ("lcm_1", "lcm_2", "lcm_4"))
+    assert (tmp_path / "run" / "eval_grid.png").is_file()

@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler
 from ..distributed import full_parameters
 from ..errors import UserError
 from ..sampling import sample_latents
-from ..schedule import add_noise, x0_from_eps
+from ..schedule import add_noise, scheduler_like, x0_from_eps
 from .common import ema_update, export_pipeline, frozen_copy, optimizer_step, trainable_copy
 
 
@@ -201,8 +201,8 @@ class DMD:
     # ---- inference and export -----------------------------------------------------------------
     def scheduler(self) -> DDPMScheduler:
         """One DDPM step from T̄ to the end of the chain returns x̂0: the released DMD model's inference."""
-        return DDPMScheduler.from_config(self.teacher.scheduler.config, clip_sample=False, thresholding=False,
-                                         variance_type="fixed_small")
+        return scheduler_like(DDPMScheduler, self.teacher.scheduler.config, clip_sample=False, thresholding=False,
+                              variance_type="fixed_small")
 
     @torch.no_grad()
     def sample(self, embeds, mask, noise) -> torch.Tensor:

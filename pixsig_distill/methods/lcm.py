@@ -44,7 +44,8 @@ from diffusers import LCMScheduler
 from ..distributed import full_parameters
 from ..errors import UserError
 from ..sampling import sample_latents
-from ..schedule import add_noise, ddim_step, lcm_boundary_scalings, skipping_step_grid, x0_from_eps
+from ..schedule import (add_noise, ddim_step, lcm_boundary_scalings, scheduler_like, skipping_step_grid,
+                        x0_from_eps)
 from .common import ema_update, export_pipeline, frozen_copy, optimizer_step, trainable_copy
 from .guidance_embedding import add_guidance_embedding, bake_guidance, guidance
 
@@ -62,10 +63,9 @@ def consistency_distance(pred: torch.Tensor, target: torch.Tensor, loss: str = "
 
 def lcm_scheduler(config, original_inference_steps: int = 50, timestep_scaling: float = 10.0) -> LCMScheduler:
     """diffusers' LCM sampler over the teacher's ᾱ schedule, on the grid the student was trained on."""
-    return LCMScheduler.from_config(config, original_inference_steps=original_inference_steps,
-                                    timestep_scaling=timestep_scaling, prediction_type="epsilon", clip_sample=False,
-                                    thresholding=False, set_alpha_to_one=True, steps_offset=0,
-                                    rescale_betas_zero_snr=False)
+    return scheduler_like(LCMScheduler, config, original_inference_steps=original_inference_steps,
+                          timestep_scaling=timestep_scaling, prediction_type="epsilon", clip_sample=False,
+                          thresholding=False, set_alpha_to_one=True, steps_offset=0, rescale_betas_zero_snr=False)
 
 
 def _int_in(name: str, value, low: int, high: int, hint: str) -> int:

@@ -92,13 +92,17 @@ def evaluate_export(export: str | Path, teacher, teacher_path: str, out_dir: str
     student, spec = load_student(export, {"max_sequence_length": teacher.max_sequence_length,
                                           "resolution": teacher.resolution}, device=str(teacher.device))
     rows, report = [], {"teacher_20": reference, "fid_label": FID_LABEL, "clip_label": CLIP_LABEL}
-    for n_steps in steps or [spec.num_inference_steps]:
+    if steps is None:  # few-step students are reported at 1, 2 and 4 steps, as in the seed's table
+        steps = [1, 2, 4] if spec.method.startswith("lcm") else [spec.num_inference_steps]
+    for n_steps in steps:
         figures, images = evaluator.score_sampler(student, n_steps, spec.guidance_scale, spec.timesteps, batch_size,
                                                   name=f"{spec.method} {n_steps} step(s)")
         figures["fid_ratio_to_teacher"] = figures["fid"] / reference["fid"]
         figures["clip_ratio_to_teacher"] = figures["clip_score"] / reference["clip_score"]
         report[f"{spec.method}_{n_steps}"] = figures
         rows.append(images[:8])
+    if max(steps) > 1:  # the teacher's own sampler at the student's largest step count, the bar to beat
+        report[f"teacher_{max(steps)}"] = teacher_reference(evaluator, teacher, teacher_path, steps=max(steps))
     teacher_images, _ = generate_images(teacher, evaluator.captions[:8], evaluator.seeds[:8], 20, 4.5,
                                         progress=False)
     save_grid(np.concatenate([evaluator.real_uint8[:8], teacher_images] + rows), out_dir / "eval_grid.png",

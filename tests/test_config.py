@@ -33,6 +33,19 @@ def test_common_keys_exist_with_documented_defaults():
     assert cfg.model.pretrained.endswith("toy/weights/teacher")  # the embedded default
 
 
+def test_pixart_dmd_experiment_holds_the_reference_recipe_and_command_line_wins():
+    from omegaconf import OmegaConf
+
+    cfg = _compose("experiment=pixart_sigma_512_dmd", "data.folder=/cache", "t_bar=600")
+    assert cfg.model.pretrained == "PixArt-alpha/PixArt-Sigma-XL-2-512-MS" and not cfg.model.load_text_encoder
+    assert cfg.distill.real_guidance_scale == 3.0 and cfg.distill.fake_updates_per_step == 1
+    assert cfg.distill.generator_optimizer.lr == cfg.distill.fake_optimizer.lr == 1e-6
+    assert cfg.distill.ema_decay == 0.9999 and cfg.distill.regression_weight == 0.25
+    assert OmegaConf.is_missing(cfg.distill.pairs, "folder")  # the user's teacher pairs
+    assert cfg.distill.t_bar == 600 and cfg.data.folder == "/cache"
+    assert _compose().distill.real_guidance_scale == 1.0  # the toy default is untouched
+
+
 def test_real_model_configs_point_at_the_hub():
     assert _compose("model=pixart_sigma_512").model.pretrained == "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
     assert _compose("model=pixart_sigma_1024").model.resolution == 1024

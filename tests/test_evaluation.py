@@ -324,7 +324,7 @@ def test_toy_board_names_the_default_training_folders(tmp_path):
         cfg = compose("leaderboard", overrides=["board=toy", f"out_dir={tmp_path}"])
         train_cfg = compose("train", overrides=["t_bar=600"], return_hydra_config=True)
     entries = {e.name: e for e in cfg.entries}
-    assert {e.method for e in entries.values()} == {"dmd", "lcm", "lcm_lora"}
+    assert {e.method for e in entries.values()} == {"teacher", "dmd", "lcm", "lcm_lora"}
     assert list(entries["lcm"].steps) == [1, 2, 4] and cfg.teacher_steps[0] == 20
     assert sorted(int(n.removeprefix("dmd_tbar")) for n in entries if n.startswith("dmd")) == [200, 400, 600, 800, 999]
     # the entry's path is where `python -m pixsig_distill.train distill=dmd t_bar=600` exports

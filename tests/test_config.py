@@ -91,6 +91,19 @@ def test_cli_bad_t_bar_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_out_dir_holds_everything_and_the_default_folder_follows_the_command_line(tmp_path):
+    """out_dir=X puts Hydra's own files in X too, so no stray folder appears under ./outputs."""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    given = subprocess.run([sys.executable, "-m", "pixsig_distill.train", "t_bar=1000", f"out_dir={tmp_path / 'mine'}"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **env})
+    assert given.returncode == 2 and "t_bar=1000" in given.stderr
+    assert (tmp_path / "mine" / ".hydra").is_dir() and not (tmp_path / "outputs").exists()
+    default = subprocess.run([sys.executable, "-m", "pixsig_distill.train", "t_bar=0"], capture_output=True,
+                             text=True, timeout=300, cwd=tmp_path, env={**os.environ, **env})
+    assert default.returncode == 2
+    assert (tmp_path / "outputs" / "train" / "dmd_toy" / "t_bar=0" / ".hydra").is_dir()
+
+
 def test_installed_wheel_finds_its_configs(tmp_path):
     """Build a wheel, install it (no deps) into a folder, import it from elsewhere and compose train."""
     root = Path(__file__).resolve().parents[1]

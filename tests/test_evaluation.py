@@ -318,19 +318,20 @@ def test_leaderboard_default_config_on_the_toy_teacher(tmp_path):
     assert result["rows"][0]["fid"] > 0 and result["meta"]["fid"]["features"] == "toy"
 
 
-def test_toy_board_names_the_default_training_folders(tmp_path):
+def test_toy_board_names_the_default_training_folders(tmp_path, monkeypatch):
     """board=toy lists the students of the documented training commands; an untrained one is a one-line error."""
     with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
         cfg = compose("leaderboard", overrides=["board=toy", f"out_dir={tmp_path}"])
-        train_cfg = compose("train", overrides=["t_bar=600"], return_hydra_config=True)
+        train_cfg = compose("train", overrides=["t_bar=600"])
     entries = {e.name: e for e in cfg.entries}
     assert {e.method for e in entries.values()} == {"teacher", "dmd", "lcm", "lcm_lora"}
     assert list(entries["lcm"].steps) == [1, 2, 4] and cfg.teacher_steps[0] == 20
     assert sorted(int(n.removeprefix("dmd_tbar")) for n in entries if n.startswith("dmd")) == [200, 400, 600, 800, 999]
     # the entry's path is where `python -m pixsig_distill.train distill=dmd t_bar=600` exports
-    run_dir = OmegaConf.to_container(train_cfg.hydra.run)["dir"]
-    assert run_dir == "outputs/${hydra.job.name}/${hydra:runtime.choices.distill}_${hydra:runtime.choices.model}/" \
-                      "${hydra.job.override_dirname}"
+    run_dir = OmegaConf.to_container(train_cfg)["out_dir"]  # unresolved: filled in by Hydra at run time
+    assert run_dir == "outputs/${hydra:job.name}/${hydra:runtime.choices.distill}_${hydra:runtime.choices.model}/" \
+                      "${hydra:job.override_dirname}"
     assert entries["dmd_tbar600"].path == "outputs/train/dmd_toy/t_bar=600/export"
+    monkeypatch.chdir(tmp_path)  # a folder where nothing was trained
     with pytest.raises(UserError, match="does not exist"):
         leaderboard(cfg)

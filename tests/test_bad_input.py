@@ -187,6 +187,24 @@ def _pickled_student_entry(files):
 
 
 P = "prompt='a red circle'"
+# The one-line message each kind of bad prompt file / model folder must produce, whatever the entry point.
+PROMPT_FILE_ERRORS = {"empty": "has no prompts", "binary": "is binary", "long_lines": "10000 characters",
+                      "non_utf8": "not UTF-8", "missing": "does not exist"}
+MODEL_FOLDER_ERRORS = {"no_vae": "lacks vae", "truncated": "could not load model", "missing": "does not exist",
+                       "pickled": "holds pickle weights"}
+
+
+def _prompt_cases(entry, overrides, kinds):
+    """`entry`'s cases for these bad prompt files; `overrides(path)` names the file on the command line."""
+    return {f"{entry}-prompts-{k}": (entry, lambda f, k=k: overrides(f.prompt[k]), PROMPT_FILE_ERRORS[k])
+            for k in kinds}
+
+
+def _model_cases(entry, overrides, kinds, label="model"):
+    return {f"{entry}-{label}-{k}": (entry, lambda f, k=k: overrides(f.model[k]), MODEL_FOLDER_ERRORS[k])
+            for k in kinds}
+
+
 # (entry, overrides given the Files, the message it must raise)
 CASES = {
     # train: values (t_bar also in test_config.py, through validate only)
@@ -200,12 +218,8 @@ CASES = {
     "train-accum-0": ("train", lambda f: ["train.grad_accum=0"], "train.grad_accum=0 is out of range"),
     "train-seed-neg": ("train", lambda f: ["seed=-1"], "seed=-1 is out of range"),
     # train: files
-    **{f"train-prompts-{k}": ("train", lambda f, k=k: ["data=prompts", f"data.source={f.prompt[k]}"], m)
-       for k, m in (("empty", "has no prompts"), ("binary", "is binary"), ("long_lines", "10000 characters"),
-                    ("non_utf8", "not UTF-8"), ("missing", "does not exist"))},
-    **{f"train-model-{k}": ("train", lambda f, k=k: [f"model.pretrained={f.model[k]}"], m)
-       for k, m in (("no_vae", "lacks vae"), ("truncated", "could not load model"), ("missing", "does not exist"),
-                    ("pickled", "holds pickle weights"))},
+    **_prompt_cases("train", lambda path: ["data=prompts", f"data.source={path}"], PROMPT_FILE_ERRORS),
+    **_model_cases("train", lambda path: [f"model.pretrained={path}"], MODEL_FOLDER_ERRORS),
     "train-cached-missing": ("train", lambda f: ["data=cached", f"data.folder={f.root / 'no_cache'}"],
                              "not a complete text-embedding cache"),
     "train-resume-pickles": ("train", lambda f: [f"resume={f.resume_pickles}"], "holds pickle files"),
@@ -220,24 +234,17 @@ CASES = {
     "generate-guidance-neg": ("generate", lambda f: [P, "guidance_scale=-1"], "guidance_scale=-1 is out of range"),
     "generate-dtype": ("generate", lambda f: [P, "dtype=float8"], "unknown dtype 'float8'"),
     "generate-both-prompts": ("generate", lambda f: [P, f"prompt_file={f.good_prompts}"], "not both"),
-    **{f"generate-prompts-{k}": ("generate", lambda f, k=k: [f"prompt_file={f.prompt[k]}"], m)
-       for k, m in (("empty", "has no prompts"), ("binary", "is binary"), ("long_lines", "10000 characters"),
-                    ("non_utf8", "not UTF-8"))},
-    **{f"generate-model-{k}": ("generate", lambda f, k=k: [P, f"model.pretrained={f.model[k]}"], m)
-       for k, m in (("no_vae", "lacks vae"), ("truncated", "could not load model"),
-                    ("pickled", "holds pickle weights"))},
+    **_prompt_cases("generate", lambda path: [f"prompt_file={path}"], ("empty", "binary", "long_lines", "non_utf8")),
+    **_model_cases("generate", lambda path: [P, f"model.pretrained={path}"], ("no_vae", "truncated", "pickled")),
     "generate-student-pickled": ("generate", lambda f: [P, f"student={f.student_full}"], "holds pickle weights"),
     "generate-student-transformer-pickled": ("generate", lambda f: [P, f"student={f.student_transformer}"],
                                              "holds pickle weights"),
     "generate-student-bad-card": ("generate", lambda f: [P, f"student={f.student_bad_card}"], "is corrupt"),
     # cache_text (a missing prompt file: test_text_cache.py)
-    **{f"cache_text-prompts-{k}": ("cache_text", lambda f, k=k: [f"prompts={f.prompt[k]}"], m)
-       for k, m in (("empty", "has no prompts"), ("binary", "is binary"), ("long_lines", "10000 characters"),
-                    ("non_utf8", "not UTF-8"))},
+    **_prompt_cases("cache_text", lambda path: [f"prompts={path}"], ("empty", "binary", "long_lines", "non_utf8")),
     "cache_text-shard-0": ("cache_text", lambda f: ["shard_size=0"], "shard_size=0 is out of range"),
     "cache_text-batch-abc": ("cache_text", lambda f: ["batch_size=abc"], "batch_size='abc' is not an integer"),
-    **{f"cache_text-model-{k}": ("cache_text", lambda f, k=k: [f"model.pretrained={f.model[k]}"], m)
-       for k, m in (("no_vae", "lacks vae"), ("truncated", "could not load model"))},
+    **_model_cases("cache_text", lambda path: [f"model.pretrained={path}"], ("no_vae", "truncated")),
     # make_pairs
     "make_pairs-steps-0": ("make_pairs", lambda f: ["num_inference_steps=0"], "num_inference_steps=0 is out of range"),
     "make_pairs-steps-neg": ("make_pairs", lambda f: ["num_inference_steps=-2"], "num_inference_steps=-2 is out of"),
@@ -246,8 +253,7 @@ CASES = {
     "make_pairs-seed-abc": ("make_pairs", lambda f: ["seed=abc"], "seed='abc' is not an integer"),
     "make_pairs-guidance-abc": ("make_pairs", lambda f: ["guidance_scale=abc"], "guidance_scale='abc' is not a"),
     "make_pairs-shard-0": ("make_pairs", lambda f: ["shard_size=0"], "shard_size=0 is out of range"),
-    **{f"make_pairs-prompts-{k}": ("make_pairs", lambda f, k=k: [f"prompts={f.prompt[k]}"], m)
-       for k, m in (("binary", "is binary"), ("non_utf8", "not UTF-8"), ("missing", "does not exist"))},
+    **_prompt_cases("make_pairs", lambda path: [f"prompts={path}"], ("binary", "non_utf8", "missing")),
     "make_pairs-model-pickled": ("make_pairs", lambda f: [f"model.pretrained={f.model['pickled']}"],
                                  "holds pickle weights"),
     # merge_lora
@@ -260,12 +266,9 @@ CASES = {
     "merge_lora-steps-abc": ("merge_lora", lambda f: ["num_inference_steps=abc"], "is not an integer"),
     "merge_lora-steps-64": ("merge_lora", lambda f: ["num_inference_steps=64"], "exceeds the adapter's 50-step"),
     "merge_lora-dtype": ("merge_lora", lambda f: ["torch_dtype=float8"], "unknown dtype 'float8'"),
-    **{f"merge_lora-base-{k}": ("merge_lora", lambda f, k=k: [f"base={f.model[k]}"], m)
-       for k, m in (("no_vae", "lacks vae"), ("truncated", "could not load model"), ("missing", "does not exist"),
-                    ("pickled", "holds pickle weights"))},
+    **_model_cases("merge_lora", lambda path: [f"base={path}"], MODEL_FOLDER_ERRORS, label="base"),
     # leaderboard (entries, steps, n_samples=0, empty and missing prompt files: test_evaluation.py)
-    **{f"leaderboard-prompts-{k}": ("leaderboard", lambda f, k=k: [f"prompts={f.prompt[k]}"], m)
-       for k, m in (("binary", "is binary"), ("long_lines", "10000 characters"), ("non_utf8", "not UTF-8"))},
+    **_prompt_cases("leaderboard", lambda path: [f"prompts={path}"], ("binary", "long_lines", "non_utf8")),
     "leaderboard-n-abc": ("leaderboard", lambda f: ["n_samples=abc"], "n_samples='abc' is not an integer"),
     "leaderboard-seed-neg": ("leaderboard", lambda f: ["seed=-1"], "seed=-1 is out of range"),
     "leaderboard-batch-0": ("leaderboard", lambda f: ["batch_size=0"], "batch_size=0 is out of range"),

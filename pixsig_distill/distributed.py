@@ -52,15 +52,19 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
             raise UserError(f"device={device} under a multi-process launch; use device=auto, accelerate gives "
                             f"every process its own GPU")
         torch.cuda.set_device(wanted)
-    accelerator = Accelerator(cpu=wanted.type == "cpu", mixed_precision=mixed_precision,
-                              gradient_accumulation_steps=grad_accum)
+    # Gradient accumulation is the methods' own (methods/common.py: accumulated_step), not accelerate's.
+    accelerator = Accelerator(cpu=wanted.type == "cpu", mixed_precision=mixed_precision)
     if getattr(accelerator, "is_fsdp2", False):
         raise UserError("fsdp_version: 2 is not supported (DMD prepares two networks in one call, which "
                         "accelerate's FSDP2 refuses); use pixsig_distill/conf/accelerate/fsdp_*.yaml (fsdp_version: 1)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and grad_accum > 1:
+        raise UserError(f"train.grad_accum={grad_accum} under DeepSpeed: DeepSpeed steps its optimizer inside every "
+                        f"backward unless it runs its own accumulation, which this toolkit does not drive; use "
+                        f"train.grad_accum=1 with a larger train.batch_size, or DDP/FSDP (docs/scaling.md)")
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
         # accelerate reads the micro-batch from a prepared DataLoader; the loop batches by itself.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size * grad_accum
     return accelerator
 
 

@@ -97,12 +97,12 @@ def generate(cfg: DictConfig) -> dict:
     save_grid(images, out / "grid.png", columns=n_images if n_images > 1 else 8,
               scale=max(1, 128 // images[0].shape[0]))
     report = {"method": spec.method, "steps": steps, "guidance_scale": guidance, "images": len(images),
-              "batch_size": batch_size, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+              "batch_size": min(batch_size, len(images)), "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
               "seconds": seconds, "ms_per_image": 1000 * seconds / len(images),
               "note": "end-to-end (T5 + transformer + VAE), excluding model loading, first batch included"}
     (out / "latency.json").write_text(json.dumps(report, indent=1))
     print(f"{len(images)} images from {spec.method} ({steps} steps) in {seconds:.2f} s: "
-          f"{report['ms_per_image']:.1f} ms/image at batch {batch_size} on {report['device']} → {out}")
+          f"{report['ms_per_image']:.1f} ms/image at batch {report['batch_size']} on {report['device']} → {out}")
     return report
 
 

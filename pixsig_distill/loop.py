@@ -38,7 +38,8 @@ class Method(Protocol):
 
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]: ...  # models + EMAs, unwrapped
     def prepare(self, accelerator: Accelerator) -> None: ...
-    def train_step(self, batch: dict, generator: torch.Generator) -> dict[str, float]: ...
+    # One update of every trained network from `batch`, split into `micro_batches` for gradient accumulation.
+    def train_step(self, batch: dict, generator: torch.Generator, micro_batches: int = 1) -> dict[str, float]: ...
     def sample(self, embeds: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
     def export(self, out_dir: Path) -> Path: ...
 
@@ -126,8 +127,7 @@ def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed
           resume: str | None = "auto", accelerator: Accelerator | None = None) -> dict:
     """Train `method` until `cfg.max_steps` (or the time budget); returns a summary dict."""
     out_dir = Path(out_dir)
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision,
-                                             gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     ckpt_root = out_dir / "checkpoints"
@@ -167,20 +167,25 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train", disable=not main, dynamic_ncols=True)
     stopped_by_budget = False
     logs: dict[str, float] = {}
+    # A step is one update of every trained network from batch_size × grad_accum samples per process; the method
+    # splits them into grad_accum micro-batches of batch_size (methods/common.py: accumulated_step).
+    samples_per_step = cfg.batch_size * cfg.grad_accum
+    watch = StallWatch(method)
     while step < cfg.max_steps:
-        indices = batch_indices(len(dataset), cfg.batch_size, step, accelerator.process_index,
+        indices = batch_indices(len(dataset), samples_per_step, step, accelerator.process_index,
                                 accelerator.num_processes, seed)
         batch = _to_device(_encode(collate([dataset[i] for i in indices]), teacher), accelerator.device)
-        logs = method.train_step(batch, step_generator(seed, step, accelerator.process_index))
+        logs = method.train_step(batch, step_generator(seed, step, accelerator.process_index), cfg.grad_accum)
         fault_point("step")  # tests/test_faults.py: a crash here loses only the steps since the last checkpoint
-        # Losses only: a gradient norm is nan by design on accumulation micro-steps (no synced gradient).
         bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
         if bad:
             _stop_non_finite(", ".join(bad), step + 1, out_dir)
+        watch.after_step(logs)
         step += 1
-        samples_since += cfg.batch_size * accelerator.num_processes
+        samples_since += samples_per_step * accelerator.num_processes
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
+            watch.check(step, out_dir)
             rate = samples_since / max(1e-9, time.time() - last_log)
             last_log, samples_since = time.time(), 0
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
@@ -211,6 +216,46 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     return summary
+
+
+class StallWatch:
+    """Stops a run whose trained networks do not train: a network whose weights did not change over a logging
+    interval, or whose gradient norm was non-finite at every step of it, would otherwise let a run "succeed" and
+    export the teacher unchanged."""
+
+    def __init__(self, method):
+        self.method = method
+        self.fingerprints = self._fingerprints()
+        self.bad_norms: dict[str, int] = {}
+        self.steps = 0
+
+    def _fingerprints(self) -> dict[str, float]:
+        # A cheap weighted sum of this process's (possibly sharded) trainable weights; any update changes it.
+        out = {}
+        for name, model in self.method.models.items():
+            params = [p.detach() for p in model.parameters() if p.requires_grad and p.numel()]
+            if params:
+                out[name] = sum(float(p.double().sum() + (p.double() ** 2).sum()) for p in params)
+        return out
+
+    def after_step(self, logs: dict[str, float]) -> None:
+        self.steps += 1
+        for key, value in logs.items():
+            if key.startswith("grad_norm") and not math.isfinite(value):
+                self.bad_norms[key] = self.bad_norms.get(key, 0) + 1
+
+    def check(self, step: int, out_dir: Path) -> None:
+        always_bad = [k for k, n in self.bad_norms.items() if n == self.steps]
+        now = self._fingerprints()
+        frozen = [name for name, value in now.items() if self.fingerprints.get(name) == value]
+        self.fingerprints, self.bad_norms, self.steps = now, {}, 0
+        if always_bad:
+            raise UserError(f"{', '.join(always_bad)} was non-finite at every step up to step {step}: the network "
+                            f"gets no usable gradient; stopped (lower the learning rate, or use bf16 instead of fp16)")
+        if frozen:
+            raise UserError(f"the weights of {', '.join(frozen)} did not change in the logging interval that ended at "
+                            f"step {step}: the network is not training; stopped (check the learning rate and "
+                            f"train.grad_accum, and see {out_dir / 'train.log'})")
 
 
 def _stop_non_finite(what: str, step: int, out_dir: Path):
@@ -261,4 +306,5 @@ def _preview_inputs(teacher, prompts: list[str], seed: int):
 def _save_preview(method, teacher, previews, path: Path) -> None:
     embeds, mask, noise = previews
     latents = method.sample(embeds, mask, noise)
-    save_grid(to_uint8(teacher.decode(latents)), path, columns=len(noise), scale=4)
+    images = to_uint8(teacher.decode(latents))
+    save_grid(images, path, columns=len(noise), scale=max(1, 128 // images.shape[1]))  # small images only

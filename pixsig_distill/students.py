@@ -56,7 +56,7 @@ def load_student(folder: str | Path, teacher_cfg: dict, device: str = "auto", dt
         pipe.scheduler = scheduler_cls.from_pretrained(str(Path(folder) / "scheduler"))
     model = Teacher(pipe, max_sequence_length=teacher_cfg.get("max_sequence_length", 300),
                     guidance_scale=card.get("guidance_scale", 1.0), num_inference_steps=card["num_inference_steps"],
-                    resolution=teacher_cfg.get("resolution"), device=device)
+                    device=device)  # the resolution is the student transformer's own
     spec = SamplerSpec(card["method"], card["num_inference_steps"], card.get("guidance_scale", 1.0),
                        card.get("timesteps"), card)
     return model, spec

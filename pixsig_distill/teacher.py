@@ -72,6 +72,31 @@ def refuse_pickle_weights(folder: Path) -> None:
                         f"never loaded (unpickling can run code): re-save the model with safe_serialization=True")
 
 
+def pipeline_class(transformer) -> type:
+    """The stock diffusers pipeline that samples this transformer: PixArt-α 1024 needs `PixArtAlphaPipeline` (the
+    only one that passes its size conditions); everything else loads in `PixArtSigmaPipeline`."""
+    from diffusers import PixArtAlphaPipeline
+
+    return PixArtAlphaPipeline if getattr(transformer, "use_additional_conditions", False) else PixArtSigmaPipeline
+
+
+def source_folder(pipe) -> Path | None:
+    """The folder the pipeline was loaded from (a local folder, or its snapshot in the hub cache), if any."""
+    name = str(getattr(pipe, "name_or_path", "") or "")
+    if not name:
+        return None
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    if _is_hub_id(name):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # not in the cache (or no hub library): nothing to copy from
+            return None
+    return None
+
+
 def load_pipeline(pretrained: str, transformer: str | None = None, torch_dtype: str | torch.dtype = "float32",
                   load_text_encoder: bool = True) -> PixArtSigmaPipeline:
     """Load a PixArt pipeline from a hub id or a local folder, exactly as diffusers does.
@@ -148,7 +173,12 @@ class Teacher:
         self.guidance_scale = guidance_scale
         self.num_inference_steps = num_inference_steps
         self.vae_scale_factor = pipe.vae_scale_factor
-        self.resolution = resolution or pipe.transformer.config.sample_size * self.vae_scale_factor
+        native = pipe.transformer.config.sample_size * self.vae_scale_factor
+        if resolution is not None and resolution != native:
+            raise UserError(f"model.resolution={resolution} but this transformer makes {native} px images (sample_size "
+                            f"{pipe.transformer.config.sample_size}); set model.resolution={native} or null, or use "
+                            f"the model config of that resolution")
+        self.resolution = native
         self._null = None
         self._known: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt → cached (embeds, mask), no T5
 
@@ -237,8 +267,18 @@ class Teacher:
             x_t, embeds = x_t.to(dtype), embeds.to(dtype)
         out = transformer(x_t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
                           timestep=t.expand(x_t.shape[0]) if t.ndim <= 1 else t,
-                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+                          added_cond_kwargs=self._size_conditions(x_t), return_dict=False)[0]
         return out[:, : x_t.shape[1]]
+
+    def _size_conditions(self, x_t: torch.Tensor) -> dict:
+        """PixArt-α 1024 (`use_additional_conditions`) also takes the image size and aspect ratio, as
+        `PixArtAlphaPipeline` passes them; PixArt-Σ takes none."""
+        if not self.pipe.transformer.use_additional_conditions:
+            return {"resolution": None, "aspect_ratio": None}
+        height, width = (size * self.vae_scale_factor for size in x_t.shape[-2:])
+        batch = x_t.shape[0]
+        return {"resolution": torch.tensor([[height, width]], device=x_t.device, dtype=x_t.dtype).repeat(batch, 1),
+                "aspect_ratio": torch.tensor([[height / width]], device=x_t.device, dtype=x_t.dtype).repeat(batch, 1)}
 
     def guided_eps(self, x_t, t, embeds, mask, guidance_scale: float | None = None, null=None, transformer=None):
         """Classifier-free guidance: ε_u + s (ε_c − ε_u)  (Ho & Salimans 2022, eq. 6); s ≤ 1 is plain ε_c."""

@@ -48,3 +48,13 @@ def compose_train(tiny_folder, tmp_path):
 def tiny_train_args(tiny_folder):
     """`tiny_train_overrides` for the tiny folder: out_dir → the command-line overrides of a tiny run."""
     return lambda out_dir: tiny_train_overrides(tiny_folder, out_dir)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state (mixed precision, device): give every test its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

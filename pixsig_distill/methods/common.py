@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
-from diffusers import PixArtSigmaPipeline
+
+from ..lora import DEFAULT_TARGETS, add_lora
+from ..teacher import pipeline_class, source_folder
+
+log = logging.getLogger(__name__)
 
 STUDENT_CARD = "pixsig_student.json"
 
@@ -25,6 +31,100 @@ def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).eval().requires_grad_(False)
 
 
+def weight_sharing_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of `module` whose parameters and buffers ARE the original's (no memory): adapters can be
+    injected into the copy while the original stays exactly as it was."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def lora_network(base: torch.nn.Module, rank: int, alpha: float | None, target_modules,
+                 gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """Trainable LoRA adapters (float32, peft) on a frozen `base`, which stays in its own (training) dtype."""
+    base.requires_grad_(False)
+    if gradient_checkpointing:
+        base.enable_gradient_checkpointing()
+    return add_lora(base, rank, alpha, target_modules).train()
+
+
+def trained_network(teacher_transformer: torch.nn.Module, lora_rank: int = 0, lora_alpha: float | None = None,
+                    target_modules=DEFAULT_TARGETS, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """A network initialised from the teacher: a full float32 copy (`lora_rank=0`), or LoRA adapters on a
+    frozen copy kept in the teacher's dtype (a bf16 base costs a quarter of a float32 network with its grads)."""
+    if not lora_rank:
+        return trainable_copy(teacher_transformer, gradient_checkpointing)
+    return lora_network(copy.deepcopy(teacher_transformer), lora_rank, lora_alpha, target_modules,
+                        gradient_checkpointing)
+
+
+def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 plain transformer with the LoRA adapters merged in (what stock diffusers loads)."""
+    return copy.deepcopy(model).float().merge_and_unload()
+
+
+def trained_parameters(model: torch.nn.Module):
+    """(name, parameter) of the tensors an optimizer trains, named as in the bare network (no wrapper prefixes)."""
+    return [(name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""), p)
+            for name, p in model.named_parameters() if p.requires_grad]
+
+
+class TrainableParameters(torch.nn.Module):
+    """The trainable tensors of a model, shared (not copied): checkpoints of a LoRA network hold the adapters only."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        for name, param in trained_parameters(model):
+            self.register_parameter(name.replace(".", "__"), param)
+
+
+class EMA(torch.nn.Module):
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ over a network's trained tensors, in float32 on `device`.
+
+    Only the trained tensors are averaged (a LoRA generator's EMA is its adapters'), and `device="cpu"` keeps it
+    off the accelerator. Its state dict uses the network's own names, so a full generator's EMA checkpoint is a
+    transformer state dict."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, device: str | torch.device | None = None):
+        super().__init__()
+        self.decay = decay
+        self.shadow = {name: p.detach().to(device or p.device, torch.float32, copy=True)
+                       for name, p in trained_parameters(model)}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in trained_parameters(model):
+            shadow = self.shadow[name]
+            shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1 - self.decay)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        missing = sorted(set(self.shadow) - set(state_dict))
+        if missing:
+            raise KeyError(f"EMA checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+        for name, shadow in self.shadow.items():
+            shadow.copy_(state_dict[name])
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> torch.nn.Module:
+        for name, p in trained_parameters(model):
+            p.copy_(self.shadow[name].to(p.device, p.dtype))
+        return model
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """`model` with the EMA weights in place for the duration (previews); its own weights come back after."""
+        backup = {name: p.detach().to("cpu", copy=True) for name, p in trained_parameters(model)}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in trained_parameters(model):
+                    p.copy_(backup[name].to(p.device))
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """θ_ema ← decay·θ_ema + (1 − decay)·θ."""
@@ -32,42 +132,83 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
 
 
-def optimizer_step(accelerator, model, optimizer, loss: torch.Tensor, grad_clip: float | None) -> float:
-    """backward → clip → step → zero_grad; returns the gradient norm before clipping (nan if not synced)."""
+def accumulated_step(accelerator, model, optimizer, micro_losses, grad_clip: float | None) -> tuple[float, float]:
+    """One optimizer update of `model` from one or more micro-batches (gradient accumulation).
+
+    `micro_losses` are callables, one per micro-batch; each returns that micro-batch's share of the batch loss
+    (the shares add up to the loss of the whole batch), so n micro-batches of b samples give exactly the gradient
+    of one batch of n·b. zero_grad → backward of every share (DDP all-reduces once, on the last) → clip → step.
+    Returns (batch loss, gradient norm before clipping).
+
+    Accumulation is done here rather than by `accelerator.accumulate()`: accelerate counts every call of that
+    context, so a method that updates two networks per step (DMD: generator, then fake score) would land one of
+    them on a non-sync micro-step forever and never update it.
+    """
     optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    grad_norm = float("nan")
-    if accelerator.sync_gradients:
-        norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
-        grad_norm = float(norm) if norm is not None else float("nan")
+    total = 0.0
+    for i, micro_loss in enumerate(micro_losses):
+        last = i == len(micro_losses) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss = micro_loss()
+            accelerator.backward(loss)
+        total += loss.item()
+    norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
     optimizer.step()
-    return grad_norm
+    return total, float(norm) if norm is not None else float("nan")
+
+
+def micro_slices(batch_size: int, micro_batches: int) -> list[slice]:
+    """The rows of each of `micro_batches` equal micro-batches of a batch (the loop makes it divisible)."""
+    if micro_batches < 1 or batch_size % micro_batches:
+        raise ValueError(f"a batch of {batch_size} does not split into {micro_batches} equal micro-batches")
+    size = batch_size // micro_batches
+    return [slice(i * size, (i + 1) * size) for i in range(micro_batches)]
 
 
 def export_pipeline(teacher, transformer: torch.nn.Module, scheduler, out_dir: Path, card: dict,
                     full_pipeline: bool, extra=None) -> Path:
-    """Write a student so that stock `PixArtSigmaPipeline.from_pretrained` loads it.
+    """Write a student so that stock diffusers loads it (`PixArtSigmaPipeline`, or `PixArtAlphaPipeline` for
+    PixArt-α 1024).
 
-    `full_pipeline=True` writes every component (the toy: a few MB). For the real model the 4.7B T5
-    and the VAE are the teacher's, unchanged: only transformer/ and scheduler/ are written, with the
-    teacher's id in the card, and `PixArtSigmaPipeline.from_pretrained(teacher_id, transformer=...,
-    scheduler=...)` assembles the pipeline (see docs/export.md).
+    `full_pipeline=True` writes every component; the ones distillation did not change (tokenizer, T5, VAE) are
+    copied from the teacher's own folder when it is on disk, so they keep their original files and dtype. A teacher
+    loaded without T5 (cached embeddings) cannot give a full pipeline: then, as with `full_pipeline=False`, only
+    transformer/ and scheduler/ are written and the card names the teacher, and
+    `PixArtSigmaPipeline.from_pretrained(teacher_id, transformer=..., scheduler=...)` assembles the pipeline
+    (docs/export.md). The card also records the teacher and the resolution.
 
     The folder is written as `<out_dir>.tmp` and renamed, so an export that exists is complete.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if full_pipeline and teacher.pipe.text_encoder is None:
+        log.warning("the teacher was loaded without its text encoder (model.load_text_encoder=false): exporting "
+                    "transformer/ + scheduler/ only, to be loaded on top of the teacher '%s' (docs/export.md)",
+                    _teacher_id(teacher))
+        full_pipeline = False
     if full_pipeline:
-        pipe = PixArtSigmaPipeline(tokenizer=teacher.pipe.tokenizer, text_encoder=teacher.pipe.text_encoder,
-                                   vae=teacher.vae, transformer=transformer, scheduler=scheduler)
+        pipe = pipeline_class(transformer)(tokenizer=teacher.pipe.tokenizer, text_encoder=teacher.pipe.text_encoder,
+                                           vae=teacher.vae, transformer=transformer, scheduler=scheduler)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        source = source_folder(teacher.pipe)
+        for name in ("tokenizer", "text_encoder", "vae"):  # unchanged: the teacher's own files, in their own dtype
+            if source is not None and (source / name).is_dir():
+                shutil.rmtree(tmp / name)
+                shutil.copytree(source / name, tmp / name)
     else:
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
     if extra is not None:  # more files of the export (e.g. the LoRA adapter), inside the same atomic rename
         extra(tmp)
-    (tmp / STUDENT_CARD).write_text(json.dumps({**card, "full_pipeline": full_pipeline}, indent=1))
+    card = {**card, "full_pipeline": full_pipeline, "teacher": _teacher_id(teacher),
+            "resolution": teacher.resolution, "pipeline": pipeline_class(transformer).__name__}
+    (tmp / STUDENT_CARD).write_text(json.dumps(card, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     return out_dir
+
+
+def _teacher_id(teacher) -> str | None:
+    return str(getattr(teacher.pipe, "name_or_path", None) or "") or None

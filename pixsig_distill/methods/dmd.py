@@ -11,6 +11,7 @@ Distribution Matching Distillation"), with DMD2's two time-scale rule as an opti
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 
@@ -19,11 +20,13 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from diffusers import DDPMScheduler
 
-from ..distributed import full_parameters
+from ..distributed import full_parameters, parameters_sharded
 from ..errors import UserError
+from ..lora import DEFAULT_TARGETS, save_lora
 from ..sampling import sample_latents
 from ..schedule import add_noise, scheduler_like, x0_from_eps
-from .common import ema_update, export_pipeline, frozen_copy, optimizer_step, trainable_copy
+from .common import (EMA, TrainableParameters, accumulated_step, export_pipeline, lora_network, merged_copy,
+                     micro_slices, trainable_copy, trained_network, trained_parameters, weight_sharing_copy)
 
 
 def dm_gradient(x0_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -42,12 +45,23 @@ def dm_loss(x0_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x0_hat.float(), (x0_hat - grad).detach().float())
 
 
+def _lora_spec(spec, name: str) -> tuple[int, float | None]:
+    """distill.<name>: {lora_rank: 0 (a full trained copy) or r > 0 (LoRA adapters), lora_alpha: null (= rank)}."""
+    spec = dict(spec or {})
+    rank, alpha = spec.get("lora_rank", 0), spec.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise UserError(f"distill.{name}.lora_rank={rank!r}; use 0 (a full trained copy) or a positive LoRA rank "
+                        f"such as 64")
+    return rank, alpha
+
+
 class DMD:
     def __init__(self, teacher, t_bar: int = 400, real_guidance_scale: float = 3.0, fake_updates_per_step: int = 1,
                  dm_t_min: int = 20, dm_t_max: int = 980, generator_optimizer=None, fake_optimizer=None,
-                 grad_clip: float | None = 10.0, ema_decay: float = 0.9999, regression_weight: float = 0.0,
-                 regression_distance: str = "latent_mse", pairs=None, regression_batch_size: int = 8,
-                 gradient_checkpointing: bool = False,
+                 grad_clip: float | None = 10.0, ema_decay: float | None = 0.9999, ema_device: str = "same",
+                 generator=None, fake_score=None, lora_target_modules=DEFAULT_TARGETS,
+                 regression_weight: float = 0.0, regression_distance: str = "latent_mse", pairs=None,
+                 regression_batch_size: int = 8, gradient_checkpointing: bool = False,
                  full_pipeline_export: bool = True):
         if isinstance(t_bar, bool) or not isinstance(t_bar, int) or not 1 <= t_bar <= 999:
             raise UserError(f"t_bar={t_bar!r} is out of range; DMD's start timestep must be an integer in 1..999 "
@@ -62,6 +76,10 @@ class DMD:
                             "distill.regression_weight=0")
         if regression_distance not in ("latent_mse", "lpips"):
             raise UserError(f"distill.regression_distance={regression_distance!r}; use latent_mse or lpips")
+        if ema_decay is not None and not 0 <= ema_decay < 1:
+            raise UserError(f"distill.ema_decay={ema_decay}; use a number in [0, 1), or null for no EMA")
+        if ema_device not in ("same", "cpu"):
+            raise UserError(f"distill.ema_device={ema_device!r}; use same (the generator's device) or cpu")
         self.teacher = teacher
         self.t_bar = t_bar
         self.real_guidance_scale = real_guidance_scale
@@ -76,63 +94,108 @@ class DMD:
         self.full_pipeline_export = full_pipeline_export
         self._lpips = None
 
-        self.generator = trainable_copy(teacher.transformer, gradient_checkpointing)
-        self.fake_score = trainable_copy(teacher.transformer, gradient_checkpointing)
-        self.generator_ema = frozen_copy(self.generator)
+        # Memory-lean options (docs/real_scale.md): the generator and the fake score are each a full float32 copy
+        # of the teacher or LoRA adapters. A LoRA fake score sits on the frozen teacher's own weights (the real score
+        # is the same base without adapters), so DMD then holds one frozen base instead of a second trained network.
+        targets = list(lora_target_modules)
+        self.generator_lora_rank, gen_alpha = _lora_spec(generator, "generator")
+        self.fake_lora_rank, fake_alpha = _lora_spec(fake_score, "fake_score")
+        self.generator = trained_network(teacher.transformer, self.generator_lora_rank, gen_alpha, targets,
+                                         gradient_checkpointing)
+        if self.fake_lora_rank:  # adapters on a copy that shares the teacher's weights: the teacher stays as it was
+            self.fake_score = lora_network(weight_sharing_copy(teacher.transformer), self.fake_lora_rank, fake_alpha,
+                                           targets, gradient_checkpointing)
+        else:
+            self.fake_score = trainable_copy(teacher.transformer, gradient_checkpointing)
+        self.generator_ema = (None if ema_decay is None else
+                              EMA(self.generator, ema_decay, "cpu" if ema_device == "cpu" else None))
         make_opt = generator_optimizer or partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.01)
         self.models = {"generator": self.generator, "fake_score": self.fake_score}
-        self.optimizers = {"generator": make_opt(self.generator.parameters()),
-                           "fake_score": (fake_optimizer or make_opt)(self.fake_score.parameters())}
+        self.optimizers = {"generator": make_opt([p for _, p in trained_parameters(self.generator)]),
+                           "fake_score": (fake_optimizer or make_opt)([p for _, p in trained_parameters(self.fake_score)])}
         self.accelerator = None
 
     # ---- loop interface ---------------------------------------------------------------------
+    def _unwrap(self, model):
+        return self.accelerator.unwrap_model(model) if self.accelerator else model
+
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
-        unwrap = self.accelerator.unwrap_model if self.accelerator else (lambda m: m)
-        return {"generator": unwrap(self.generator), "fake_score": unwrap(self.fake_score),
-                "generator_ema": self.generator_ema}
+        """Full networks as state dicts of the transformer; LoRA networks as their adapters only."""
+        modules = {}
+        for name, lora_rank in (("generator", self.generator_lora_rank), ("fake_score", self.fake_lora_rank)):
+            network = self._unwrap(self.models[name])
+            modules[name] = TrainableParameters(network) if lora_rank else network
+        if self.generator_ema is not None:
+            modules["generator_ema"] = self.generator_ema
+        return modules
 
     def prepare(self, accelerator) -> None:
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise UserError("distill=dmd trains two networks (generator and fake score) and accelerate's DeepSpeed "
                             "integration prepares one trained network per run; launch DMD with "
                             "pixsig_distill/conf/accelerate/fsdp_shard_grad_op.yaml or ddp.yaml (docs/scaling.md)")
+        if (self.generator_lora_rank or self.fake_lora_rank) and parameters_sharded(accelerator):
+            raise UserError("LoRA networks (distill.generator.lora_rank / distill.fake_score.lora_rank > 0) cannot run "
+                            "with sharded weights (FSDP, ZeRO-3) yet: their checkpoints read the adapters from the "
+                            "model; use ddp.yaml (the frozen base fits on one GPU; docs/scaling.md)")
         self.accelerator = accelerator
-        self.generator_ema.to(accelerator.device)
         (self.generator, self.fake_score, self.optimizers["generator"],
          self.optimizers["fake_score"]) = accelerator.prepare(self.generator, self.fake_score,
                                                               self.optimizers["generator"], self.optimizers["fake_score"])
         self.models = {"generator": self.generator, "fake_score": self.fake_score}
 
-    def train_step(self, batch: dict, gen: torch.Generator) -> dict[str, float]:
+    def train_step(self, batch: dict, gen: torch.Generator, micro_batches: int = 1) -> dict[str, float]:
+        """One generator update, then `fake_updates_per_step` fake-score updates, each over `micro_batches`
+        micro-batches of the batch (gradient accumulation: the same update as the whole batch at once)."""
         acc = self.accelerator
         embeds, mask = batch["embeds"], batch["mask"]
+        b = embeds.shape[0]
+        # Every random draw of the step is made for the whole batch first and then sliced, so that n micro-batches
+        # see the very numbers that one batch of n× the size sees.
+        z = self._noise(b, gen)
+        t_dm, noise_dm = self._timesteps(b, *self.dm_t_range, gen), self._noise(b, gen)
+        reg_rows = self._regression_rows(gen) if self.regression_weight > 0 else None
+        fake_draws = [(self._noise(b, gen) if i > 0 else None, self._timesteps(b, 0, 999, gen), self._noise(b, gen))
+                      for i in range(self.fake_updates_per_step)]
+        parts = micro_slices(b, micro_batches)
         logs = {}
-        # Generator update: the distribution-matching loss (+ regression).
-        with acc.accumulate(self.generator), acc.autocast():
-            x0_hat = self.generate(self.generator, embeds, mask, self._noise(embeds.shape[0], gen))
-            loss_dm = self.distribution_matching_loss(x0_hat, embeds, mask, gen)
-            loss = loss_dm
-            logs["loss_dm"] = loss_dm.item()
-            if self.regression_weight > 0:
-                loss_reg = self.regression_loss(gen)
-                loss = loss + self.regression_weight * loss_reg
+
+        # Generator update: the distribution-matching loss (+ the regression loss on its own batch, once per step).
+        samples = [None] * len(parts)
+
+        def generator_loss(i: int, rows: slice):
+            x0_hat = self.generate(self.generator, embeds[rows], mask[rows], z[rows])
+            samples[i] = x0_hat.detach()
+            loss = self.distribution_matching_loss(x0_hat, embeds[rows], mask[rows], t_dm[rows], noise_dm[rows])
+            logs["loss_dm"] = logs.get("loss_dm", 0.0) + loss.item() / len(parts)
+            loss = loss / len(parts)
+            if reg_rows is not None and i == 0:
+                loss_reg = self.regression_loss(reg_rows)
                 logs["loss_reg"] = loss_reg.item()
-            logs["grad_norm_generator"] = optimizer_step(acc, self.generator, self.optimizers["generator"], loss,
-                                                         self.grad_clip)
-        if acc.sync_gradients:
+                loss = loss + self.regression_weight * loss_reg
+            return loss
+
+        _, logs["grad_norm_generator"] = accumulated_step(
+            acc, self.generator, self.optimizers["generator"],
+            [partial(generator_loss, i, rows) for i, rows in enumerate(parts)], self.grad_clip)
+        if self.generator_ema is not None:
             with full_parameters(acc, self.generator) as generator:  # gathered if sharded (FSDP, ZeRO-3)
-                ema_update(self.generator_ema, generator, self.ema_decay)
-        # Fake-score updates (two time-scale rule: several per generator update, DMD2 §4.1).
-        samples = x0_hat.detach()
-        for i in range(self.fake_updates_per_step):
-            if i > 0:
-                with torch.no_grad(), acc.autocast():
-                    samples = self.generate(self.generator, embeds, mask, self._noise(embeds.shape[0], gen))
-            with acc.accumulate(self.fake_score), acc.autocast():
-                loss_fake = self.fake_score_loss(samples, embeds, mask, gen)
-                logs["grad_norm_fake"] = optimizer_step(acc, self.fake_score, self.optimizers["fake_score"],
-                                                        loss_fake, self.grad_clip)
-        logs["loss_fake"] = loss_fake.item()
+                self.generator_ema.update(generator)
+
+        # Fake-score updates (two time-scale rule: several per generator update, DMD2 §4.1), on the generator's
+        # samples: those of the update above first, then fresh ones from the updated generator.
+        def fake_loss(update: int, i: int, rows: slice):
+            z_new, t, noise = fake_draws[update]
+            x0 = samples[i]
+            if z_new is not None:
+                with torch.no_grad():
+                    x0 = self.generate(self.generator, embeds[rows], mask[rows], z_new[rows])
+            return self.fake_score_loss(x0, embeds[rows], mask[rows], t[rows], noise[rows]) / len(parts)
+
+        for update in range(self.fake_updates_per_step):
+            logs["loss_fake"], logs["grad_norm_fake"] = accumulated_step(
+                acc, self.fake_score, self.optimizers["fake_score"],
+                [partial(fake_loss, update, i, rows) for i, rows in enumerate(parts)], self.grad_clip)
         return logs
 
     # ---- the method -------------------------------------------------------------------------
@@ -149,29 +212,34 @@ class DMD:
         eps = self.teacher.eps(z, t, embeds, mask, transformer=generator).float()
         return x0_from_eps(z.float(), eps, t, self.teacher.alphas_cumprod)
 
-    def distribution_matching_loss(self, x0_hat, embeds, mask, gen) -> torch.Tensor:
-        """DMD eq. 7–8: ∇_x̂0 KL ≈ (x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real| at a random noise level t."""
-        t = self._timesteps(x0_hat.shape[0], *self.dm_t_range, gen)
-        noise = torch.randn(x0_hat.shape, generator=gen).to(x0_hat.device)
+    def distribution_matching_loss(self, x0_hat, embeds, mask, t, noise) -> torch.Tensor:
+        """DMD eq. 7–8: ∇_x̂0 KL ≈ (x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real| at the noise level t."""
         with torch.no_grad():
             x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.alphas_cumprod)
-            x0_real = self.teacher.x0(x_t, t, embeds, mask, guidance_scale=self.real_guidance_scale)
-            x0_fake = self.teacher.x0(x_t, t, embeds, mask, guidance_scale=1.0, transformer=self.fake_score)
+            x0_real = self.real_x0(x_t, t, embeds, mask)
+            x0_fake = self.fake_x0(x_t, t, embeds, mask)
             grad = dm_gradient(x0_hat.detach(), x0_real, x0_fake)
         return dm_loss(x0_hat, grad)
 
-    def fake_score_loss(self, samples, embeds, mask, gen) -> torch.Tensor:
+    def real_x0(self, x_t, t, embeds, mask) -> torch.Tensor:
+        """The frozen teacher's (guided) x̂0: the real score."""
+        return self.teacher.x0(x_t, t, embeds, mask, guidance_scale=self.real_guidance_scale)
+
+    def fake_x0(self, x_t, t, embeds, mask) -> torch.Tensor:
+        return self.teacher.x0(x_t, t, embeds, mask, guidance_scale=1.0, transformer=self.fake_score)
+
+    def fake_score_loss(self, samples, embeds, mask, t, noise) -> torch.Tensor:
         """Denoising score matching on the generator's (detached) samples: plain ε-MSE, conditional only."""
-        t = self._timesteps(samples.shape[0], 0, 999, gen)
-        noise = torch.randn(samples.shape, generator=gen).to(samples.device)
         x_t = add_noise(samples, noise, t, self.teacher.alphas_cumprod)
         eps = self.teacher.eps(x_t.to(self.teacher.dtype), t, embeds, mask, transformer=self.fake_score).float()
         return F.mse_loss(eps, noise)
 
-    def regression_loss(self, gen) -> torch.Tensor:
+    def _regression_rows(self, gen) -> list[int]:
+        return torch.randint(0, len(self.pairs), (self.regression_batch_size,), generator=gen).tolist()
+
+    def regression_loss(self, rows: list[int]) -> torch.Tensor:
         """Distance between G(z_i) and the teacher's multi-step sample y_i from the same noise (DMD eq. 9)."""
-        index = torch.randint(0, len(self.pairs), (self.regression_batch_size,), generator=gen).tolist()
-        items = [self.pairs[i] for i in index]
+        items = [self.pairs[i] for i in rows]
         device = self.teacher.device
         z = torch.stack([it["noise"] for it in items]).to(device)
         target = torch.stack([it["latents"] for it in items]).to(device).float()
@@ -204,16 +272,31 @@ class DMD:
         return scheduler_like(DDPMScheduler, self.teacher.scheduler.config, clip_sample=False, thresholding=False,
                               variance_type="fixed_small")
 
+    def sampling_network(self):
+        """The generator the student is: its EMA weights when it has an EMA (a context manager)."""
+        generator = self._unwrap(self.generator)
+        return self.generator_ema.applied(generator) if self.generator_ema is not None else contextlib.nullcontext(generator)
+
     @torch.no_grad()
     def sample(self, embeds, mask, noise) -> torch.Tensor:
-        """The EMA generator's one-step sample, through the same scheduler the exported pipeline uses."""
-        def eps_fn(x, t):
-            return self.teacher.eps(x, t, embeds, mask, transformer=self.generator_ema)
+        """The (EMA) generator's one-step sample, through the same scheduler the exported pipeline uses."""
+        with self.sampling_network() as generator:
+            def eps_fn(x, t):
+                return self.teacher.eps(x, t, embeds, mask, transformer=generator)
 
-        return sample_latents(eps_fn, self.scheduler(), noise, timesteps=[self.t_bar])
+            return sample_latents(eps_fn, self.scheduler(), noise, timesteps=[self.t_bar])
 
     def export(self, out_dir: Path) -> Path:
+        """A stock diffusers pipeline of the (EMA) generator; a LoRA generator is merged into a full transformer
+        and its adapter is written beside it in peft format (export/lora)."""
         card = {"method": "dmd", "t_bar": self.t_bar, "num_inference_steps": 1, "timesteps": [self.t_bar],
                 "guidance_scale": 1.0, "scheduler": "DDPMScheduler"}
-        return export_pipeline(self.teacher, self.generator_ema, self.scheduler(), out_dir, card,
-                               self.full_pipeline_export)
+        with torch.no_grad(), self.sampling_network() as generator:
+            if not self.generator_lora_rank:
+                return export_pipeline(self.teacher, generator, self.scheduler(), out_dir, card,
+                                       self.full_pipeline_export)
+            card.update(lora="lora", lora_rank=self.generator_lora_rank)
+            lora_card = {**card, "base": getattr(self.teacher.pipe, "name_or_path", None)}
+            return export_pipeline(self.teacher, merged_copy(generator), self.scheduler(), out_dir, card,
+                                   self.full_pipeline_export,
+                                   extra=lambda folder: save_lora(generator, folder / "lora", lora_card))

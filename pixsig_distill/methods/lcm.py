@@ -46,7 +46,7 @@ from ..errors import UserError
 from ..sampling import sample_latents
 from ..schedule import (add_noise, ddim_step, lcm_boundary_scalings, scheduler_like, skipping_step_grid,
                         x0_from_eps)
-from .common import ema_update, export_pipeline, frozen_copy, optimizer_step, trainable_copy
+from .common import accumulated_step, ema_update, export_pipeline, frozen_copy, micro_slices, trainable_copy
 from .guidance_embedding import add_guidance_embedding, bake_guidance, guidance
 
 log = logging.getLogger(__name__)
@@ -148,27 +148,32 @@ class LCM:
         self.student, self.optimizers["student"] = accelerator.prepare(self.student, self.optimizers["student"])
         self.models = {"student": self.student}
 
-    def train_step(self, batch: dict, gen: torch.Generator) -> dict[str, float]:
+    def train_step(self, batch: dict, gen: torch.Generator, micro_batches: int = 1) -> dict[str, float]:
         acc = self.accelerator
         embeds, mask = batch["embeds"], batch["mask"]
         x0 = self.clean_latents(batch)
         b, device, ac = x0.shape[0], x0.device, self.teacher.alphas_cumprod
-        # Skipping-step pair (t_{n+k}, t_n) on the DDIM grid, and x_{t_{n+k}} ~ q(x | x0).
+        # Skipping-step pair (t_{n+k}, t_n) on the DDIM grid, and x_{t_{n+k}} ~ q(x | x0); drawn for the whole
+        # batch, then sliced into micro-batches (accumulation sees the numbers one large batch sees).
         t_start = self.grid[torch.randint(0, len(self.grid), (b,), generator=gen).to(self.grid.device)].to(device)
         t_end = (t_start - self.k).clamp(min=0)
         x_start = add_noise(x0, torch.randn(x0.shape, generator=gen).to(device), t_start, ac)
         w = self._sample_w(b, gen).to(device)
-        with acc.accumulate(self.student), acc.autocast():
-            pred = self.consistency_fn(self.student, x_start, t_start, embeds, mask, w)
+        parts = micro_slices(b, micro_batches)
+
+        def micro_loss(rows: slice):
+            pred = self.consistency_fn(self.student, x_start[rows], t_start[rows], embeds[rows], mask[rows], w[rows])
             with torch.no_grad():
-                eps = self.teacher_eps(x_start, t_start, embeds, mask, w).float()
-                x_end = ddim_step(x_start, eps, t_start, t_end, ac)
-                target = self.consistency_fn(self.target_network(), x_end, t_end, embeds, mask, w)
-            loss = consistency_distance(pred, target, self.loss, self.huber_c)
-            grad_norm = optimizer_step(acc, self.student, self.optimizers["student"], loss, self.grad_clip)
-        if acc.sync_gradients:
-            self.update_target()
-        return {"loss_lcm": loss.item(), "grad_norm": grad_norm}
+                eps = self.teacher_eps(x_start[rows], t_start[rows], embeds[rows], mask[rows], w[rows]).float()
+                x_end = ddim_step(x_start[rows], eps, t_start[rows], t_end[rows], ac)
+                target = self.consistency_fn(self.target_network(), x_end, t_end[rows], embeds[rows], mask[rows],
+                                             w[rows])
+            return consistency_distance(pred, target, self.loss, self.huber_c) / len(parts)
+
+        loss, grad_norm = accumulated_step(acc, self.student, self.optimizers["student"],
+                                           [partial(micro_loss, rows) for rows in parts], self.grad_clip)
+        self.update_target()
+        return {"loss_lcm": loss, "grad_norm": grad_norm}
 
     # ---- the method -------------------------------------------------------------------------
     def target_network(self):

@@ -17,19 +17,9 @@ import torch
 
 from ..distributed import parameters_sharded
 from ..errors import UserError
-from ..lora import DEFAULT_TARGETS, add_lora, check_rank, save_lora
-from .common import export_pipeline
+from ..lora import DEFAULT_TARGETS, check_rank, save_lora
+from .common import TrainableParameters, export_pipeline, lora_network, merged_copy
 from .lcm import LCM
-
-
-class TrainableParameters(torch.nn.Module):
-    """The trainable tensors of a model, shared (not copied): checkpoints hold the adapters only."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                self.register_parameter(name.replace(".", "__"), param)
 
 
 class LCMLoRA(LCM):
@@ -46,11 +36,9 @@ class LCMLoRA(LCM):
         super().__init__(teacher, **kwargs)
 
     def _build_networks(self, gradient_checkpointing: bool):
-        """Student = LoRA on a frozen float32 copy of the teacher; no separate target network."""
-        base = copy.deepcopy(self.teacher.transformer).float().requires_grad_(False)
-        if gradient_checkpointing:
-            base.enable_gradient_checkpointing()
-        student = add_lora(base, self.lora_rank, self.lora_alpha, self.lora_target_modules).train()
+        """Student = LoRA on a frozen copy of the teacher (in the teacher's dtype); no separate target network."""
+        student = lora_network(copy.deepcopy(self.teacher.transformer), self.lora_rank, self.lora_alpha,
+                               self.lora_target_modules, gradient_checkpointing)
         return student, None
 
     def target_network(self):
@@ -77,7 +65,7 @@ class LCMLoRA(LCM):
 
     def export(self, out_dir: Path) -> Path:
         model = self._unwrap(self.student)
-        merged = copy.deepcopy(model).merge_and_unload()
+        merged = merged_copy(model)
         lora_card = {**{k: v for k, v in self.card().items() if k != "lora"},
                      "base": getattr(self.teacher.pipe, "name_or_path", None)}  # the teacher it was trained on
         return export_pipeline(self.teacher, merged, self.scheduler(), out_dir, self.card(), self.full_pipeline_export,

@@ -176,6 +176,7 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
                                 accelerator.num_processes, seed)
         batch = _to_device(_encode(collate([dataset[i] for i in indices]), teacher), accelerator.device)
         logs = method.train_step(batch, step_generator(seed, step, accelerator.process_index), cfg.grad_accum)
+        logs = {k: float(v) for k, v in logs.items()}
         fault_point("step")  # tests/test_faults.py: a crash here loses only the steps since the last checkpoint
         bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
         if bad:

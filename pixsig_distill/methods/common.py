@@ -137,8 +137,10 @@ def accumulated_step(accelerator, model, optimizer, micro_losses, grad_clip: flo
 
     `micro_losses` are callables, one per micro-batch; each returns that micro-batch's share of the batch loss
     (the shares add up to the loss of the whole batch), so n micro-batches of b samples give exactly the gradient
-    of one batch of n·b. zero_grad → backward of every share (DDP all-reduces once, on the last) → clip → step.
-    Returns (batch loss, gradient norm before clipping).
+    of one batch of n·b. backward of every share (DDP all-reduces once, on the last) → clip → step → free the
+    gradients.
+    Returns (batch loss, gradient norm before clipping) as tensors: the loop reads them (no sync per micro-batch,
+    and the planner runs this on fake tensors, which have no values).
 
     Accumulation is done here rather than by `accelerator.accumulate()`: accelerate counts every call of that
     context, so a method that updates two networks per step (DMD: generator, then fake score) would land one of
@@ -152,10 +154,11 @@ def accumulated_step(accelerator, model, optimizer, micro_losses, grad_clip: flo
             with accelerator.autocast():
                 loss = micro_loss()
             accelerator.backward(loss)
-        total += loss.item()
+        total = total + loss.detach().float()
     norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
     optimizer.step()
-    return total, float(norm) if norm is not None else float("nan")
+    optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next network's update needs the memory
+    return total, norm if norm is not None else torch.tensor(float("nan"))
 
 
 def micro_slices(batch_size: int, micro_batches: int) -> list[slice]:

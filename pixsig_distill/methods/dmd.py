@@ -146,7 +146,8 @@ class DMD:
 
     def train_step(self, batch: dict, gen: torch.Generator, micro_batches: int = 1) -> dict[str, float]:
         """One generator update, then `fake_updates_per_step` fake-score updates, each over `micro_batches`
-        micro-batches of the batch (gradient accumulation: the same update as the whole batch at once)."""
+        micro-batches of the batch (gradient accumulation: the same update as the whole batch at once).
+        Returns the losses and gradient norms as tensors (the loop reads them)."""
         acc = self.accelerator
         embeds, mask = batch["embeds"], batch["mask"]
         b = embeds.shape[0]
@@ -167,11 +168,11 @@ class DMD:
             x0_hat = self.generate(self.generator, embeds[rows], mask[rows], z[rows])
             samples[i] = x0_hat.detach()
             loss = self.distribution_matching_loss(x0_hat, embeds[rows], mask[rows], t_dm[rows], noise_dm[rows])
-            logs["loss_dm"] = logs.get("loss_dm", 0.0) + loss.item() / len(parts)
+            logs["loss_dm"] = logs.get("loss_dm", 0.0) + loss.detach() / len(parts)
             loss = loss / len(parts)
             if reg_rows is not None and i == 0:
                 loss_reg = self.regression_loss(reg_rows)
-                logs["loss_reg"] = loss_reg.item()
+                logs["loss_reg"] = loss_reg.detach()
                 loss = loss + self.regression_weight * loss_reg
             return loss
 

@@ -200,7 +200,7 @@ class LCM:
     def teacher_eps(self, x_t, t, embeds, mask, w) -> torch.Tensor:
         """Guided teacher ε_w = ε_c + w·(ε_c − ε_u) per sample (LCM §4.2; = CFG scale w + 1)."""
         x_t = x_t.to(self.teacher.dtype)
-        if not bool((w != 0).any()):
+        if not self.w_embedding and self.guidance_w == 0:  # decided by the config, not by the data (planner)
             return self.teacher.eps(x_t, t, embeds, mask)
         null_embeds, null_mask = self.teacher.null_embedding(x_t.shape[0])
         both = self.teacher.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null_embeds, embeds]),

@@ -1,0 +1,422 @@
+"""`python -m pixsig_distill.plan <the overrides of a train command>`: will this run fit, and how long will it take?
+
+Composes the very same config as `train`, builds the method's networks without weights (on the meta device),
+turns every weight into a fake tensor (torch's FakeTensorMode: shapes and dtypes, no storage) and runs complete
+training steps — every forward and backward pass and optimizer step the method makes — under torch's memory
+tracker (`torch.distributed._tools.mem_tracker.MemTracker`) and FLOP counter. It prints the predicted peak
+memory of one device split into parameters, gradients, optimizer state and activations, and the FLOPs of a
+step; with `plan.gpu=h100|h200|a100|l40s|4090`, a roofline estimate of the step time and of 1-step and
+20-step generation latency. Everything it prints is a PREDICTION (docs/real_scale.md has the measurements
+that validate it).
+
+To stay fast on a CPU, it simulates the transformer at two small depths and extrapolates linearly to the real
+depth (parameters, gradients, optimizer state, activations and FLOPs of identical blocks add up);
+`plan.exact=true` simulates every layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .config import build, one_line_config_errors
+from .errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gb: float       # usable device memory (GB = 1e9 bytes, as vendors count)
+    bf16_flops: float      # dense bf16 tensor-core peak, FLOP/s
+    bandwidth: float       # memory bandwidth, bytes/s
+
+
+GPUS = {  # vendor datasheet peaks (dense, no sparsity)
+    "h100": GPU("NVIDIA H100 SXM 80GB", 80, 989e12, 3.35e12),
+    "h200": GPU("NVIDIA H200 SXM 141GB", 141, 989e12, 4.8e12),
+    "a100": GPU("NVIDIA A100 SXM 80GB", 80, 312e12, 2.04e12),
+    "l40s": GPU("NVIDIA L40S 48GB", 48, 362e12, 0.864e12),
+    "4090": GPU("NVIDIA GeForce RTX 4090 24GB", 24, 165e12, 1.008e12),
+}
+TRAIN_MFU = 0.4      # share of the peak a well-tuned training step reaches (a typical figure, not a measurement)
+INFER_MFU = 0.6
+
+
+@dataclass
+class StepFigures:
+    """One simulated training step (the peak over two steps, so optimizer state exists), in bytes / FLOPs."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    peak: float
+    flops: float
+
+    def __sub__(self, other):
+        return StepFigures(*(a - b for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+    def __add__(self, other):
+        return StepFigures(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+    def scaled(self, k: float):
+        return StepFigures(*(a * k for a in asdict(self).values()))
+
+
+# ---- networks without weights ------------------------------------------------------------------
+
+def shape_only_teacher(model_cfg: DictConfig, num_layers: int | None = None):
+    """The teacher as the config describes it, built on the meta device: no weights are read or allocated."""
+    from diffusers import AutoencoderKL, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .architectures import architecture_of
+    from .teacher import Teacher, resolve_dtype
+    from .testing import PIXART_SCHEDULER
+    from diffusers import DPMSolverMultistepScheduler
+
+    import diffusers
+
+    diffusers.logging.set_verbosity_error()  # casting weightless models: its float32-modules advice does not apply
+    arch = architecture_of(model_cfg.pretrained, model_cfg.get("max_sequence_length"))
+    dtype = resolve_dtype(model_cfg.get("torch_dtype", "float32"))
+    transformer_cfg = dict(arch.transformer)
+    if num_layers is not None:
+        transformer_cfg["num_layers"] = num_layers
+    with torch.device("meta"):
+        transformer = PixArtTransformer2DModel.from_config(transformer_cfg).to(dtype)
+        vae = AutoencoderKL.from_config(arch.vae).to(dtype)
+        text_encoder = (T5EncoderModel(T5Config(**arch.text_encoder, decoder_start_token_id=0)).to(dtype)
+                        if model_cfg.get("load_text_encoder", True) else None)
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER))
+    kwargs = {k: model_cfg[k] for k in ("max_sequence_length", "guidance_scale", "num_inference_steps")
+              if k in model_cfg}
+    return Teacher(pipe, device="meta", **kwargs), arch
+
+
+class _Fakes:
+    """Meta tensors → fake CPU tensors of the same shape, dtype and sharing (a tensor shared by two modules stays
+    one tensor), so that code written for real tensors runs on them."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.memo: dict[int, torch.Tensor] = {}
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+            return t
+        if id(t) not in self.memo:
+            with self.mode:
+                fake = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            if isinstance(t, torch.nn.Parameter):
+                fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad)
+            self.memo[id(t)] = fake
+        return self.memo[id(t)]
+
+    def module(self, root: torch.nn.Module) -> None:
+        for module in root.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is not None:
+                        store[name] = self.tensor(t)
+            for name, value in vars(module).items():  # e.g. the EMA's shadow dict
+                if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                    setattr(module, name, {k: self.tensor(v) for k, v in value.items()})
+
+    def attributes(self, obj) -> None:
+        for name, value in vars(obj).items():
+            if isinstance(value, torch.Tensor):
+                setattr(obj, name, self.tensor(value))
+
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            group["params"] = [self.tensor(p) for p in group["params"]]
+
+
+@contextlib.contextmanager
+def _replacing_module_conversions():
+    """`module.to(...)` swaps each parameter in place, which fake tensors refuse (they carry a weak reference);
+    while planning, a conversion that changes nothing keeps the tensor and one that changes it replaces it."""
+    original = torch.nn.Module._apply
+
+    def _apply(module, fn, recurse=True):
+        if recurse:
+            for child in module.children():
+                _apply(child, fn)
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                if t is None:
+                    continue
+                with torch.no_grad():
+                    applied = fn(t)
+                if applied is not t:
+                    store[key] = (torch.nn.Parameter(applied, requires_grad=t.requires_grad)
+                                  if isinstance(t, torch.nn.Parameter) else applied)
+        return module
+
+    torch.nn.Module._apply = _apply
+    try:
+        yield
+    finally:
+        torch.nn.Module._apply = original
+
+
+class _NoHook:
+    def remove(self):
+        pass
+
+
+def _memory_tracker():
+    """torch's MemTracker, for the whole-step peak only: told not to hook the gradients of frozen weights (the
+    teacher, a LoRA base), which have none, and to accept a network called several times in one step (DMD
+    calls its generator and fake score repeatedly), which its per-module statistics do not support."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            for param in module.parameters():
+                if not param.requires_grad:
+                    self._param_to_grad_hook_handles.setdefault(param, (_NoHook(), _NoHook()))
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def _pre_fw_hook(self, module, inputs):
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                parents = set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)}
+                if parents == {"Global"}:  # a root network called again: start its module statistics afresh
+                    del self.memory_tracking[module]
+            return super()._pre_fw_hook(module, inputs)
+
+    return Tracker()
+
+
+def _adamw_8bit_stand_in(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **_):
+    """bitsandbytes' AdamW8bit holds both moments in uint8 with a float32 scale per 256 values: the same state
+    sizes, allocated the same way, with a plain update (bitsandbytes needs CUDA, which the planner does not)."""
+    return _StateSizedAdam(params, lr=lr, weight_decay=weight_decay)
+
+
+class _StateSizedAdam(torch.optim.Optimizer):
+    def __init__(self, params, lr, weight_decay):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    blocks = (p.numel() + 255) // 256
+                    state["m"] = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
+                    state["v"] = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
+                    state["scales"] = torch.empty(2 * blocks, dtype=torch.float32, device=p.device)
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def _fake_batch(cfg: DictConfig, teacher, arch, mode) -> dict:
+    batch_size = cfg.train.batch_size * cfg.train.grad_accum
+    width = arch.transformer["caption_channels"]
+    with mode:
+        batch = {"embeds": torch.empty(batch_size, arch.max_sequence_length, width, dtype=teacher.dtype),
+                 "mask": torch.ones(batch_size, arch.max_sequence_length, dtype=torch.long),
+                 "latents": torch.empty(teacher.latent_shape(batch_size), dtype=torch.float32),
+                 "prompt": ["a prompt"] * batch_size}
+        null = (torch.empty(1, arch.max_sequence_length, width, dtype=teacher.dtype),
+                torch.ones(1, arch.max_sequence_length, dtype=torch.long))
+    return batch, null
+
+
+def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2) -> StepFigures:
+    """Build the method of `cfg` with `num_layers` transformer blocks on fake tensors and run `steps` training
+    steps under the memory tracker and the FLOP counter; FLOPs are those of the last step."""
+    from accelerate import Accelerator
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        # What a plan cannot model: the regression loss reads teacher pairs from disk (noted in the report).
+        if "regression_weight" in cfg.distill:
+            cfg.distill.regression_weight = 0.0
+            cfg.distill.pairs = None
+        for key in ("generator_optimizer", "fake_optimizer", "optimizer"):
+            node = cfg.distill.get(key)
+            if node is not None and str(node.get("_target_", "")).endswith("adamw_8bit"):
+                node["_target_"] = f"{__name__}._adamw_8bit_stand_in"
+    teacher, arch = shape_only_teacher(cfg.model, num_layers)
+    method = build(cfg.distill, teacher=teacher)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = _Fakes(mode)
+    modules = [m for m in (teacher.transformer, teacher.vae, teacher.pipe.text_encoder) if m is not None]
+    modules += [*method.models.values(), *method.checkpoint_modules().values()]
+    for module in modules:
+        fakes.module(module)
+    for optimizer in method.optimizers.values():
+        fakes.optimizer(optimizer)
+    fakes.attributes(method)
+    batch, null = _fake_batch(cfg, teacher, arch, mode)
+    teacher.set_null_embedding(*null)
+    # fp16 and bf16 take the same bytes; CPU autocast runs bf16.
+    mixed = "bf16" if cfg.train.mixed_precision in ("bf16", "fp16") else "no"
+    with _replacing_module_conversions():
+        method.prepare(Accelerator(cpu=True, mixed_precision=mixed))
+        modules = [m for m in (teacher.transformer, teacher.vae, teacher.pipe.text_encoder) if m is not None]
+        modules += [*method.models.values(), *method.checkpoint_modules().values()]
+        tracker = _memory_tracker()
+        held = [t for m in modules for v in vars(m).values() if isinstance(v, dict)  # e.g. the EMA's tensors
+                for t in v.values() if isinstance(t, torch.Tensor)]
+        tracker.track_external(*modules, *method.optimizers.values(), *held, batch["embeds"], batch["latents"])
+        with mode, tracker:
+            for step in range(steps):
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    method.train_step(batch, torch.Generator().manual_seed(step), cfg.train.grad_accum)
+    peak = tracker.get_tracker_snapshot("peak")
+    device = next(iter(peak))
+    kinds = {str(k).split(".")[-1].lower(): v for k, v in peak[device].items()}
+    return StepFigures(params=kinds.get("param", 0) + kinds.get("buffer", 0), grads=kinds.get("grad", 0),
+                       optimizer=kinds.get("opt", 0), activations=kinds.get("act", 0) + kinds.get("temp", 0),
+                       peak=kinds.get("total", 0), flops=float(counter.get_total_flops()))
+
+
+def predict_step(cfg: DictConfig, depths=(1, 2), exact: bool = False) -> tuple[StepFigures, int]:
+    """Figures of the full-depth step: simulated at every layer (`exact`) or extrapolated from two depths."""
+    from .architectures import architecture_of
+
+    layers = architecture_of(cfg.model.pretrained).transformer["num_layers"]
+    if exact or layers <= max(depths):
+        return simulate_step(cfg, None), layers
+    low, high = sorted(depths)
+    at_low, at_high = simulate_step(cfg, low), simulate_step(cfg, high)
+    per_layer = (at_high - at_low).scaled(1 / (high - low))
+    return at_low + per_layer.scaled(layers - low), layers
+
+
+# ---- generation latency ------------------------------------------------------------------------
+
+def generation_flops(cfg: DictConfig) -> dict:
+    """FLOPs and weight bytes of one image: T5 over the prompt, one transformer call, the VAE decode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with open_dict(cfg):
+        model_cfg = copy.deepcopy(cfg.model)
+        model_cfg.load_text_encoder = True
+    teacher, arch = shape_only_teacher(model_cfg)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = _Fakes(mode)
+    parts = {"text_encoder": teacher.pipe.text_encoder, "transformer": teacher.transformer, "vae": teacher.vae}
+    for module in parts.values():
+        fakes.module(module)
+    out = {}
+    with mode, torch.no_grad():
+        tokens = torch.zeros(1, arch.max_sequence_length, dtype=torch.long)
+        latents = torch.empty(teacher.latent_shape(1), dtype=teacher.dtype)
+        embeds = torch.empty(1, arch.max_sequence_length, arch.transformer["caption_channels"], dtype=teacher.dtype)
+        calls = {"text_encoder": lambda: parts["text_encoder"](tokens),
+                 "transformer": lambda: teacher.eps(latents, torch.tensor([500]), embeds,
+                                                    torch.ones(1, arch.max_sequence_length, dtype=torch.long)),
+                 "vae": lambda: teacher.vae.decode(latents)}
+        for name, call in calls.items():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                call()
+            weight_bytes = sum(p.numel() * p.element_size() for p in parts[name].parameters())
+            out[name] = {"flops": float(counter.get_total_flops()), "weight_bytes": float(weight_bytes)}
+    return out
+
+
+def roofline_latency(parts: dict, gpu: GPU, steps: int, cfg_calls: int) -> float:
+    """Seconds for one image: each network call takes max(FLOPs / (peak·MFU), weights / bandwidth)."""
+    def call(name: str, batch: int = 1) -> float:
+        figures = parts[name]
+        return max(batch * figures["flops"] / (gpu.bf16_flops * INFER_MFU), figures["weight_bytes"] / gpu.bandwidth)
+
+    return call("text_encoder") + steps * call("transformer", cfg_calls) + call("vae")
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+def plan(cfg: DictConfig) -> dict:
+    from .train import validate
+
+    validate(cfg)
+    options = cfg.plan
+    if options.gpu is not None and options.gpu not in GPUS:
+        raise UserError(f"plan.gpu={options.gpu!r}; use one of {', '.join(GPUS)} (or null for memory only)")
+    began = time.time()
+    step, layers = predict_step(cfg, tuple(options.depths), options.exact)
+    report = {"prediction": True, "model": str(cfg.model.pretrained), "layers": layers,
+              "method": OmegaConf.select(cfg, "distill._target_"),
+              "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+              "mixed_precision": cfg.train.mixed_precision, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+              "step": {k: v for k, v in asdict(step).items()}, "simulated_exactly": bool(options.exact),
+              "notes": []}
+    if OmegaConf.select(cfg, "distill.regression_weight", default=0):
+        report["notes"].append("the regression loss is not modelled (one more generator pass on "
+                               "distill.regression_batch_size pairs, plus LPIPS' VGG if chosen)")
+    if options.gpu is not None:
+        gpu = GPUS[options.gpu]
+        parts = generation_flops(cfg)
+        guided = 2 if float(cfg.model.get("guidance_scale", 1.0)) > 1 else 1
+        report["gpu"] = {"name": gpu.name, "memory_gb": gpu.memory_gb, "fits": step.peak <= gpu.memory_gb * 1e9,
+                         "step_seconds_at_peak": step.flops / gpu.bf16_flops,
+                         "step_seconds": step.flops / (gpu.bf16_flops * TRAIN_MFU), "train_mfu": TRAIN_MFU,
+                         "latency_1_step_s": roofline_latency(parts, gpu, 1, 1),
+                         "latency_teacher_s": roofline_latency(parts, gpu, int(cfg.model.get("num_inference_steps", 20)),
+                                                               guided),
+                         "teacher_steps": int(cfg.model.get("num_inference_steps", 20)), "teacher_cfg_calls": guided,
+                         "infer_mfu": INFER_MFU, "parts": parts}
+    report["planner_seconds"] = time.time() - began
+    print(format_report(report))
+    if options.out:
+        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def format_report(report: dict) -> str:
+    s = report["step"]
+    lines = [f"PREDICTED (fake tensors, not measured) — {report['method']} on {report['model']} "
+             f"({report['layers']} layers), batch {report['batch_size']} × accum {report['grad_accum']}, "
+             f"mixed precision {report['mixed_precision']}, checkpointing {report['gradient_checkpointing']}",
+             f"  peak memory per device: {s['peak'] / GiB:.2f} GiB  "
+             f"(parameters {s['params'] / GiB:.2f}, gradients {s['grads'] / GiB:.2f}, "
+             f"optimizer state {s['optimizer'] / GiB:.2f}, activations {s['activations'] / GiB:.2f} at the peak)",
+             f"  FLOPs of one training step: {s['flops'] / 1e12:.1f} TFLOP"]
+    if "gpu" in report:
+        g = report["gpu"]
+        lines += [f"  on {g['name']}: {'fits' if g['fits'] else 'does NOT fit'} in {g['memory_gb']:.0f} GB; step "
+                  f"≈ {g['step_seconds']:.2f} s at {g['train_mfu']:.0%} MFU (≥ {g['step_seconds_at_peak']:.2f} s at peak)",
+                  f"  generation (roofline, {g['infer_mfu']:.0%} MFU, batch 1): 1 step ≈ "
+                  f"{1000 * g['latency_1_step_s']:.0f} ms; teacher {g['teacher_steps']} steps × "
+                  f"{g['teacher_cfg_calls']} calls ≈ {1000 * g['latency_teacher_s']:.0f} ms (T5 + transformer + VAE)"]
+    lines += [f"  note: {n}" for n in report["notes"]]
+    how = "every layer simulated" if report["simulated_exactly"] else "two depths simulated, extrapolated per layer"
+    lines.append(f"  ({how}; planned in {report['planner_seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+@one_line_config_errors("plan")
+@hydra.main(version_base="1.3", config_path="conf", config_name="plan")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    plan(cfg)
+
+
+if __name__ == "__main__":
+    main()

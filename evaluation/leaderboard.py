@@ -24,6 +24,7 @@ from pixsig_distill.errors import UserError, exit_on_user_error
 
 from . import report
 from .cache import ImageCache, entry_key, generate_cached, weights_fingerprint
+from pixsig_distill.threads import configure_threads
 
 METHODS = ("teacher", "dmd", "lcm", "lcm_lora")
 
@@ -288,6 +289,7 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="pkg://pixsig_distill.conf", config_name="leaderboard")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    configure_threads()
     run(cfg)
 
 

@@ -22,6 +22,7 @@ from .errors import UserError, exit_on_user_error
 from .images import save_grid, to_uint8
 from .sampling import initial_noise
 from .students import load_student, teacher_spec
+from .threads import configure_threads
 
 
 def _prompts(cfg: DictConfig) -> list[str]:
@@ -115,6 +116,7 @@ def _sync(device: torch.device) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    configure_threads()
     generate(cfg)
 
 

@@ -18,6 +18,7 @@ from .config import build, check_float, check_int, one_line_config_errors
 from .data import check_prompts, write_text_cache
 from .errors import exit_on_user_error
 from .prompts import load_prompts
+from .threads import configure_threads
 
 
 def make_pairs(cfg: DictConfig) -> Path:
@@ -50,6 +51,7 @@ def make_pairs(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path="conf", config_name="make_pairs")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    configure_threads()
     make_pairs(cfg)
 
 

@@ -16,6 +16,7 @@ from .lora import check_lora_folder, load_lora, read_lora_card
 from .methods.common import export_pipeline
 from .methods.lcm import lcm_scheduler
 from .teacher import Teacher, load_pipeline, resolve_dtype
+from .threads import configure_threads
 
 
 def merge_lora(cfg: DictConfig) -> Path:
@@ -47,6 +48,7 @@ def merge_lora(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path="conf", config_name="merge_lora")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    configure_threads()
     merge_lora(cfg)
 
 

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import build, one_line_config_errors
 from .errors import UserError, exit_on_user_error
+from .threads import configure_threads
 
 log = logging.getLogger(__name__)
 GiB = 2**30
@@ -62,6 +63,7 @@ class StepFigures:
     grads: float
     optimizer: float
     activations: float
+    other: float          # tensors held outside modules and optimizers: the EMA, the batch
     peak: float
     flops: float
 
@@ -241,8 +243,9 @@ def _fake_batch(cfg: DictConfig, teacher, arch, mode) -> dict:
 
 
 def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2) -> StepFigures:
-    """Build the method of `cfg` with `num_layers` transformer blocks on fake tensors and run `steps` training
-    steps under the memory tracker and the FLOP counter; FLOPs are those of the last step."""
+    """Build the method of `cfg` with `num_layers` transformer blocks on fake tensors, run `steps` training steps
+    under the memory tracker (the peak over them: optimizer state exists from the first) and one more under
+    the FLOP counter."""
     from accelerate import Accelerator
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -282,15 +285,18 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
         tracker.track_external(*modules, *method.optimizers.values(), *held, batch["embeds"], batch["latents"])
         with mode, tracker:
             for step in range(steps):
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    method.train_step(batch, torch.Generator().manual_seed(step), cfg.train.grad_accum)
+                method.train_step(batch, torch.Generator().manual_seed(step), cfg.train.grad_accum)
+        # FLOPs in a step of their own: the FLOP counter keeps activations alive under checkpointing, which
+        # would spoil the memory figures if it ran inside the tracker.
+        counter = FlopCounterMode(display=False)
+        with mode, counter:
+            method.train_step(batch, torch.Generator().manual_seed(steps), cfg.train.grad_accum)
     peak = tracker.get_tracker_snapshot("peak")
     device = next(iter(peak))
     kinds = {str(k).split(".")[-1].lower(): v for k, v in peak[device].items()}
     return StepFigures(params=kinds.get("param", 0) + kinds.get("buffer", 0), grads=kinds.get("grad", 0),
                        optimizer=kinds.get("opt", 0), activations=kinds.get("act", 0) + kinds.get("temp", 0),
-                       peak=kinds.get("total", 0), flops=float(counter.get_total_flops()))
+                       other=kinds.get("oth", 0), peak=kinds.get("total", 0), flops=float(counter.get_total_flops()))
 
 
 def predict_step(cfg: DictConfig, depths=(1, 2), exact: bool = False) -> tuple[StepFigures, int]:
@@ -396,7 +402,8 @@ def format_report(report: dict) -> str:
              f"mixed precision {report['mixed_precision']}, checkpointing {report['gradient_checkpointing']}",
              f"  peak memory per device: {s['peak'] / GiB:.2f} GiB  "
              f"(parameters {s['params'] / GiB:.2f}, gradients {s['grads'] / GiB:.2f}, "
-             f"optimizer state {s['optimizer'] / GiB:.2f}, activations {s['activations'] / GiB:.2f} at the peak)",
+             f"optimizer state {s['optimizer'] / GiB:.2f}, activations {s['activations'] / GiB:.2f}, "
+             f"EMA and batch {s['other'] / GiB:.2f} at the peak)",
              f"  FLOPs of one training step: {s['flops'] / 1e12:.1f} TFLOP"]
     if "gpu" in report:
         g = report["gpu"]
@@ -415,6 +422,7 @@ def format_report(report: dict) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="plan")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    configure_threads()
     plan(cfg)
 
 

@@ -20,6 +20,7 @@ from .distributed import make_accelerator
 
 from .errors import UserError, exit_on_user_error
 from .loop import LoopConfig, RunLock, train
+from .threads import configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def evaluate(cfg: DictConfig, teacher, export: str, out_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    configure_threads()
     run(cfg)
 
 

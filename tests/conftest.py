@@ -58,3 +58,16 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def compose_generate(tiny_folder, tmp_path):
+    """Compose the real `generate` config for the tiny random model on the CPU."""
+    from hydra import compose, initialize_config_module
+
+    def _compose(*overrides):
+        base = ["model=pixart_sigma_512", f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
+                "model.max_sequence_length=16", "model.resolution=16", f"out_dir={tmp_path / 'gen'}", "device=cpu"]
+        with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+            return compose("generate", overrides=base + list(overrides))
+    return _compose

@@ -3,21 +3,10 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_module
 
 from pixsig_distill.errors import UserError
 from pixsig_distill.generate import generate
 from pixsig_distill.train import run
-
-
-@pytest.fixture
-def compose_generate(tiny_folder, tmp_path):
-    def _compose(*overrides):
-        base = ["model=pixart_sigma_512", f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
-                "model.max_sequence_length=16", "model.resolution=16", f"out_dir={tmp_path / 'gen'}", "device=cpu"]
-        with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
-            return compose("generate", overrides=base + list(overrides))
-    return _compose
 
 
 def test_teacher_generation_writes_images_grid_and_latency(compose_generate, tmp_path):

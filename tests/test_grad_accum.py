@@ -2,7 +2,6 @@
 method and every network it trains; and a network that stops training stops the run."""
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from pixsig_distill.errors import UserError

@@ -1,0 +1,150 @@
+"""Check the planner against a measurement: predicted vs measured peak memory of real training steps on the CPU.
+
+For each case, a fresh process loads the teacher, then builds the method and runs two real training steps;
+the measured figure is the growth of the process's peak resident memory over what it held after loading
+the teacher (glibc is told to give every large block straight back to the system, so resident memory
+follows the live tensors). The prediction is `plan.simulate_step` on fake tensors for the same config,
+every layer simulated, minus the teacher's own weights (which the measurement's baseline holds).
+
+    python scripts/validate_plan.py [--out docs/results/real_scale/plan_validation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REAL = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
+WIDE = ["model=pixart_sigma_512", "model.torch_dtype=float32", "train.batch_size=1"]
+CASES = {
+    "toy dmd (batch 32)": ["model=toy"],
+    "toy lcm (batch 32)": ["model=toy", "distill=lcm"],
+    "Σ-512 width, 2 layers, dmd": WIDE,
+    "Σ-512 width, 2 layers, dmd, checkpointing": [*WIDE, "train.gradient_checkpointing=true"],
+    "Σ-512 width, 2 layers, dmd, LoRA fake + generator (r 64), EMA off": [
+        *WIDE, "distill.fake_score.lora_rank=64", "distill.generator.lora_rank=64", "distill.ema_decay=null"],
+    "Σ-512 width, 2 layers, lcm (batch 2)": [*WIDE, "distill=lcm", "train.batch_size=2"],
+    "Σ-512 width, 2 layers, lcm_lora (batch 2)": [*WIDE, "distill=lcm_lora", "train.batch_size=2"],
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        return hydra_compose("plan", overrides=["eval=none", "device=cpu", "model.load_text_encoder=false",
+                                                *overrides])
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def measure(overrides: list[str]) -> dict:
+    """In this (fresh) process: bytes the training state adds at its peak over the loaded teacher."""
+    import gc
+
+    import torch
+    from accelerate import Accelerator
+
+    from pixsig_distill.config import build
+
+    torch.manual_seed(0)
+    cfg = compose(overrides)
+    teacher = build(cfg.model)
+    from pixsig_distill.architectures import architecture_of
+
+    arch = architecture_of(cfg.model.pretrained, cfg.model.max_sequence_length)
+    # Weights loaded from safetensors may still be file pages that only become resident when first read: read
+    # them all now, so that the baseline holds the whole teacher.
+    with torch.no_grad():
+        for module in (teacher.transformer, teacher.vae, teacher.pipe.text_encoder):
+            for t in (*module.parameters(), *module.buffers()) if module is not None else ():
+                t.sum()
+    gc.collect()
+    baseline = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
+    method = build(cfg.distill, teacher=teacher)
+    method.prepare(Accelerator(cpu=True))
+    batch = {k: (torch.randn(v.shape, dtype=v.dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+             for k, v in _real_batch(cfg, teacher, arch).items()}
+    teacher.set_null_embedding(torch.randn(1, arch.max_sequence_length, arch.transformer["caption_channels"]),
+                               torch.ones(1, arch.max_sequence_length, dtype=torch.long))
+    began = time.time()
+    for step in range(2):
+        method.train_step(batch, torch.Generator().manual_seed(step), cfg.train.grad_accum)
+    return {"measured_bytes": _status("VmHWM") - baseline, "step_seconds": (time.time() - began) / 2}
+
+
+def _real_batch(cfg, teacher, arch) -> dict:
+    """The batch the planner simulates (plan._fake_batch), with values."""
+    import torch
+
+    n = cfg.train.batch_size * cfg.train.grad_accum
+    width = arch.transformer["caption_channels"]
+    return {"embeds": torch.randn(n, arch.max_sequence_length, width, dtype=teacher.dtype),
+            "mask": torch.ones(n, arch.max_sequence_length, dtype=torch.long),
+            "latents": torch.randn(teacher.latent_shape(n)), "prompt": ["a prompt"] * n}
+
+
+def predict(overrides: list[str]) -> dict:
+    from pixsig_distill.plan import shape_only_teacher, simulate_step
+
+    cfg = compose(overrides)
+    step = simulate_step(cfg, None)
+    teacher, _ = shape_only_teacher(cfg.model)
+    frozen = sum(p.numel() * p.element_size() for m in (teacher.transformer, teacher.vae) for p in m.parameters())
+    return {"predicted_bytes": step.peak - frozen, "predicted_total_bytes": step.peak,
+            "predicted_split": {k: v for k, v in step.__dict__.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/results/real_scale/plan_validation.json")
+    parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        print(json.dumps(measure(args.worker)))
+        return
+    from pixsig_distill.architectures import random_pipeline
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "sigma512_2layers"
+        random_pipeline(REAL, num_layers=2).save_pretrained(folder, safe_serialization=True)
+        for name, overrides in CASES.items():
+            if "model=pixart_sigma_512" in overrides:
+                overrides = [*overrides, f"model.pretrained={folder}", "model.max_sequence_length=300"]
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+            done = subprocess.run([sys.executable, __file__, "--worker", *overrides], env=env, capture_output=True,
+                                  text=True, check=True)
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            predicted = predict(overrides)
+            ratio = predicted["predicted_bytes"] / measured["measured_bytes"]
+            rows.append({"case": name, "overrides": overrides, **measured, **predicted, "ratio": ratio})
+            print(f"{name}: predicted {predicted['predicted_bytes'] / 2**20:.0f} MiB, measured "
+                  f"{measured['measured_bytes'] / 2**20:.0f} MiB (×{ratio:.2f})", flush=True)
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": __import__("torch").__version__}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The real PixArt configurations at full width and reduced depth, random weights, on the CPU.
+
+Hidden 1152, 16 heads, caption channels 4096, 300 T5 tokens (120 for α), 4-channel latents at 64×64 (512 px)
+and 128×128 (1024 px) and the real VAE; a tiny random T5 whose output is 4096 wide. Each method trains two
+steps, exports, and stock diffusers samples the export. PixArt-α 1024 takes size conditions."""
+
+import json
+
+import pytest
+import torch
+from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+
+from pixsig_distill.architectures import random_pipeline
+from pixsig_distill.train import run
+
+SIGMA_512 = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
+SIGMA_1024 = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+ALPHA_1024 = "PixArt-alpha/PixArt-XL-2-1024-MS"
+MODEL_CONFIG = {SIGMA_512: "pixart_sigma_512", SIGMA_1024: "pixart_sigma_1024", ALPHA_1024: "pixart_alpha_1024"}
+
+
+@pytest.fixture(scope="module")
+def real_width_folder(tmp_path_factory):
+    folders = {}
+
+    def make(name: str, num_layers: int):
+        if (name, num_layers) not in folders:
+            folder = tmp_path_factory.mktemp(name.split("/")[-1])
+            random_pipeline(name, num_layers=num_layers).save_pretrained(folder, safe_serialization=True)
+            folders[name, num_layers] = folder
+        return folders[name, num_layers]
+
+    return make
+
+
+def _train(folder, model: str, out, *overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"model={model}", f"model.pretrained={folder}", "model.torch_dtype=float32", f"out_dir={out}",
+            "train.max_steps=2", "train.batch_size=1", "train.log_every=1", "train.ckpt_every=2", "device=cpu",
+            "eval=none", "train.preview_prompts=[]", "distill.fake_updates_per_step=1", *overrides])
+    return run(cfg)
+
+
+def _stock_sample(export, pipeline_class, output_type="latent"):
+    card = json.loads((export / "pixsig_student.json").read_text())
+    pipe = pipeline_class.from_pretrained(export)
+    kwargs = {"timesteps": card["timesteps"]} if card.get("timesteps") else {}
+    out = pipe("a red circle", num_inference_steps=card["num_inference_steps"], guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(0), output_type=output_type, use_resolution_binning=False,
+               **kwargs).images
+    return card, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,overrides", [
+    ("dmd", []),
+    ("dmd_lora", ["distill=dmd", "distill.fake_score.lora_rank=8", "distill.generator.lora_rank=8",
+                  "distill.ema_device=cpu"]),
+    ("lcm", ["distill=lcm", "distill.pair_steps=1"]),
+    ("lcm_lora", ["distill=lcm_lora", "distill.pair_steps=1", "distill.lora_rank=8"]),
+])
+def test_sigma_512_every_method_trains_exports_and_samples_in_stock_diffusers(method, overrides, real_width_folder,
+                                                                             tmp_path):
+    folder = real_width_folder(SIGMA_512, 2)
+    summary = _train(folder, "pixart_sigma_512", tmp_path / method, *overrides)
+    assert summary["finished"]
+    card, latents = _stock_sample(tmp_path / method / "export", PixArtSigmaPipeline)
+    assert card["resolution"] == 512 and latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()
+
+
+@pytest.mark.slow
+def test_sigma_512_stock_pipeline_decodes_the_export_to_a_512_image(real_width_folder, tmp_path):
+    folder = real_width_folder(SIGMA_512, 2)
+    _train(folder, "pixart_sigma_512", tmp_path / "run", "train.max_steps=1", "train.ckpt_every=1")
+    _, images = _stock_sample(tmp_path / "run" / "export", PixArtSigmaPipeline, output_type="np")
+    assert images.shape == (1, 512, 512, 3)
+
+
+@pytest.mark.slow
+def test_sigma_1024_dmd_with_lean_options(real_width_folder, tmp_path):
+    folder = real_width_folder(SIGMA_1024, 1)
+    summary = _train(folder, "pixart_sigma_1024", tmp_path / "run", "distill.fake_score.lora_rank=8",
+                     "train.gradient_checkpointing=true", "distill.ema_device=cpu")
+    assert summary["finished"]
+    card, latents = _stock_sample(tmp_path / "run" / "export", PixArtSigmaPipeline)
+    assert card["resolution"] == 1024 and latents.shape == (1, 4, 128, 128)
+
+
+@pytest.mark.slow
+def test_alpha_1024_size_conditions_train_and_export_to_the_alpha_pipeline(real_width_folder, tmp_path):
+    """PixArt-α 1024 has use_additional_conditions: the teacher passes the image size and aspect ratio (a None
+    here crashed training before), and the export is a PixArtAlphaPipeline, the stock pipeline that passes them."""
+    folder = real_width_folder(ALPHA_1024, 1)
+    summary = _train(folder, "pixart_alpha_1024", tmp_path / "run", "distill=lcm_lora", "distill.pair_steps=1",
+                     "distill.lora_rank=4")
+    assert summary["finished"]
+    export = tmp_path / "run" / "export"
+    assert json.loads((export / "model_index.json").read_text())["_class_name"] == "PixArtAlphaPipeline"
+    card, latents = _stock_sample(export, PixArtAlphaPipeline)
+    assert latents.shape == (1, 4, 128, 128) and torch.isfinite(latents).all()

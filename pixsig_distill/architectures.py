@@ -113,6 +113,6 @@ def random_pipeline(name: str, num_layers: int = 2, seed: int = 0, text_width_on
     if text_width_only:
         text_config.update(d_kv=8, d_ff=16, num_layers=1, num_heads=2, relative_attention_num_buckets=8)
     text_config["vocab_size"] = len(tokenizer)
-    text_encoder = T5EncoderModel(T5Config(**text_config, decoder_start_token_id=0))
+    text_encoder = T5EncoderModel(T5Config(**{"decoder_start_token_id": 0, **text_config}))
     return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER))

@@ -100,7 +100,7 @@ def shape_only_teacher(model_cfg: DictConfig, num_layers: int | None = None):
     with torch.device("meta"):
         transformer = PixArtTransformer2DModel.from_config(transformer_cfg).to(dtype)
         vae = AutoencoderKL.from_config(arch.vae).to(dtype)
-        text_encoder = (T5EncoderModel(T5Config(**arch.text_encoder, decoder_start_token_id=0)).to(dtype)
+        text_encoder = (T5EncoderModel(T5Config(**{"decoder_start_token_id": 0, **arch.text_encoder})).to(dtype)
                         if model_cfg.get("load_text_encoder", True) else None)
     pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER))
@@ -182,9 +182,9 @@ class _NoHook:
 
 
 def _memory_tracker():
-    """torch's MemTracker, for the whole-step peak only: told not to hook the gradients of frozen weights (the
-    teacher, a LoRA base), which have none, and to accept a network called several times in one step (DMD
-    calls its generator and fake score repeatedly), which its per-module statistics do not support."""
+    """torch's MemTracker, for the whole-step peak only: it does not hook the gradients of frozen weights (the
+    teacher, a LoRA base), which have none, accepts a network called several times in one step (DMD calls its
+    generator and fake score repeatedly), and keeps no per-module peaks."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class Tracker(MemTracker):
@@ -193,6 +193,14 @@ def _memory_tracker():
                 if not param.requires_grad:
                     self._param_to_grad_hook_handles.setdefault(param, (_NoHook(), _NoHook()))
             return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def _update_peak_stats(self, peak_state):
+            # The whole step's peak only: the per-module peaks the base class also updates cost a loop over every
+            # tracked module at every operation (most of a plan's time).
+            for dev, dev_snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                    self._peak_mem[dev] = dev_snap["Total"]
+                    self._peak_mem_snap[dev] = dict(dev_snap)
 
         def _pre_fw_hook(self, module, inputs):
             if module in self.memory_tracking and not self._mod_tracker.is_bw:
@@ -360,7 +368,7 @@ def roofline_latency(parts: dict, gpu: GPU, steps: int, cfg_calls: int) -> float
 def plan(cfg: DictConfig) -> dict:
     from .train import validate
 
-    validate(cfg)
+    validate(cfg, check_resume=False)  # a plan writes nothing and resumes nothing
     options = cfg.plan
     if options.gpu is not None and options.gpu not in GPUS:
         raise UserError(f"plan.gpu={options.gpu!r}; use one of {', '.join(GPUS)} (or null for memory only)")

@@ -25,7 +25,7 @@ from .threads import configure_threads
 log = logging.getLogger(__name__)
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, check_resume: bool = True) -> None:
     """Reject bad values before anything is loaded, with the fix in the message."""
     check_int(cfg, "t_bar", 1, 999, "use an integer in 1..999 (the PixArt-Σ DMD recipe uses 400)")
     check_int(cfg, "seed", 0)
@@ -34,6 +34,8 @@ def validate(cfg: DictConfig) -> None:
         check_int(cfg, key, 1)
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"train.mixed_precision={cfg.train.mixed_precision!r}; use no, fp16 or bf16")
+    if not check_resume:
+        return
     resolve_resume(cfg.resume, Path(str(cfg.out_dir)) / "checkpoints")  # a bad resume= path fails before loading
 
 

@@ -1,0 +1,120 @@
+"""The memory and FLOP planner: fake tensors, no weights, the same config as `train`."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pixsig_distill.errors import UserError
+from pixsig_distill.plan import plan, simulate_step
+from pixsig_distill.threads import share_of_cores
+
+
+@pytest.fixture
+def compose_plan(tiny_folder):
+    from hydra import compose, initialize_config_module
+
+    def _compose(*overrides):
+        base = ["model=pixart_sigma_512", f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
+                "model.max_sequence_length=16", "model.resolution=16", "train.batch_size=2", "device=cpu",
+                "eval=none"]
+        if not any(o.startswith("distill=") for o in overrides):
+            base.append("distill.fake_updates_per_step=1")  # DMD: one fake-score update is enough to plan a step
+        with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+            return compose("plan", overrides=base + list(overrides))
+    return _compose
+
+
+def _real_tracked_peak(cfg):
+    """The same step on real tensors, under the same tracker: the planner must agree with it."""
+    from accelerate import Accelerator
+
+    from pixsig_distill.config import build
+    from pixsig_distill.plan import _memory_tracker
+
+    teacher = build(cfg.model)
+    method = build(cfg.distill, teacher=teacher)
+    method.prepare(Accelerator(cpu=True))
+    n = cfg.train.batch_size
+    batch = {"embeds": torch.randn(n, 16, 32), "mask": torch.ones(n, 16, dtype=torch.long),
+             "latents": torch.randn(teacher.latent_shape(n)), "prompt": ["p"] * n}
+    teacher.set_null_embedding(torch.randn(1, 16, 32), torch.ones(1, 16, dtype=torch.long))
+    modules = [teacher.transformer, teacher.vae, teacher.pipe.text_encoder, *method.models.values(),
+               *method.checkpoint_modules().values()]
+    held = [t for m in modules for v in vars(m).values() if isinstance(v, dict) for t in v.values()
+            if isinstance(t, torch.Tensor)]
+    tracker = _memory_tracker()
+    tracker.track_external(*modules, *method.optimizers.values(), *held, batch["embeds"], batch["latents"])
+    with tracker:
+        for step in range(2):
+            method.train_step(batch, torch.Generator().manual_seed(step))
+    peak = tracker.get_tracker_snapshot("peak")
+    return peak[next(iter(peak))]["Total"]
+
+
+@pytest.mark.parametrize("overrides", [["train.gradient_checkpointing=true"], ["distill=lcm"],
+                                       ["distill.fake_score.lora_rank=4", "distill.generator.lora_rank=4"]],
+                         ids=["dmd_checkpointing", "lcm", "dmd_lora"])
+def test_fake_step_predicts_the_real_steps_peak(overrides, compose_plan):
+    cfg = compose_plan(*overrides)
+    predicted = simulate_step(cfg).peak
+    assert abs(predicted / _real_tracked_peak(cfg) - 1) < 0.05
+
+
+def test_extrapolation_from_two_depths_equals_simulating_every_layer(compose_plan, tmp_path):
+    from pixsig_distill.plan import predict_step
+    from pixsig_distill.testing import tiny_pipeline
+
+    folder = tmp_path / "four_layers"
+    tiny_pipeline(num_layers=4).save_pretrained(folder, safe_serialization=True)
+    cfg = compose_plan(f"model.pretrained={folder}")
+    exact, layers = predict_step(cfg, exact=True)
+    extrapolated, _ = predict_step(cfg, depths=(1, 2))
+    assert layers == 4
+    assert abs(extrapolated.peak / exact.peak - 1) < 0.02 and abs(extrapolated.flops / exact.flops - 1) < 0.02
+
+
+def test_memory_options_change_the_prediction_the_right_way(compose_plan):
+    full = simulate_step(compose_plan())
+    lora = simulate_step(compose_plan("distill.fake_score.lora_rank=4"))
+    assert lora.params < full.params and lora.optimizer < full.optimizer
+    eight_bit = simulate_step(compose_plan("distill.generator_optimizer._target_=pixsig_distill.optim.adamw_8bit",
+                                           "distill.fake_optimizer._target_=pixsig_distill.optim.adamw_8bit"))
+    assert 0.2 < eight_bit.optimizer / full.optimizer < 0.3  # 2 bytes of state per parameter instead of 8
+    no_ema = simulate_step(compose_plan("distill.ema_decay=null"))
+    assert no_ema.other < full.other
+
+
+def test_plan_report_says_it_is_a_prediction_and_uses_the_real_architecture(compose_plan, capsys):
+    report = plan(compose_plan("model.pretrained=PixArt-alpha/PixArt-Sigma-XL-2-512-MS", "model.resolution=512",
+                               "model.max_sequence_length=300", "model.load_text_encoder=false",
+                               "train.batch_size=1", "plan.gpu=h100"))
+    out = capsys.readouterr().out
+    assert out.startswith("PREDICTED") and report["prediction"] and report["layers"] == 28
+    # Three float32 networks of 611M parameters (generator, fake score, EMA) + the teacher: > 8 GiB of weights.
+    assert 8 * 2**30 < report["step"]["params"] + report["step"]["other"] < 12 * 2**30
+    assert report["gpu"]["latency_teacher_s"] > report["gpu"]["latency_1_step_s"] > 0
+
+
+def test_plan_cli_bad_gpu_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pixsig_distill.plan", "plan.gpu=tpu"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: plan.gpu='tpu'; use one of h100, h200, a100, l40s, 4090 (or null for memory only)"]
+
+
+def test_eight_bit_adam_without_cuda_is_one_line():
+    from pixsig_distill.optim import adamw_8bit
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="runs on CUDA GPUs only"):
+        adamw_8bit([torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_threads_share_the_cores():
+    assert share_of_cores(2, 1, 0.0) == 2          # alone: every core
+    assert share_of_cores(2, 1, 1.0) == 1          # another job keeps one core busy
+    assert share_of_cores(2, 1, 3.0) == 1          # never fewer than one
+    assert share_of_cores(16, 4, 0.0) == 4         # a launch of 4 processes

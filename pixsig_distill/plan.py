@@ -39,17 +39,22 @@ GiB = 2**30
 @dataclass(frozen=True)
 class GPU:
     name: str
-    memory_gb: float       # usable device memory (GB = 1e9 bytes, as vendors count)
+    memory_gib: float      # device memory as the driver reports it
     bf16_flops: float      # dense bf16 tensor-core peak, FLOP/s
     bandwidth: float       # memory bandwidth, bytes/s
 
+    def fits(self, peak_bytes: float) -> bool:
+        """Leave a tenth for the CUDA context, the allocator's fragmentation and communication buffers."""
+        return peak_bytes <= FIT_SHARE * self.memory_gib * GiB
 
-GPUS = {  # vendor datasheet peaks (dense, no sparsity)
-    "h100": GPU("NVIDIA H100 SXM 80GB", 80, 989e12, 3.35e12),
-    "h200": GPU("NVIDIA H200 SXM 141GB", 141, 989e12, 4.8e12),
-    "a100": GPU("NVIDIA A100 SXM 80GB", 80, 312e12, 2.04e12),
-    "l40s": GPU("NVIDIA L40S 48GB", 48, 362e12, 0.864e12),
-    "4090": GPU("NVIDIA GeForce RTX 4090 24GB", 24, 165e12, 1.008e12),
+
+FIT_SHARE = 0.9
+GPUS = {  # vendor datasheet peaks (dense, no sparsity); memory as nvidia-smi reports it
+    "h100": GPU("NVIDIA H100 SXM 80GB", 79.6, 989e12, 3.35e12),
+    "h200": GPU("NVIDIA H200 SXM 141GB", 140.4, 989e12, 4.8e12),
+    "a100": GPU("NVIDIA A100 SXM 80GB", 80.0, 312e12, 2.04e12),
+    "l40s": GPU("NVIDIA L40S 48GB", 45.0, 362e12, 0.864e12),
+    "4090": GPU("NVIDIA GeForce RTX 4090 24GB", 24.0, 165e12, 1.008e12),
 }
 TRAIN_MFU = 0.4      # share of the peak a well-tuned training step reaches (a typical figure, not a measurement)
 INFER_MFU = 0.6
@@ -182,12 +187,24 @@ class _NoHook:
 
 
 def _memory_tracker():
-    """torch's MemTracker, for the whole-step peak only: it does not hook the gradients of frozen weights (the
-    teacher, a LoRA base), which have none, accepts a network called several times in one step (DMD calls its
-    generator and fake score repeatedly), and keeps no per-module peaks."""
+    """torch's MemTracker, for the step's peak only: it does not hook the gradients of frozen weights (the teacher,
+    a LoRA base), which have none, accepts a network called several times in one step (DMD calls its generator
+    and fake score repeatedly), and keeps no per-module peaks.
+
+    It also keeps the peak of every *segment* of the step between events that do not depend on the depth (entering
+    or leaving a module that is not a transformer block, an optimizer step). At two depths the segments pair up,
+    and each segment's peak grows linearly with the depth, while the step's peak is the largest of them and can
+    move from one segment to another as the depth grows (`predict_step`)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class Tracker(MemTracker):
+        segments: list
+        ignored: set = set()  # ids of tensors that are not on the device (an EMA kept on the CPU)
+
+        def _track(self, reftype, t):
+            if id(t) not in self.ignored:
+                super()._track(reftype, t)
+
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             for param in module.parameters():
                 if not param.requires_grad:
@@ -195,19 +212,51 @@ def _memory_tracker():
             return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
         def _update_peak_stats(self, peak_state):
-            # The whole step's peak only: the per-module peaks the base class also updates cost a loop over every
-            # tracked module at every operation (most of a plan's time).
             for dev, dev_snap in self._curr_mem_snap.items():
                 if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
                     self._peak_mem[dev] = dev_snap["Total"]
                     self._peak_mem_snap[dev] = dict(dev_snap)
+                if self.segments and self.segments[-1]["Total"] < dev_snap["Total"]:
+                    self.segments[-1] = dict(dev_snap)
+
+        def _new_segment(self, module=None):
+            name = self._mod_tracker.get_known_fqn(module) if module is not None else "optimizer"
+            if name is None or "transformer_blocks." in name:
+                return
+            current = next(iter(self._curr_mem_snap.values()), None)
+            self.segments.append(dict(current) if current else {"Total": 0})
 
         def _pre_fw_hook(self, module, inputs):
             if module in self.memory_tracking and not self._mod_tracker.is_bw:
                 parents = set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)}
                 if parents == {"Global"}:  # a root network called again: start its module statistics afresh
                     del self.memory_tracking[module]
-            return super()._pre_fw_hook(module, inputs)
+            super()._pre_fw_hook(module, inputs)
+            self._new_segment(module)
+
+        def _post_fw_hook(self, module, inputs, outputs):
+            super()._post_fw_hook(module, inputs, outputs)
+            self._new_segment(module)
+
+        def _pre_bw_hook(self, module, args):
+            super()._pre_bw_hook(module, args)
+            self._new_segment(module)
+
+        def _post_bw_hook(self, module, args):
+            super()._post_bw_hook(module, args)
+            self._new_segment(module)
+
+        def __enter__(self):
+            self.segments = []
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            self._step_hook = register_optimizer_step_pre_hook(
+                lambda *_: self._new_segment())
+            return super().__enter__()
+
+        def __exit__(self, *args):
+            self._step_hook.remove()
+            return super().__exit__(*args)
 
     return Tracker()
 
@@ -250,10 +299,11 @@ def _fake_batch(cfg: DictConfig, teacher, arch, mode) -> dict:
     return batch, null
 
 
-def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2) -> StepFigures:
+def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2,
+                  segments: list | None = None) -> StepFigures:
     """Build the method of `cfg` with `num_layers` transformer blocks on fake tensors, run `steps` training steps
     under the memory tracker (the peak over them: optimizer state exists from the first) and one more under
-    the FLOP counter."""
+    the FLOP counter. `segments`, if given, receives the figures at the peak of every segment of the step."""
     from accelerate import Accelerator
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -288,8 +338,10 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
         modules = [m for m in (teacher.transformer, teacher.vae, teacher.pipe.text_encoder) if m is not None]
         modules += [*method.models.values(), *method.checkpoint_modules().values()]
         tracker = _memory_tracker()
-        held = [t for m in modules for v in vars(m).values() if isinstance(v, dict)  # e.g. the EMA's tensors
-                for t in v.values() if isinstance(t, torch.Tensor)]
+        held = {t: getattr(m, "on_cpu", False) for m in modules for v in vars(m).values() if isinstance(v, dict)
+                for t in v.values() if isinstance(t, torch.Tensor)}  # e.g. the EMA's tensors
+        tracker.ignored = {id(t) for t, on_cpu in held.items() if on_cpu}  # an EMA kept on the CPU
+        held = [t for t, on_cpu in held.items() if not on_cpu]
         tracker.track_external(*modules, *method.optimizers.values(), *held, batch["embeds"], batch["latents"])
         with mode, tracker:
             for step in range(steps):
@@ -299,12 +351,18 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
         counter = FlopCounterMode(display=False)
         with mode, counter:
             method.train_step(batch, torch.Generator().manual_seed(steps), cfg.train.grad_accum)
+    flops = float(counter.get_total_flops())
+    if segments is not None:
+        segments.extend(_figures(snapshot, flops) for snapshot in tracker.segments)
     peak = tracker.get_tracker_snapshot("peak")
-    device = next(iter(peak))
-    kinds = {str(k).split(".")[-1].lower(): v for k, v in peak[device].items()}
+    return _figures(peak[next(iter(peak))], flops)
+
+
+def _figures(snapshot: dict, flops: float) -> StepFigures:
+    kinds = {str(k).split(".")[-1].lower(): v for k, v in snapshot.items()}
     return StepFigures(params=kinds.get("param", 0) + kinds.get("buffer", 0), grads=kinds.get("grad", 0),
                        optimizer=kinds.get("opt", 0), activations=kinds.get("act", 0) + kinds.get("temp", 0),
-                       other=kinds.get("oth", 0), peak=kinds.get("total", 0), flops=float(counter.get_total_flops()))
+                       other=kinds.get("oth", 0), peak=kinds.get("total", 0), flops=flops)
 
 
 def predict_step(cfg: DictConfig, depths=(1, 2), exact: bool = False) -> tuple[StepFigures, int]:
@@ -315,9 +373,19 @@ def predict_step(cfg: DictConfig, depths=(1, 2), exact: bool = False) -> tuple[S
     if exact or layers <= max(depths):
         return simulate_step(cfg, None), layers
     low, high = sorted(depths)
-    at_low, at_high = simulate_step(cfg, low), simulate_step(cfg, high)
-    per_layer = (at_high - at_low).scaled(1 / (high - low))
-    return at_low + per_layer.scaled(layers - low), layers
+    low_segments, high_segments = [], []
+    at_low, at_high = simulate_step(cfg, low, segments=low_segments), simulate_step(cfg, high, segments=high_segments)
+
+    def extrapolate(a: StepFigures, b: StepFigures) -> StepFigures:
+        return a + (b - a).scaled((layers - low) / (high - low))
+
+    if len(low_segments) != len(high_segments):  # should not happen; the step's peak alone then
+        log.warning("the step's segments differ between depths %d and %d: extrapolating its peak alone", low, high)
+        return extrapolate(at_low, at_high), layers
+    # Each segment's peak is linear in the depth; the step's peak at full depth is the largest extrapolated one.
+    best = max((extrapolate(a, b) for a, b in zip(low_segments, high_segments)), key=lambda f: f.peak)
+    best.flops = extrapolate(at_low, at_high).flops
+    return best, layers
 
 
 # ---- generation latency ------------------------------------------------------------------------
@@ -387,7 +455,7 @@ def plan(cfg: DictConfig) -> dict:
         gpu = GPUS[options.gpu]
         parts = generation_flops(cfg)
         guided = 2 if float(cfg.model.get("guidance_scale", 1.0)) > 1 else 1
-        report["gpu"] = {"name": gpu.name, "memory_gb": gpu.memory_gb, "fits": step.peak <= gpu.memory_gb * 1e9,
+        report["gpu"] = {"name": gpu.name, "memory_gib": gpu.memory_gib, "fits": gpu.fits(step.peak),
                          "step_seconds_at_peak": step.flops / gpu.bf16_flops,
                          "step_seconds": step.flops / (gpu.bf16_flops * TRAIN_MFU), "train_mfu": TRAIN_MFU,
                          "latency_1_step_s": roofline_latency(parts, gpu, 1, 1),
@@ -415,7 +483,8 @@ def format_report(report: dict) -> str:
              f"  FLOPs of one training step: {s['flops'] / 1e12:.1f} TFLOP"]
     if "gpu" in report:
         g = report["gpu"]
-        lines += [f"  on {g['name']}: {'fits' if g['fits'] else 'does NOT fit'} in {g['memory_gb']:.0f} GB; step "
+        lines += [f"  on {g['name']}: {'fits' if g['fits'] else 'does NOT fit'} in {FIT_SHARE:.0%} of its "
+                  f"{g['memory_gib']:.0f} GiB; step "
                   f"≈ {g['step_seconds']:.2f} s at {g['train_mfu']:.0%} MFU (≥ {g['step_seconds_at_peak']:.2f} s at peak)",
                   f"  generation (roofline, {g['infer_mfu']:.0%} MFU, batch 1): 1 step ≈ "
                   f"{1000 * g['latency_1_step_s']:.0f} ms; teacher {g['teacher_steps']} steps × "

@@ -297,8 +297,8 @@ def test_bad_input_is_one_line_and_leaves_nothing_trusted(case, files, base, tmp
 # ---- config errors Hydra reports, through the `main` wrappers ------------------------------------
 
 HYDRA_CASES = [
-    *[(entry, ["model=nope"], "model=nope is not a config option. Available options in 'model': pixart_alpha_512, "
-                              "pixart_sigma_1024, pixart_sigma_512, toy")
+    *[(entry, ["model=nope"], "model=nope is not a config option. Available options in 'model': pixart_alpha_1024, "
+                              "pixart_alpha_512, pixart_sigma_1024, pixart_sigma_512, toy")
       for entry in ("train", "generate", "cache_text", "make_pairs", "leaderboard")],
     ("train", ["distill=nope"], "distill=nope is not a config option. Available options in 'distill': dmd, lcm, "
                                 "lcm_lora"),

@@ -77,6 +77,12 @@ class TrainableParameters(torch.nn.Module):
             self.register_parameter(name.replace(".", "__"), param)
 
 
+def _float32_copy(p: torch.Tensor, device) -> torch.Tensor:
+    if p.device.type == "meta":  # a network without weights (the planner) gets an EMA without weights
+        return torch.empty(p.shape, dtype=torch.float32, device="meta")
+    return p.detach().to(device or p.device, torch.float32, copy=True)
+
+
 class EMA(torch.nn.Module):
     """θ_ema ← decay·θ_ema + (1 − decay)·θ over a network's trained tensors, in float32 on `device`.
 
@@ -87,8 +93,8 @@ class EMA(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, decay: float, device: str | torch.device | None = None):
         super().__init__()
         self.decay = decay
-        self.shadow = {name: p.detach().to(device or p.device, torch.float32, copy=True)
-                       for name, p in trained_parameters(model)}
+        self.on_cpu = device is not None and torch.device(device).type == "cpu"
+        self.shadow = {name: _float32_copy(p, device) for name, p in trained_parameters(model)}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:

@@ -45,6 +45,30 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def latency_table() -> str:
+    """Roofline generation latency (PREDICTIONS): T5 + transformer calls + VAE decode, batch 1, bf16."""
+    from hydra import compose, initialize_config_module
+
+    from pixsig_distill.plan import GPUS as KNOWN_GPUS, generation_flops, roofline_latency
+
+    lines = ["| model | GPU | 1 step (DMD) | 4 steps (LCM) | 20 steps × CFG (teacher) | T5 share of 1 step |",
+             "|---|---|---|---|---|---|"]
+    for model_name, model in MODELS.items():
+        with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+            cfg = compose("plan", overrides=[f"model={model}", "eval=none"])
+        parts = generation_flops(cfg)
+        for gpu in ("h100", "a100", "l40s", "4090"):
+            g = KNOWN_GPUS[gpu]
+            one, four, teacher = (roofline_latency(parts, g, n, calls) for n, calls in ((1, 1), (4, 1), (20, 2)))
+            t5 = roofline_latency({**parts, "transformer": {"flops": 0, "weight_bytes": 0},
+                                   "vae": {"flops": 0, "weight_bytes": 0}}, g, 1, 1)
+            lines.append(f"| {model_name} | {g.name} | {1000 * one:.0f} ms | {1000 * four:.0f} ms | "
+                         f"{1000 * teacher:.0f} ms | {t5 / one:.0%} |")
+    flops = ", ".join(f"{k} {v['flops'] / 1e12:.2f} TFLOP / {v['weight_bytes'] / 2**30:.1f} GiB of weights"
+                      for k, v in parts.items())
+    return "\n".join(lines) + f"\n\nPer call at {list(MODELS)[-1]}: {flops}.\n"
+
+
 def main() -> None:
     from hydra import compose, initialize_config_module
 
@@ -53,7 +77,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/results/real_scale/plan_table.json")
     parser.add_argument("--markdown-only", action="store_true", help="re-render the .md from the existing .json")
+    parser.add_argument("--latency", action="store_true", help="write the generation-latency table instead")
     args = parser.parse_args()
+    if args.latency:
+        Path(args.out).with_name("plan_latency.md").write_text(latency_table())
+        print(Path(args.out).with_name("plan_latency.md").read_text())
+        return
     if args.markdown_only:
         Path(args.out).with_suffix(".md").write_text(markdown(json.loads(Path(args.out).read_text())) + "\n")
         return

@@ -48,7 +48,10 @@ def test_pixart_dmd_experiment_holds_the_reference_recipe_and_command_line_wins(
 
 def test_real_model_configs_point_at_the_hub():
     assert _compose("model=pixart_sigma_512").model.pretrained == "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
-    assert _compose("model=pixart_sigma_1024").model.resolution == 1024
+    assert _compose("model=pixart_sigma_1024").model.pretrained == "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+    assert _compose("model=pixart_alpha_1024").model.pretrained == "PixArt-alpha/PixArt-XL-2-1024-MS"
+    for name in ("pixart_sigma_1024", "pixart_alpha_1024"):  # the resolution comes from the transformer
+        assert _compose(f"model={name}").model.resolution is None
     alpha = _compose("model=pixart_alpha_512").model
     assert alpha.pretrained == "PixArt-alpha/PixArt-XL-2-512x512" and alpha.max_sequence_length == 120
 

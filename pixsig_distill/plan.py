@@ -438,8 +438,9 @@ def plan(cfg: DictConfig) -> dict:
 
     validate(cfg, check_resume=False)  # a plan writes nothing and resumes nothing
     options = cfg.plan
-    if options.gpu is not None and options.gpu not in GPUS:
-        raise UserError(f"plan.gpu={options.gpu!r}; use one of {', '.join(GPUS)} (or null for memory only)")
+    gpu_name = None if options.gpu is None else str(options.gpu)  # `plan.gpu=4090` arrives as an integer
+    if gpu_name is not None and gpu_name not in GPUS:
+        raise UserError(f"plan.gpu={gpu_name!r}; use one of {', '.join(GPUS)} (or null for memory only)")
     began = time.time()
     step, layers = predict_step(cfg, tuple(options.depths), options.exact)
     report = {"prediction": True, "model": str(cfg.model.pretrained), "layers": layers,
@@ -451,8 +452,8 @@ def plan(cfg: DictConfig) -> dict:
     if OmegaConf.select(cfg, "distill.regression_weight", default=0):
         report["notes"].append("the regression loss is not modelled (one more generator pass on "
                                "distill.regression_batch_size pairs, plus LPIPS' VGG if chosen)")
-    if options.gpu is not None:
-        gpu = GPUS[options.gpu]
+    if gpu_name is not None:
+        gpu = GPUS[gpu_name]
         parts = generation_flops(cfg)
         guided = 2 if float(cfg.model.get("guidance_scale", 1.0)) > 1 else 1
         report["gpu"] = {"name": gpu.name, "memory_gib": gpu.memory_gib, "fits": gpu.fits(step.peak),

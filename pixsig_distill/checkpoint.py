@@ -8,6 +8,7 @@ next save deletes). Nothing here unpickles: a folder with pickle files is refuse
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .faults import fault_point
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")  # torch.save / pickle formats
@@ -103,6 +106,19 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
     return path
 
 
+def _keep_configured_hyperparameters(name: str, optimizer, configured: list[dict]) -> None:
+    """A resumed optimizer keeps its moments but takes the learning rate (and the other settings) of the command
+    that resumed it: a user who resumes with a new lr gets it, and the log says so."""
+    for group, wanted in zip(optimizer.param_groups, configured):
+        for key, value in wanted.items():
+            saved = group.get(key)
+            if (list(saved) if isinstance(saved, (list, tuple)) else saved) != (
+                    list(value) if isinstance(value, (list, tuple)) else value):  # JSON turned tuples into lists
+                log.warning("optimizer %s: %s was %s in the checkpoint; using %s from the config", name, key,
+                            group.get(key), value)
+                group[key] = value
+
+
 def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizers: dict) -> dict:
     """Load weights and optimizer states in place; returns the saved state (step, ...)."""
     try:
@@ -114,7 +130,9 @@ def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizers: 
 
             with safe_open(str(file), "pt") as f:
                 meta = json.loads(f.metadata()["meta"])
+            configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(_unflatten_optimizer(load_file(str(file)), meta))
+            _keep_configured_hyperparameters(name, optimizer, configured)
         return json.loads((path / STATE_FILE).read_text())
     except UserError:
         raise

@@ -23,6 +23,8 @@ MAX_PROMPT_CHARS = 2000  # far above any caption; a longer line means the file i
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts from a UTF-8 text file, one per line; blank lines skipped. Bad files → UserError."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"prompt file '{path}' is a directory; pass a UTF-8 text file with one prompt per line")
     if not path.is_file():
         raise UserError(f"prompt file '{path}' does not exist; pass a UTF-8 text file with one prompt per line")
     raw = path.read_bytes()

@@ -60,6 +60,7 @@ class Files:
             self.prompt[name] = root / f"prompts_{name}.txt"
             self.prompt[name].write_bytes(content)
         self.prompt["missing"] = root / "no_such_prompts.txt"
+        self.prompt["directory"] = root
         self.good_prompts = root / "prompts.txt"
         self.good_prompts.write_text("a red circle\na blue square\n")
 
@@ -189,7 +190,7 @@ def _pickled_student_entry(files):
 P = "prompt='a red circle'"
 # The one-line message each kind of bad prompt file / model folder must produce, whatever the entry point.
 PROMPT_FILE_ERRORS = {"empty": "has no prompts", "binary": "is binary", "long_lines": "10000 characters",
-                      "non_utf8": "not UTF-8", "missing": "does not exist"}
+                      "non_utf8": "not UTF-8", "missing": "does not exist", "directory": "is a directory"}
 MODEL_FOLDER_ERRORS = {"no_vae": "lacks vae", "truncated": "could not load model", "missing": "does not exist",
                        "pickled": "holds pickle weights"}
 

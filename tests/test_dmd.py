@@ -175,3 +175,18 @@ def test_pairs_command_and_regression_loss(tiny_folder, compose_train, tmp_path)
 def test_regression_without_pairs_is_refused(compose_train):
     with pytest.raises(UserError, match="needs teacher pairs"):
         run(compose_train("distill.regression_weight=0.25"))
+
+
+def test_resume_with_a_new_learning_rate_uses_it_and_says_so(compose_train, tmp_path, caplog):
+    import logging
+
+    from safetensors import safe_open
+
+    run(compose_train("train.max_steps=2", "distill.generator_optimizer.lr=1e-3"))
+    with caplog.at_level(logging.WARNING):
+        run(compose_train("distill.generator_optimizer.lr=5e-4"))
+    assert "optimizer generator: lr was 0.001 in the checkpoint; using 0.0005 from the config" in caplog.text
+    assert "betas" not in caplog.text and "optimizer fake_score" not in caplog.text  # unchanged settings: silent
+    with safe_open(str(tmp_path / "run" / "checkpoints" / "step-0000004" / "optimizer-generator.safetensors"),
+                   "pt") as f:
+        assert json.loads(f.metadata()["meta"])["param_groups"][0]["lr"] == 5e-4

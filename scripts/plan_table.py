@@ -72,7 +72,8 @@ def latency_table() -> str:
 def main() -> None:
     from hydra import compose, initialize_config_module
 
-    from pixsig_distill.plan import GPUS as KNOWN_GPUS, predict_step
+    from pixsig_distill.fake_step import predict_step
+    from pixsig_distill.plan import GPUS as KNOWN_GPUS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/results/real_scale/plan_table.json")

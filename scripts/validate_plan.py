@@ -97,7 +97,7 @@ def _real_batch(cfg, teacher, arch) -> dict:
 
 
 def predict(overrides: list[str]) -> dict:
-    from pixsig_distill.plan import shape_only_teacher, simulate_step
+    from pixsig_distill.fake_step import shape_only_teacher, simulate_step
 
     cfg = compose(overrides)
     step = simulate_step(cfg, None)

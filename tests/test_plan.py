@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pixsig_distill.errors import UserError
-from pixsig_distill.plan import plan, simulate_step
+from pixsig_distill.fake_step import simulate_step
+from pixsig_distill.plan import plan
 from pixsig_distill.threads import share_of_cores
 
 
@@ -31,7 +32,7 @@ def _real_tracked_peak(cfg):
     from accelerate import Accelerator
 
     from pixsig_distill.config import build
-    from pixsig_distill.plan import _memory_tracker
+    from pixsig_distill.fake_step import _memory_tracker
 
     teacher = build(cfg.model)
     method = build(cfg.distill, teacher=teacher)
@@ -63,7 +64,7 @@ def test_fake_step_predicts_the_real_steps_peak(overrides, compose_plan):
 
 
 def test_extrapolation_from_two_depths_equals_simulating_every_layer(compose_plan, tmp_path):
-    from pixsig_distill.plan import predict_step
+    from pixsig_distill.fake_step import predict_step
     from pixsig_distill.testing import tiny_pipeline
 
     folder = tmp_path / "four_layers"

@@ -104,7 +104,7 @@ def generate_cached(load_model, cache: ImageCache, prompts: list[str], seeds: li
     Every process reads the cache before any writes to it (the barrier), so all agree on the work
     list; `split_between_processes` then gives each a contiguous slice of it.
     """
-    from pixsig_distill import generate  # imports diffusers: only when there is something to generate
+    from pixsig_distill.sampling import generate_images  # imports diffusers: only when there is something to do
 
     todo = sorted(set(range(len(prompts))) - cache.done(prompts, seeds))
     accelerator.wait_for_everyone()
@@ -115,7 +115,7 @@ def generate_cached(load_model, cache: ImageCache, prompts: list[str], seeds: li
             bar = tqdm(total=len(mine), desc=desc, disable=not accelerator.is_local_main_process)
             for start in range(0, len(mine), batch_size):
                 chunk = mine[start:start + batch_size]
-                images, _ = generate.generate_images(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk],
+                images, _ = generate_images(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk],
                                                      steps, guidance_scale, timesteps, batch_size, progress=False)
                 cache.put(chunk, images, prompts, seeds)
                 made += len(chunk)

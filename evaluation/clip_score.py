@@ -7,8 +7,10 @@ Two scales are in use and they differ by ~100x, so the number never travels with
 * `clip_100` (optional) — the mean of 100·max(cos, 0), the scale of torchmetrics' `CLIPScore`
   (which uses OpenAI ViT-L/14; here it is computed with the model configured, and says so).
 
-`model="toy"` loads the toy world's shipped CLIP (`pixsig_distill.toy.clip.load_toy_clip`); any
-other name is an open_clip model with `pretrained` weights, downloaded by open_clip on first use.
+`model` is an open_clip model name with `pretrained` weights (downloaded by open_clip on first use),
+or a `local-dir:FOLDER` / `hf-hub:` reference; eval=toy points it at the toy world's shipped CLIP
+(`local-dir:` of `pixsig_distill/toy/weights/clip`). The interval is a percentile bootstrap of the
+mean over images.
 """
 
 from __future__ import annotations
@@ -23,28 +25,26 @@ from tqdm.auto import tqdm
 
 from pixsig_distill.errors import UserError
 
+from .scorer import Column, Scorer, ScoringContext
+
 COSINE_SCALE = "plain cosine (the seed table's scale)"
 SCALE_100 = "100*max(cos, 0) (torchmetrics CLIPScore's scale, same model)"
 
 
-def load_clip(model: str = "toy", pretrained: str | None = None, device: str | torch.device = "cpu"):
+def load_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) from open_clip; offline without weights → one-line UserError."""
     import open_clip
 
-    if model == "toy":
-        from pixsig_distill.toy.clip import load_toy_clip
-
-        return load_toy_clip(device=device)
     if not model.startswith(("hf-hub:", "local-dir:")):  # name mistakes are not download problems: say so
         if model not in open_clip.list_models():
             raise UserError(f"unknown open_clip model '{model}'; use e.g. ViT-g-14 or ViT-L-14 "
-                            f"(open_clip.list_models()), or clip.model=toy")
+                            f"(open_clip.list_models()), or a local-dir:FOLDER")
         tags = open_clip.list_pretrained_tags_by_model(model)
         if pretrained not in tags and not (pretrained and Path(pretrained).is_file()):
             raise UserError(f"clip.pretrained={pretrained!r} is not a weight tag of {model}; use one of {tags} "
                             f"or a checkpoint file")
     previous = logging.root.manager.disable
-    logging.disable(logging.ERROR)  # open_clip logs the failure too; the UserError below is the one line
+    logging.disable(logging.ERROR)  # open_clip's INFO chatter, and its failure line: the UserError is the one line
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device,
                                                                     require_pretrained=True)
@@ -53,25 +53,29 @@ def load_clip(model: str = "toy", pretrained: str | None = None, device: str | t
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"open_clip model '{model}' with pretrained='{pretrained}' could not be loaded (weights "
                         f"download from the hub on first use; offline here?): {first}; run once with internet, "
-                        f"or use clip.model=toy") from None
+                        f"or use eval=toy") from None
     finally:
         logging.disable(previous)
 
 
-class CLIPScorer:
+class CLIPScorer(Scorer):
     """Mean cosine between each image and its own prompt, with open_clip's own preprocessing."""
 
-    def __init__(self, model: str = "toy", pretrained: str | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 64, also_100: bool = True, progress: bool = True):
-        self.model_name, self.pretrained = model, pretrained
-        self.device = torch.device(device)
-        self.batch_size, self.also_100, self.progress = batch_size, also_100, progress
+    name = "clip"
+    columns = (Column("clip", "CLIP", digits=4, better="higher"),)
+
+    def __init__(self, context: ScoringContext, model: str, pretrained: str | None = None, batch_size: int = 64,
+                 also_100: bool = True, description: str | None = None):
+        super().__init__(context)
+        self.model_name, self.pretrained, self.description = model, pretrained, description
+        self.device = torch.device(context.device)
+        self.batch_size, self.also_100, self.progress = batch_size, also_100, context.progress
         self.model, self.preprocess, self.tokenizer = load_clip(model, pretrained, self.device)
 
     def settings(self) -> dict:
-        name = "toy-CLIP (shipped, open_clip local-dir)" if self.model_name == "toy" else \
-            f"open_clip {self.model_name} / {self.pretrained}"
-        out = {"model": self.model_name, "pretrained": self.pretrained, "description": name, "scale": COSINE_SCALE}
+        name = self.description or f"open_clip {self.model_name} / {self.pretrained}"
+        out = {"model": self.model_name, "pretrained": self.pretrained, "description": name, "scale": COSINE_SCALE,
+               "resamples": self.context.resamples}
         if self.also_100:
             out["scale_100"] = SCALE_100
         return out
@@ -90,9 +94,9 @@ class CLIPScorer:
             out.append((image.float() * text.float()).sum(-1).cpu())
         return torch.cat(out).numpy().astype(np.float64)
 
-    def score(self, images, prompts: list[str], desc: str = "CLIP score") -> dict:
-        cos = self.cosines(images, prompts, desc)
-        result = {"clip": float(cos.mean()), "n": len(cos), **self.settings()}
+    def score(self, images, prompts: list[str]) -> dict:
+        cos = self.cosines(images, prompts)
+        result = self.mean_with_interval("clip", cos)
         if self.also_100:
             result["clip_100"] = float((100 * np.maximum(cos, 0)).mean())
         return result

@@ -8,9 +8,15 @@ result names them: `{"fid", "library", "mode", "resize", "features", "n_real", "
 * `library="torchmetrics"`: uint8 images go to `torchmetrics.image.fid.FrechetInceptionDistance`
   (its network resizes inside), which accumulates and computes the distance itself.
 
-`features="toy"` is the toy world's `ToyFeatureExtractor` (toy-CLIP image tower, 32 px);
-`features="inception"` is the standard 2048-d Inception-v3 pool features, whose weights both
-libraries download on first use (offline, that is a one-line UserError).
+`features` is a feature network object: `InceptionFeatures()` (here; the standard 2048-d
+Inception-v3 pool features, whose weights both libraries download on first use, offline a
+one-line UserError) or any object with the same methods, selected in config with `_target_`
+(the toy world's is `pixsig_distill.toy.features.ToyFIDFeatures`).
+
+`FIDScorer` is the `Scorer` the evaluation runs: FID against the prompt set's real images, with a
+bootstrap interval over the generated images (the real statistics stay fixed). Each resample
+needs Tr((Σ_r Σ_g)^½) = Σ √λ_i(A Σ_g A), A = Σ_r^½ (the two products share their eigenvalues), so
+A is computed once and every resample is one symmetric eigendecomposition.
 
 The real set's (mu, sigma) are computed once and cached as safetensors under `cache_dir`, keyed
 by a hash of the real pixels and the feature settings; later calls with the same real set only
@@ -30,9 +36,9 @@ from tqdm.auto import tqdm
 
 from pixsig_distill.errors import UserError
 
+from .scorer import Column, Scorer, ScoringContext, bootstrap_interval
+
 LIBRARIES = ("clean-fid", "torchmetrics")
-FEATURES = ("toy", "inception")
-TOY_SIZE = 32  # the toy CLIP's input size
 
 
 def default_cache_dir() -> Path:
@@ -42,19 +48,53 @@ def default_cache_dir() -> Path:
 def _offline_error(what: str, err: Exception) -> UserError:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     return UserError(f"{what} could not be loaded (weights download on first use; no internet here?): {first}; "
-                     f"run once where there is internet, or use fid.features=toy")
+                     f"run once where there is internet, or use eval=toy")
+
+
+class InceptionFeatures:
+    """The standard FID features: Inception-v3 pool3, 2048-d, at 299 px."""
+
+    name = "inception"
+
+    def settings(self, library: str) -> dict:
+        if library == "clean-fid":
+            return {"resize": "PIL bicubic on float pixels to 299x299 (clean-fid clean mode)",
+                    "features_description": "Inception-v3 pool3, 2048-d (clean-fid torchscript, TF FID weights)"}
+        return {"resize": "TF1-compatible bilinear to 299x299 inside torch-fidelity's Inception",
+                "features_description": "Inception-v3 pool3, 2048-d (torch-fidelity)"}
+
+    def clean_fid(self, device):
+        """(resize fn on HWC uint8 → HWC float32, network on NCHW 0..255 floats → (B, D))."""
+        from cleanfid.features import build_feature_extractor
+        from cleanfid.resize import build_resizer
+
+        try:
+            return build_resizer("clean"), build_feature_extractor("clean", device, use_dataparallel=False)
+        except Exception as err:  # urllib errors when offline
+            raise _offline_error("clean-fid's Inception network", err) from None
+
+    def torchmetrics(self, device):
+        """What `FrechetInceptionDistance(feature=...)` takes."""
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+        if not _TORCH_FIDELITY_AVAILABLE:
+            raise UserError("torchmetrics' Inception FID needs torch-fidelity; pip install torch-fidelity "
+                            "(or use fid.library=clean-fid)")
+        return 2048
+
+    def fingerprint(self) -> bytes:
+        return b"inception"
 
 
 class FID:
     """One FID configuration; call `score(real, fake)` with uint8 image sequences (N, H, W, 3)."""
 
-    def __init__(self, library: str = "clean-fid", features: str = "toy", device: str | torch.device = "cpu",
+    def __init__(self, library: str = "clean-fid", features=None, device: str | torch.device = "cpu",
                  batch_size: int = 100, cache_dir: str | Path | None = None, progress: bool = True):
         if library not in LIBRARIES:
             raise UserError(f"unknown FID library '{library}'; use one of {', '.join(LIBRARIES)}")
-        if features not in FEATURES:
-            raise UserError(f"unknown FID features '{features}'; use one of {', '.join(FEATURES)}")
-        self.library, self.features_name = library, features
+        self.library, self.features = library, features if features is not None else InceptionFeatures()
+        self.features_name = self.features.name
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -66,61 +106,21 @@ class FID:
 
     # ---- what the numbers mean ---------------------------------------------------------------
     def settings(self) -> dict:
-        toy = self.features_name == "toy"
-        if self.library == "clean-fid":
-            mode = "clean"
-            resize = (f"PIL bicubic on float pixels to {TOY_SIZE}x{TOY_SIZE} (clean-fid resizer; identity at 32 px)"
-                      if toy else "PIL bicubic on float pixels to 299x299 (clean-fid clean mode)")
-        else:
-            mode = "torchmetrics (uint8 images to the network)"
-            resize = (f"torch bicubic+antialias to {TOY_SIZE}x{TOY_SIZE} inside ToyFeatureExtractor (identity at 32 px)"
-                      if toy else "TF1-compatible bilinear to 299x299 inside torch-fidelity's Inception")
-        if toy:
-            description = "toy-CLIP image embedding, 128-d, L2-normalised x sqrt(128) (pixsig_distill.toy.features)"
-        else:
-            description = ("Inception-v3 pool3, 2048-d (clean-fid torchscript, TF FID weights)"
-                           if self.library == "clean-fid" else "Inception-v3 pool3, 2048-d (torch-fidelity)")
-        return {"library": self.library, "mode": mode, "resize": resize, "features": self.features_name,
-                "features_description": description}
+        mode = "clean" if self.library == "clean-fid" else "torchmetrics (uint8 images to the network)"
+        return {"library": self.library, "mode": mode, "features": self.features_name,
+                **self.features.settings(self.library)}
 
     # ---- networks ----------------------------------------------------------------------------
-    def _toy_extractor(self, float_max: float):
-        from pixsig_distill.toy.features import ToyFeatureExtractor
-
-        return ToyFeatureExtractor(float_max=float_max, device=self.device)
-
     def _clean_fid_network(self):
-        """(resize fn on HWC uint8 → HWC float32, network on NCHW 0..255 floats → (B, D))."""
         if self._network is None:
-            from cleanfid.resize import build_resizer, make_resizer
-
-            if self.features_name == "toy":
-                resize = make_resizer("PIL", False, "bicubic", (TOY_SIZE, TOY_SIZE))
-                network = self._toy_extractor(float_max=255.0)  # clean-fid hands 0..255 floats
-            else:
-                from cleanfid.features import build_feature_extractor
-
-                resize = build_resizer("clean")
-                try:
-                    network = build_feature_extractor("clean", self.device, use_dataparallel=False)
-                except Exception as err:  # urllib errors when offline
-                    raise _offline_error("clean-fid's Inception network", err) from None
-            self._network = (resize, network)
+            self._network = self.features.clean_fid(self.device)
         return self._network
 
     def _torchmetrics_metric(self):
         if self._metric is None:
             from torchmetrics.image.fid import FrechetInceptionDistance
 
-            if self.features_name == "toy":
-                feature = self._toy_extractor(float_max=1.0)
-            else:
-                from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-
-                if not _TORCH_FIDELITY_AVAILABLE:
-                    raise UserError("torchmetrics' Inception FID needs torch-fidelity; pip install torch-fidelity "
-                                    "(or use fid.library=clean-fid)")
-                feature = 2048
+            feature = self.features.torchmetrics(self.device)
             try:
                 # reset() clears real and fake sums; score() puts the cached real statistics back itself.
                 self._metric = FrechetInceptionDistance(feature=feature).to(self.device)
@@ -155,35 +155,33 @@ class FID:
             feats.append(get_batch_features(x, network, self.device))
         return np.concatenate(feats).astype(np.float64)
 
-    def _torchmetrics_update(self, images, real: bool, desc: str) -> None:
-        metric = self._torchmetrics_metric()
+    @torch.no_grad()
+    def _torchmetrics_features(self, images, desc: str) -> np.ndarray:
+        network = self._torchmetrics_metric().inception  # what FrechetInceptionDistance.update calls on uint8
+        feats = []
         for batch in self._batches(images, desc):
             # Images of different sizes (a real folder) cannot be stacked: feed them one by one.
             groups = [batch] if len({im.shape for im in batch}) == 1 else [[im] for im in batch]
             for group in groups:
                 x = torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2).contiguous().to(self.device)
-                metric.update(x, real=real)
+                feats.append(network(x).double().cpu().numpy())
+        return np.concatenate(feats)
+
+    def features_of(self, images, desc: str = "FID features") -> np.ndarray:
+        """(N, D) float64 features of uint8 images, through the configured library's resize and network."""
+        if self.library == "clean-fid":
+            return self._clean_fid_features(images, desc)
+        return self._torchmetrics_features(images, desc)
 
     def statistics(self, images, desc: str = "FID features") -> tuple[np.ndarray, np.ndarray]:
-        """(mu, sigma) of a set, as clean-fid computes them (np.mean, np.cov with N − 1)."""
-        if self.library == "clean-fid":
-            feats = self._clean_fid_features(images, desc)
-            return feats.mean(axis=0), np.cov(feats, rowvar=False)
-        metric = self._torchmetrics_metric()
-        metric.reset()
-        self._torchmetrics_update(images, True, desc)
-        n = int(metric.real_features_num_samples)
-        mu = metric.real_features_sum / n
-        sigma = (metric.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)  # torchmetrics' own formula
-        return mu.cpu().numpy(), sigma.cpu().numpy()
+        """(mu, sigma) of a set, as clean-fid and torchmetrics compute them (mean, covariance with N − 1)."""
+        feats = self.features_of(images, desc)
+        return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
     def cache_key(self, images) -> str:
         """Hash of the pixels, in order, and of everything that shapes the features."""
         digest = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode())
-        if self.features_name == "toy":  # retrained toy CLIP weights → new statistics
-            from pixsig_distill.toy.clip import WEIGHTS_DIR, WEIGHTS_FILE
-
-            digest.update(hashlib.sha256((WEIGHTS_DIR / WEIGHTS_FILE).read_bytes()).digest())
+        digest.update(self.features.fingerprint())  # e.g. retrained toy CLIP weights → new statistics
         for i in range(len(images)):
             image = np.ascontiguousarray(images[i])
             digest.update(repr(image.shape).encode())
@@ -214,27 +212,78 @@ class FID:
         return self._last_real[1]
 
     # ---- the distance ------------------------------------------------------------------------
-    def score(self, real, fake, desc: str = "FID features") -> dict:
-        if len(fake) < 2 or len(real) < 2:
-            raise UserError(f"FID needs at least 2 real and 2 generated images (got {len(real)} and {len(fake)})")
-        mu_r, sigma_r, n_real, _ = self.real_statistics(real)
+    def distance(self, mu_r, sigma_r, mu_f, sigma_f) -> float:
+        """The library's own Fréchet distance: ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2(Σ_r Σ_g)^½)."""
         if self.library == "clean-fid":
             from cleanfid.fid import frechet_distance
 
-            mu_f, sigma_f = self.statistics(fake, desc)
-            fid = float(frechet_distance(mu_r, sigma_r, mu_f, sigma_f))
-        else:
-            metric = self._torchmetrics_metric()
-            metric.reset()
-            # Put the cached real statistics back into the metric's running sums (exact in float64).
-            mu = torch.as_tensor(mu_r, dtype=torch.float64, device=self.device)
-            sigma = torch.as_tensor(sigma_r, dtype=torch.float64, device=self.device)
-            metric.real_features_sum = mu * n_real
-            metric.real_features_cov_sum = sigma * (n_real - 1) + n_real * torch.outer(mu, mu)
-            metric.real_features_num_samples = torch.tensor(n_real, device=self.device)
-            self._torchmetrics_update(fake, False, desc)
-            fid = float(metric.compute())
-        return {"fid": fid, **self.settings(), "n_real": n_real, "n_fake": len(fake)}
+            return float(frechet_distance(mu_r, sigma_r, mu_f, sigma_f))
+        from torchmetrics.image.fid import _compute_fid
+
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+        return float(_compute_fid(as_t(mu_r), as_t(sigma_r), as_t(mu_f), as_t(sigma_f)))
+
+    def score(self, real, fake, desc: str = "FID features", resamples: int = 0, confidence: float = 0.95,
+              seed: int = 0) -> dict:
+        """FID of `fake` against `real`; with `resamples`, also a percentile-bootstrap interval over `fake`."""
+        if len(fake) < 2 or len(real) < 2:
+            raise UserError(f"FID needs at least 2 real and 2 generated images (got {len(real)} and {len(fake)})")
+        mu_r, sigma_r, n_real, _ = self.real_statistics(real)
+        feats = self.features_of(fake, desc)
+        result = {"fid": self.distance(mu_r, sigma_r, feats.mean(axis=0), np.cov(feats, rowvar=False))}
+        if resamples:
+            lo, hi = bootstrap_interval(len(feats), _resampled_fid(mu_r, sigma_r, feats), resamples, confidence,
+                                        seed)
+            result.update(fid_lo=max(lo, 0.0), fid_hi=hi)  # recentring can cross 0; a distance cannot
+        return {**result, **self.settings(), "n_real": n_real, "n_fake": len(fake)}
+
+
+def _resampled_fid(mu_r: np.ndarray, sigma_r: np.ndarray, feats: np.ndarray):
+    """FID of feats[indices] against fixed real statistics, fast: Tr((Σ_r Σ_g)^½) = Σ √λ(A Σ_g A), A = Σ_r^½."""
+    w, v = np.linalg.eigh(sigma_r)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    trace_r = float(np.trace(sigma_r))
+
+    def fid(indices: np.ndarray) -> float:
+        f = feats[indices]
+        mu, sigma = f.mean(axis=0), np.cov(f, rowvar=False)
+        eig = np.linalg.eigvalsh(root @ sigma @ root)
+        return float(((mu_r - mu) ** 2).sum() + trace_r + np.trace(sigma) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+    return fid
+
+
+class FIDScorer(Scorer):
+    """FID of a row's images against the prompt set's real images (or `real=FOLDER`)."""
+
+    name = "fid"
+    columns = (Column("fid", "FID", digits=2, better="lower"),)
+
+    def __init__(self, context: ScoringContext, features=None, library: str = "clean-fid", batch_size: int = 250,
+                 real: str | None = None, resamples: int | None = None):
+        super().__init__(context)
+        from .prompts import image_folder
+
+        self.real = image_folder(real) if real else context.prompt_set.real
+        if self.real is None:
+            raise UserError(f"prompt set '{context.prompt_set.source}' has no real images; set real=FOLDER of "
+                            f"reference images (e.g. COCO val2014) or leave fid out of metrics=")
+        cache = Path(context.cache_dir) / "fid_stats" if context.cache_dir else None
+        self.fid = FID(library, features, context.device, batch_size, cache, progress=context.progress).load()
+        self.resamples = context.resamples if resamples is None else resamples
+
+    def score(self, images, prompts: list[str]) -> dict:
+        result = self.fid.score(self.real, images, resamples=self.resamples, confidence=self.context.confidence,
+                                seed=self.context.seed)
+        return {k: result[k] for k in ("fid", "fid_lo", "fid_hi") if k in result}
+
+    def score_real(self, prompt_set) -> dict | None:
+        draw = prompt_set.real_draw()
+        return None if draw is None else self.score(draw, prompt_set.prompts)
+
+    def settings(self) -> dict:
+        return {**self.fid.settings(), "n_real": len(self.real), "bootstrap": "over generated images, real "
+                "statistics fixed", "resamples": self.resamples}
 
 
 def compute_fid(real, fake, **kwargs) -> dict:

@@ -19,59 +19,102 @@ PAPER_TABLE = [
     {"method": "teacher 20 steps", "fid": 9.273, "clip": 0.2863, "time_s": 1.44},
 ]
 
-CSV_COLUMNS = ["name", "method", "steps", "t_bar", "guidance_scale", "fid", "clip", "clip_100", "latency_median_ms",
-               "latency_p90_ms", "transformer_median_ms", "transformer_p90_ms", "n_samples", "path"]
+BASE_COLUMNS = ["name", "method", "steps", "t_bar", "guidance_scale"]
+TAIL_COLUMNS = ["latency_median_ms", "latency_p90_ms", "transformer_median_ms", "transformer_p90_ms", "n_samples",
+                "path"]
 
 
 def _fmt(value, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def write_markdown(path: Path, rows: list[dict], meta: dict, grid_rows: list[str]) -> None:
-    fid, clip, lat = meta.get("fid"), meta.get("clip"), meta.get("latency")
+def _cell(row: dict, column: dict) -> str:
+    """`0.21 [0.19, 0.24]`: the value and its 95 % interval; ± the spread over seed sets when there are several."""
+    key, digits = column["key"], column["digits"]
+    text = _fmt(row.get(key), digits)
+    if row.get(f"{key}_lo") is not None:
+        text += f" [{_fmt(row[f'{key}_lo'], digits)}, {_fmt(row[f'{key}_hi'], digits)}]"
+    if row.get(f"{key}_seed_std") is not None:
+        text += f" ±{_fmt(row[f'{key}_seed_std'], digits)}"
+    return text
+
+
+def _label(row: dict) -> str:
+    return row["name"] if row.get("kind") == "real" else f"{row['name']} ({row['steps']})"
+
+
+def overlapping_pairs(rows: list[dict], column: dict) -> list[tuple[str, str]]:
+    """Pairs of rows whose intervals of `column` overlap: differences the data do not resolve."""
+    key = column["key"]
+    have = [r for r in rows if r.get(f"{key}_lo") is not None and r.get(f"{key}_hi") is not None]
+    return [(_label(a), _label(b)) for i, a in enumerate(have) for b in have[i + 1:]
+            if a[f"{key}_lo"] <= b[f"{key}_hi"] and b[f"{key}_lo"] <= a[f"{key}_hi"]]
+
+
+def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
+    columns, lat = meta["columns"], meta.get("latency")
+    boot = meta.get("bootstrap") or {}
     lines = ["# Leaderboard", "",
              f"Prompts: {meta['prompts']} ({meta['n_samples']} images per row, image i from seed "
-             f"{meta['seed']} + i, the same for every row). Device: {meta['device']}. {meta['date']}.", "",
-             "| name | method | steps | T̄ | FID ↓ | CLIP ↑ | latency median (ms) | p90 (ms) "
-             "| transformer-only median (ms) | n |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{meta['seed']} + i, the same for every row). Device: {meta['device']}. {meta['date']}.",
+             "", f"Brackets: {100 * boot.get('confidence', 0.95):.0f} % intervals, {boot.get('method', 'bootstrap')} "
+             f"({boot.get('resamples')} resamples)" + (f"; ± the standard deviation over {meta['seed_sets']} seed "
+                                                       f"sets of the generated images" if meta.get("seed_sets", 1) > 1
+                                                       else "") + ".", "",
+             "| name | method | steps | T̄ | " + " | ".join(c["header"] + (" ↑" if c["better"] == "higher" else " ↓")
+                                                        for c in columns)
+             + " | latency median (ms) | p90 (ms) | transformer-only median (ms) | n |",
+             "|" + "---|" * (len(columns) + 8)]
     for r in rows:
         e2e, tr = r.get("latency_ms") or {}, r.get("latency_transformer_ms") or {}
-        lines.append(f"| {r['name']} | {r['method']} | {r['steps']} | {r.get('t_bar') or ''} | {_fmt(r['fid'], 2)} | "
-                     f"{_fmt(r['clip'], 4)} | {_fmt(e2e.get('median'), 1)} | {_fmt(e2e.get('p90'), 1)} | "
-                     f"{_fmt(tr.get('median'), 1)} | {r['n_samples']} |")
-    lines += [""]
-    if fid:
-        lines.append(f"- **FID**: {fid['library']} ({fid['mode']}), features: {fid['features_description']}; "
-                     f"resize: {fid['resize']}; {fid['n_real']} real images vs {meta['n_samples']} generated per row.")
-    if clip:
-        extra = f" `clip_100` in the CSV/JSON is {clip['scale_100']}." if "scale_100" in clip else ""
-        lines.append(f"- **CLIP**: {clip['description']}, {clip['scale']}: mean cosine(image, its prompt).{extra}")
+        cells = " | ".join(_cell(r, c) for c in columns)
+        steps = "" if r.get("kind") == "real" else r["steps"]
+        lines.append(f"| {r['name']} | {r['method']} | {steps} | {r.get('t_bar') or ''} | {cells} | "
+                     f"{_fmt(e2e.get('median'), 1)} | {_fmt(e2e.get('p90'), 1)} | {_fmt(tr.get('median'), 1)} | "
+                     f"{r['n_samples']} |")
+    lines += ["", "## What the columns are", ""]
+    for name, settings in meta.get("scorers", {}).items():
+        details = "; ".join(f"{k}: {v}" for k, v in settings.items() if v is not None and k != "resamples")
+        lines.append(f"- **{name}**: {details}.")
     if lat:
         lines.append(f"- **Latency**: batch {lat['batch_size']}, {lat['warmup']} warm-up + {lat['runs']} timed runs, "
                      f"device synchronised, median and p90 (numpy, linear); end-to-end = T5 + transformer steps + "
                      f"VAE decode, transformer-only = the denoising loop on precomputed embeddings; "
-                     f"{lat.get('dtype')}, "
-                     f"{lat.get('resolution')} px.")
+                     f"{lat.get('dtype')}, {lat.get('resolution')} px.")
+    lines += ["", "## Differences the intervals do not resolve", "",
+              "Pairs of rows whose intervals overlap (a difference between them may be noise):", ""]
+    for column in columns:
+        pairs = overlapping_pairs(rows, column)
+        if column.get("interval", True):
+            lines.append(f"- **{column['header']}**: " + ("; ".join(f"{a} ≈ {b}" for a, b in pairs) or "none") + ".")
     lines += ["", f"## For reference: {PAPER_LABEL}", "",
               "| method | FID ↓ | CLIP ↑ (plain cosine) | time ↓ |", "|---|---|---|---|"]
     lines += [f"| {p['method']} | {p['fid']} | {p['clip']} | {p['time_s']} s |" for p in PAPER_TABLE]
-    lines += ["", f"Grid (`grid.png`): the same {meta.get('grid_n', 8)} prompts and seeds in every row; rows, top to "
-              f"bottom: {', '.join(grid_rows)}."]
+    lines += ["", f"Grid (`{'grid.png' if path.stem == 'leaderboard' else path.stem + '_grid.png'}`): the same "
+              f"{meta.get('grid_n', 8)} prompts and seeds in every row; rows, top to bottom: "
+              f"{', '.join(meta.get('grid_rows', []))}."]
     if (path.parent / "tbar_sweep.png").is_file():
         lines += ["", "FID and CLIP of the DMD rows against T̄: `tbar_sweep.png`."]
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def csv_columns(meta: dict) -> list[str]:
+    keys = []
+    for column in meta["columns"]:
+        keys += [column["key"]] + ([f"{column['key']}_lo", f"{column['key']}_hi"] if column["interval"] else [])
+        if meta.get("seed_sets", 1) > 1:
+            keys.append(f"{column['key']}_seed_std")
+    return BASE_COLUMNS + keys + TAIL_COLUMNS
+
+
+def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer = csv.DictWriter(f, csv_columns(meta), extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             e2e, tr = r.get("latency_ms") or {}, r.get("latency_transformer_ms") or {}
-            writer.writerow({**{k: r.get(k) for k in CSV_COLUMNS}, "latency_median_ms": e2e.get("median"),
-                             "latency_p90_ms": e2e.get("p90"), "transformer_median_ms": tr.get("median"),
-                             "transformer_p90_ms": tr.get("p90")})
+            writer.writerow({**r, "latency_median_ms": e2e.get("median"), "latency_p90_ms": e2e.get("p90"),
+                             "transformer_median_ms": tr.get("median"), "transformer_p90_ms": tr.get("p90")})
 
 
 def write_json(path: Path, rows: list[dict], meta: dict) -> None:
@@ -93,8 +136,8 @@ def write_grid(path: Path, row_images: list[np.ndarray]) -> None:
 
 
 def write_tbar_sweep(path: Path, rows: list[dict]) -> bool:
-    """FID and CLIP against T̄ for the DMD rows (the seed's Fig. 1), if there are two T̄ or more."""
-    dmd = sorted((r for r in rows if r["method"] == "dmd" and r.get("t_bar") is not None), key=lambda r: r["t_bar"])
+    """FID and CLIP against T̄ for the one-step rows that have one (the seed's Fig. 1), if there are two T̄ or more."""
+    dmd = sorted((r for r in rows if r.get("t_bar") is not None and r["steps"] == 1), key=lambda r: r["t_bar"])
     if len({r["t_bar"] for r in dmd}) < 2:
         path.unlink(missing_ok=True)  # a plot from an earlier run with other entries would mislead
         return False
@@ -103,7 +146,7 @@ def write_tbar_sweep(path: Path, rows: list[dict]) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    teacher = next((r for r in rows if r["method"] == "teacher" and r["steps"] == 20), None)
+    teacher = next((r for r in rows if r.get("kind") == "teacher" and r["steps"] == 20), None)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, key, label in ((axes[0], "fid", "FID ↓"), (axes[1], "clip", "CLIP score ↑ (plain cosine)")):
         points = [(r["t_bar"], r[key]) for r in dmd if r.get(key) is not None]
@@ -118,3 +161,16 @@ def write_tbar_sweep(path: Path, rows: list[dict]) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def write_all(out: Path, stem: str, results: list[dict], meta: dict, images: list, grid_n: int) -> None:
+    """<stem>.md / .csv / .json, the grid (one row per result) and tbar_sweep.png."""
+    n_grid = min(grid_n, meta["n_samples"])
+    meta.update(grid_n=n_grid, grid_rows=[r["name"] if r.get("kind") == "real" else f"{r['name']} ({r['steps']} "
+                                          f"step{'' if r['steps'] == 1 else 's'})" for r in results])
+    write_grid(out / ("grid.png" if stem == "leaderboard" else f"{stem}_grid.png"),
+               [np.stack([np.asarray(rows[i]) for i in range(n_grid)]) for rows in images])
+    write_tbar_sweep(out / "tbar_sweep.png", results)
+    write_json(out / f"{stem}.json", results, meta)
+    write_csv(out / f"{stem}.csv", results, meta)
+    write_markdown(out / f"{stem}.md", results, meta)

@@ -6,21 +6,17 @@ Writes `images/00000.png ...`, `grid.png` and `latency.json` under out_dir.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import hydra
-import numpy as np
-import torch
 from PIL import Image
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from .config import build, check_float, check_int, one_line_config_errors
 from .data import check_prompts, read_prompt_file
 from .errors import UserError, exit_on_user_error
-from .images import save_grid, to_uint8
-from .sampling import initial_noise
+from .images import save_grid
+from .sampling import generate_images
 from .students import load_student, teacher_spec
 from .threads import configure_threads
 
@@ -45,29 +41,6 @@ def load_model(cfg: DictConfig):
     return teacher, teacher_spec(teacher)
 
 
-def generate_images(model, prompts: list[str], seeds: list[int], steps: int | None = None,
-                    guidance_scale: float | None = None, timesteps: list[int] | None = None, batch_size: int = 8,
-                    desc: str = "generating", progress: bool = True) -> tuple[np.ndarray, float]:
-    """Images (N, H, W, 3) uint8 for `prompts`, image i from noise seeded by `seeds[i]` (so the batch size
-    never changes an image), and the seconds spent prompt → image (model loading excluded)."""
-    images, seconds = [], 0.0
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
-        chunk = prompts[start:start + batch_size]
-        generators = [torch.Generator(model.device).manual_seed(s) for s in seeds[start:start + batch_size]]
-        noise = initial_noise(model.latent_shape(len(chunk)), generators, model.device, model.dtype)
-        _sync(model.device)
-        began = time.perf_counter()
-        embeds, mask = model.encode_prompts(chunk)
-        # The same generators keep going inside stochastic samplers (LCM re-noises between steps).
-        latents = model.sample(embeds=embeds, mask=mask, noise=noise, num_inference_steps=steps,
-                               guidance_scale=guidance_scale, timesteps=timesteps, generator=generators)
-        batch = to_uint8(model.decode(latents))
-        _sync(model.device)
-        seconds += time.perf_counter() - began
-        images.extend(batch)
-    return np.stack(images), seconds
-
-
 def generate(cfg: DictConfig) -> dict:
     prompts = _prompts(cfg)
     n_images = check_int(cfg, "n_images", 1)
@@ -80,12 +53,7 @@ def generate(cfg: DictConfig) -> dict:
     model, spec = load_model(cfg)
     steps = cfg.steps or spec.num_inference_steps
     timesteps = spec.timesteps
-    if spec.method == "dmd" and steps != 1:
-        raise UserError(f"steps={steps}: a DMD student samples in one step from T̄={spec.timesteps[0]}; use steps=1")
-    original = spec.card.get("original_inference_steps")
-    if original is not None and steps > original:
-        raise UserError(f"steps={steps}: this {spec.method} student was trained on a {original}-step grid; "
-                        f"use steps <= {original} (it is made for 1 to 8)")
+    spec.check_steps(steps)
     guidance = spec.guidance_scale if cfg.guidance_scale is None else float(cfg.guidance_scale)
 
     jobs = [p for p in prompts for _ in range(n_images)]
@@ -105,11 +73,6 @@ def generate(cfg: DictConfig) -> dict:
     print(f"{len(images)} images from {spec.method} ({steps} steps) in {seconds:.2f} s: "
           f"{report['ms_per_image']:.1f} ms/image at batch {report['batch_size']} on {report['device']} → {out}")
     return report
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @one_line_config_errors("generate")

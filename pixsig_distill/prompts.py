@@ -1,18 +1,28 @@
-"""Where prompts come from: a text file, or the toy world's caption splits by name."""
+"""Where prompts come from: a text file, or a named set from conf/prompt_sets.yaml (the toy world's splits)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
+
 from .data import read_prompt_file
 
-NAMED_SETS = ("toy_train", "toy_heldout")
+PROMPT_SETS = Path(__file__).resolve().parent / "conf" / "prompt_sets.yaml"
+
+
+@lru_cache(maxsize=1)
+def named_sets() -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(PROMPT_SETS))
 
 
 def load_prompts(source: str) -> list[str]:
-    """`toy_train` / `toy_heldout` (every caption of that split) or a path to a prompt file."""
-    if source in NAMED_SETS:
-        from .toy.world import split_scenes
+    """A named set (every caption of that split, for the toy world) or a path to a prompt file."""
+    if source in named_sets():
+        from hydra.utils import instantiate
 
-        return [scene.caption for scene in split_scenes(source.removeprefix("toy_"))]
+        return list(instantiate(named_sets()[source]))
     return read_prompt_file(source)
 
 

@@ -8,11 +8,15 @@ The loop mirrors `diffusers.PixArtSigmaPipeline.__call__` so that our images equ
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
+
+from .images import to_uint8
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -48,3 +52,31 @@ def sample_latents(eps_fn: EpsFn, scheduler, noise: torch.Tensor, num_inference_
         eps = eps_fn(model_input, t_batch)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_images(model, prompts: list[str], seeds: list[int], steps: int | None = None,
+                    guidance_scale: float | None = None, timesteps: list[int] | None = None, batch_size: int = 8,
+                    desc: str = "generating", progress: bool = True) -> tuple[np.ndarray, float]:
+    """Images (N, H, W, 3) uint8 for `prompts`, image i from noise seeded by `seeds[i]` (so the batch size
+    never changes an image), and the seconds spent prompt → image (model loading excluded)."""
+    images, seconds = [], 0.0
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        chunk = prompts[start:start + batch_size]
+        generators = [torch.Generator(model.device).manual_seed(s) for s in seeds[start:start + batch_size]]
+        noise = initial_noise(model.latent_shape(len(chunk)), generators, model.device, model.dtype)
+        _sync(model.device)
+        began = time.perf_counter()
+        embeds, mask = model.encode_prompts(chunk)
+        # The same generators keep going inside stochastic samplers (LCM re-noises between steps).
+        latents = model.sample(embeds=embeds, mask=mask, noise=noise, num_inference_steps=steps,
+                               guidance_scale=guidance_scale, timesteps=timesteps, generator=generators)
+        batch = to_uint8(model.decode(latents))
+        _sync(model.device)
+        seconds += time.perf_counter() - began
+        images.extend(batch)
+    return np.stack(images), seconds

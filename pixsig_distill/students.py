@@ -1,8 +1,11 @@
 """Load any model this toolkit makes — the teacher or an exported student — as one sampler.
 
-An export folder carries `pixsig_student.json` (method, steps or timesteps, guidance); a full
-export is a complete diffusers pipeline, a transformer-only export borrows T5 and the VAE from the
-teacher it was distilled from.
+An export folder carries `pixsig_student.json`, the sampling recipe: the diffusers scheduler class,
+the default step count, fixed `timesteps` (a DMD student samples exactly at them) or the grid its
+step counts must fit (`original_inference_steps`), the guidance scale and `eval_steps`, the step
+counts it is evaluated at. Everything that samples reads the recipe from there, so nothing switches
+on method names. A full export is a complete diffusers pipeline; a transformer-only export borrows
+T5 and the VAE from the teacher it was distilled from.
 """
 
 from __future__ import annotations
@@ -25,6 +28,21 @@ class SamplerSpec:
     guidance_scale: float
     timesteps: list[int] | None = None
     card: dict = field(default_factory=dict)
+
+    @property
+    def eval_steps(self) -> list[int]:
+        """The step counts this model is evaluated at (an LCM card says [1, 2, 4])."""
+        return list(self.card.get("eval_steps") or [self.num_inference_steps])
+
+    def check_steps(self, steps: int) -> None:
+        """A step count this sampler can run, or one line that says which it can."""
+        if self.timesteps is not None and steps != len(self.timesteps):
+            raise UserError(f"steps={steps}: this {self.method} student samples at the fixed timesteps "
+                            f"{self.timesteps}; use steps={len(self.timesteps)}")
+        original = self.card.get("original_inference_steps")
+        if original is not None and steps > original:
+            raise UserError(f"steps={steps}: this {self.method} student was trained on a {original}-step grid; "
+                            f"use steps <= {original} (it is made for 1 to 8)")
 
 
 def read_card(folder: str | Path) -> dict:
@@ -49,17 +67,25 @@ def load_student(folder: str | Path, teacher_cfg: dict, device: str = "auto", dt
     if card.get("full_pipeline"):
         pipe = load_pipeline(str(folder), torch_dtype=torch_dtype)
     else:  # T5, tokenizer and VAE come from the teacher; transformer and scheduler from the export
-        from diffusers import DDPMScheduler, LCMScheduler
-
         pipe = load_pipeline(teacher_cfg["pretrained"], transformer=str(folder), torch_dtype=torch_dtype)
-        scheduler_cls = {"DDPMScheduler": DDPMScheduler, "LCMScheduler": LCMScheduler}[card["scheduler"]]
-        pipe.scheduler = scheduler_cls.from_pretrained(str(Path(folder) / "scheduler"))
+        pipe.scheduler = scheduler_class(card).from_pretrained(str(Path(folder) / "scheduler"))
     model = Teacher(pipe, max_sequence_length=teacher_cfg.get("max_sequence_length", 300),
                     guidance_scale=card.get("guidance_scale", 1.0), num_inference_steps=card["num_inference_steps"],
                     device=device)  # the resolution is the student transformer's own
     spec = SamplerSpec(card["method"], card["num_inference_steps"], card.get("guidance_scale", 1.0),
                        card.get("timesteps"), card)
     return model, spec
+
+
+def scheduler_class(card: dict):
+    """The diffusers scheduler class the card names."""
+    import diffusers
+
+    cls = getattr(diffusers, str(card.get("scheduler")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise UserError(f"the student card names scheduler {card.get('scheduler')!r}, which is not a diffusers "
+                        f"scheduler; re-export the student")
+    return cls
 
 
 def teacher_spec(teacher: Teacher) -> SamplerSpec:

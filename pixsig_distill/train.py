@@ -74,7 +74,7 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
                     accelerator=accelerator)
     if summary.get("export"):
         print(f"student exported to {summary['export']}")
-        if cfg.eval.get("_target_"):
+        if cfg.eval.get("metrics"):
             summary["eval"] = evaluate(cfg, teacher, summary["export"], out_dir)
     return summary
 
@@ -93,17 +93,17 @@ def _log_to(path: Path) -> None:
 
 
 def evaluate(cfg: DictConfig, teacher, export: str, out_dir: Path) -> dict:
-    """Score the exported student right away so every run folder holds its own figures."""
-    report = build(cfg.eval)(export=export, teacher=teacher, out_dir=out_dir)
-    for name, figures in report.items():
-        if isinstance(figures, dict) and "fid" in figures:
-            ratios = (f"  (FID {figures['fid_ratio_to_teacher']:.2f}× teacher, CLIP {figures['clip_ratio_to_teacher']:.3f}×)"
-                      if "fid_ratio_to_teacher" in figures else "")
-            msg = (f"{name}: FID {figures['fid']:.2f}  CLIP {figures['clip_score']:.4f}  "
-                   f"caption acc {figures['caption_accuracy']:.3f}{ratios}")
-            log.info(msg)
-            print(msg)
-    return report
+    """Score the exported student right away, with the leaderboard's engine, so every run folder holds its own
+    figures (eval.md / .json / .csv, eval_grid.png)."""
+    from evaluation.evaluate import evaluate_export
+
+    result = evaluate_export(cfg.eval, cfg.model, teacher, export, out_dir)
+    for line in (out_dir / "eval.md").read_text().splitlines()[6:]:
+        if not line.startswith("|"):
+            break
+        log.info(line)
+    print((out_dir / "eval.md").read_text().split("\n## ")[0])
+    return result
 
 
 @one_line_config_errors("train")

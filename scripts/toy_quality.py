@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pixsig_distill.config import TOY_WEIGHTS
-from pixsig_distill.generate import generate_images
+from pixsig_distill.sampling import generate_images
 from pixsig_distill.images import save_grid
 from pixsig_distill.schedule import add_noise
 from pixsig_distill.teacher import Teacher

@@ -15,18 +15,25 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-import pixsig_distill.generate
+import pixsig_distill.sampling
 from evaluation.cache import ImageCache
 from evaluation.clip_score import CLIPScorer
-from evaluation.fid import FID
+from evaluation.fid import FID, InceptionFeatures
 from evaluation.latency import summarize, time_runs
 from evaluation.leaderboard import run as leaderboard
 from evaluation.prompts import load_prompt_set
+from evaluation.scorer import ScoringContext
 from pixsig_distill.errors import UserError
-from pixsig_distill.toy.clip import heldout_images
-from pixsig_distill.toy.features import ToyFeatureExtractor, toy_features, toy_fid_folders
+from pixsig_distill.toy.clip import WEIGHTS_DIR, heldout_images
+from pixsig_distill.toy.evaluation import heldout_prompt_set
+from pixsig_distill.toy.features import ToyFeatureExtractor, ToyFIDFeatures, toy_features, toy_fid_folders
 
 REPO = Path(__file__).resolve().parents[1]
+TOY_CLIP = f"local-dir:{WEIGHTS_DIR}"
+
+
+def toy_fid(library="clean-fid", **kwargs) -> FID:
+    return FID(library, ToyFIDFeatures(), progress=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,7 @@ def toy_sets():
 
 def test_fid_of_a_set_with_itself_is_zero_and_of_a_shifted_set_positive(toy_sets, tmp_path):
     real, shifted, _ = toy_sets
-    fid = FID(cache_dir=tmp_path, progress=False)
+    fid = toy_fid(cache_dir=tmp_path)
     same = fid.score(real, real)
     assert abs(same["fid"]) < 1e-3
     moved = fid.score(real, shifted)
@@ -54,8 +61,8 @@ def test_fid_of_a_set_with_itself_is_zero_and_of_a_shifted_set_positive(toy_sets
 
 def test_fid_equals_clean_fid_and_torchmetrics(toy_sets, tmp_path):
     real, shifted, _ = toy_sets
-    ours = FID(cache_dir=tmp_path, progress=False).score(real, shifted)["fid"]
-    ours_tm = FID("torchmetrics", cache_dir=tmp_path, progress=False).score(real, shifted)["fid"]
+    ours = toy_fid(cache_dir=tmp_path).score(real, shifted)["fid"]
+    ours_tm = toy_fid("torchmetrics", cache_dir=tmp_path).score(real, shifted)["fid"]
     # clean-fid's own Fréchet distance on the same features ...
     f_real, f_fake = toy_features(real), toy_features(shifted)
     reference = frechet_distance(f_real.mean(0), np.cov(f_real, rowvar=False), f_fake.mean(0),
@@ -77,17 +84,17 @@ def test_fid_equals_clean_fid_and_torchmetrics(toy_sets, tmp_path):
 
 def test_real_statistics_are_cached_on_disk_and_reused(toy_sets, tmp_path):
     real, shifted, _ = toy_sets
-    first = FID(cache_dir=tmp_path, progress=False)
+    first = toy_fid(cache_dir=tmp_path)
     a = first.score(real[:200], shifted[:50])
     assert first.images_featurised == 250
     stats = list(tmp_path.glob("fid-real-*.safetensors"))
     assert len(stats) == 1
-    second = FID(cache_dir=tmp_path, progress=False)  # a new process would start like this
+    second = toy_fid(cache_dir=tmp_path)  # a new process would start like this
     b = second.score(real[:200], shifted[:50])
     assert second.images_featurised == 50 and b["fid"] == pytest.approx(a["fid"], rel=1e-9)
     second.score(real[:199], shifted[:50])  # another real set: another key
     assert second.images_featurised == 50 + 199 + 50 and len(list(tmp_path.glob("fid-real-*"))) == 2
-    tm = FID("torchmetrics", cache_dir=tmp_path, progress=False)
+    tm = toy_fid("torchmetrics", cache_dir=tmp_path)
     c = tm.score(real[:200], shifted[:50])
     tm.score(real[:200], shifted[:50])
     assert tm.images_featurised == 200 + 50 + 50 and c["fid"] == pytest.approx(a["fid"], rel=1e-3)
@@ -105,30 +112,31 @@ def test_inception_and_hub_clip_offline_are_one_line_errors(monkeypatch, tmp_pat
     monkeypatch.setattr(cleanfid.features, "build_feature_extractor", offline)
     images = np.zeros((4, 32, 32, 3), np.uint8)
     with pytest.raises(UserError, match="Inception network could not be loaded") as err:
-        FID(features="inception", cache_dir=tmp_path, progress=False).score(images, images)
+        FID(features=InceptionFeatures(), cache_dir=tmp_path, progress=False).score(images, images)
     assert "\n" not in str(err.value)
     monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
     with pytest.raises(UserError, match="ViT-g-14") as err:
-        CLIPScorer("ViT-g-14", "laion2b_s34b_b88k")
+        CLIPScorer(ScoringContext(None), "ViT-g-14", "laion2b_s34b_b88k")
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="unknown FID library"):
         FID(library="pytorch-fid")
     with pytest.raises(UserError, match="unknown open_clip model"):
-        CLIPScorer("ViT-Q-99")
+        CLIPScorer(ScoringContext(None), "ViT-Q-99")
     with pytest.raises(UserError, match="not a weight tag of ViT-g-14"):
-        CLIPScorer("ViT-g-14", "laion9b")
+        CLIPScorer(ScoringContext(None), "ViT-g-14", "laion9b")
 
 
 # ---- CLIP score and latency ---------------------------------------------------------------------
 
 def test_clip_score_orders_matched_above_mismatched(toy_sets):
     real, _, captions = toy_sets
-    scorer = CLIPScorer("toy", progress=False)
+    scorer = CLIPScorer(ScoringContext(None, progress=False), TOY_CLIP)
     matched = scorer.cosines(real[:64], captions[:64])
     mismatched = scorer.cosines(real[:64], captions[1:65])
     assert (matched > mismatched).mean() > 0.9 and matched.mean() > mismatched.mean()
     result = scorer.score(real[:64], captions[:64])
-    assert result["clip"] == pytest.approx(matched.mean()) and "cosine" in result["scale"]
+    assert result["clip"] == pytest.approx(matched.mean()) and "cosine" in scorer.settings()["scale"]
+    assert result["clip_lo"] < result["clip"] < result["clip_hi"]
     assert result["clip_100"] == pytest.approx((100 * np.maximum(matched, 0)).mean())
 
 
@@ -147,7 +155,7 @@ def test_latency_statistics_on_a_fake_clock():
 # ---- prompt sets and the image cache ------------------------------------------------------------
 
 def test_prompt_sets(tmp_path):
-    toy = load_prompt_set("toy_heldout", 5)
+    toy = heldout_prompt_set(5)
     assert len(toy.prompts) == 5 and toy.real.shape == (5, 32, 32, 3) and toy.real.dtype == np.uint8
     text = tmp_path / "p.txt"
     text.write_text("a red circle\n\na blue square\n")
@@ -191,7 +199,8 @@ def compose_leaderboard(tiny_folder, tmp_path):
         base = ["model=pixart_sigma_512", f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
                 "model.max_sequence_length=16", "model.resolution=16", f"out_dir={tmp_path / 'lb'}", "device=cpu",
                 "n_samples=6", "batch_size=4", "teacher_steps=[2,1]", "latency.warmup=1", "latency.runs=2",
-                "grid.n=4", "progress=false"]
+                "grid.n=4", "progress=false", "eval.scorers.diversity.prompts=2", "eval.scorers.diversity.seeds=2",
+                "eval.bootstrap.resamples=20"]
         with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
             return compose("leaderboard", overrides=base + list(overrides))
     return _compose
@@ -218,30 +227,38 @@ def test_leaderboard_end_to_end_and_resume(compose_train, compose_leaderboard, t
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "grid.png", "tbar_sweep.png"):
         assert (out / name).is_file(), name
     data = json.loads((out / "leaderboard.json").read_text())
+    real_row, data["rows"] = data["rows"][0], data["rows"][1:]
+    assert real_row["kind"] == "real" and real_row["attr_all"] > 0.9 and real_row["fid"] < real_row["fid_hi"]
     assert [(r["name"], r["method"], r["steps"]) for r in data["rows"]] == [
         ("teacher", "teacher", 2), ("teacher", "teacher", 1), ("dmd_400", "dmd", 1), ("dmd_200", "dmd", 1),
         ("lcm", "lcm", 1), ("lcm", "lcm", 2)]
     for row in data["rows"]:
-        assert {"name", "method", "steps", "fid", "clip", "latency_ms", "n_samples"} <= set(row)
+        assert {"name", "method", "steps", "fid", "fid_lo", "fid_hi", "clip", "clip_lo", "clip_hi", "attr_all",
+                "caption_acc", "diversity", "latency_ms", "n_samples"} <= set(row)
         assert row["fid"] > 0 and -1 <= row["clip"] <= 1 and row["n_samples"] == 6
+        assert row["fid_lo"] <= row["fid"] <= row["fid_hi"] and row["clip_lo"] <= row["clip"] <= row["clip_hi"]
         assert row["latency_ms"]["p90"] >= row["latency_ms"]["median"] > 0
         assert row["latency_transformer_ms"]["median"] > 0
     assert [r["t_bar"] for r in data["rows"][2:4]] == [400, 200]
     meta = data["meta"]
-    assert meta["fid"]["library"] == "clean-fid" and meta["fid"]["n_real"] == 6
-    assert "cosine" in meta["clip"]["scale"] and meta["latency"]["batch_size"] == 1
+    assert meta["scorers"]["fid"]["library"] == "clean-fid" and meta["scorers"]["fid"]["n_real"] == 6
+    assert "cosine" in meta["scorers"]["clip"]["scale"] and meta["latency"]["batch_size"] == 1
+    assert meta["bootstrap"]["resamples"] == 20 and [c["key"] for c in meta["columns"]] == [
+        "fid", "clip", "attr_all", "caption_acc", "diversity"]
     assert set(meta["versions"]) >= {"torch", "diffusers", "transformers"} and meta["date"] and meta["device"]
     assert meta["paper_table_1"]["rows"][-1]["fid"] == 9.273
     markdown = (out / "leaderboard.md").read_text()
     assert "not comparable in absolute terms" in markdown and "| dmd_200 | dmd | 1 | 200 |" in markdown
-    assert (out / "leaderboard.csv").read_text().count("\n") == 7
-    assert Image.open(out / "grid.png").size[1] > Image.open(out / "grid.png").size[0] / 2  # 6 rows of 4
-    assert len(list((out / "cache").glob("*/0000[0-5].png"))) == 6 * 6
+    assert "intervals do not resolve" in markdown and "95 % intervals" in markdown
+    assert (out / "leaderboard.csv").read_text().count("\n") == 8 and "fid_lo" in (out / "leaderboard.csv").read_text()
+    assert Image.open(out / "grid.png").size[1] > Image.open(out / "grid.png").size[0] / 2  # 7 rows of 4
+    assert len(list((out / "cache").glob("*-s0-*/0000[0-5].png"))) == 6 * 6
+    assert len(list((out / "cache").glob("*-diversity-*/0000[0-3].png"))) == 6 * 4  # 2 prompts x 2 seeds
 
     # Resume: nothing is generated again and the real FID statistics are read back, not recomputed.
     generated = []
-    real_generate = pixsig_distill.generate.generate_images
-    monkeypatch.setattr(pixsig_distill.generate, "generate_images",
+    real_generate = pixsig_distill.sampling.generate_images
+    monkeypatch.setattr(pixsig_distill.sampling, "generate_images",
                         lambda model, prompts, *a, **k: generated.append(len(prompts)) or real_generate(model, prompts,
                                                                                                          *a, **k))
     featurised = []
@@ -261,14 +278,15 @@ def test_leaderboard_end_to_end_and_resume(compose_train, compose_leaderboard, t
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["entries=[{name: x, method: consistency, path: /tmp}]"], "unknown method 'consistency'"),
+    (["entries=[{name: x, path: /tmp}]"], "not a student export"),
+    (["eval.metrics=[fid, sharpness]"], "no scorer named 'sharpness'"),
     (["entries=[{name: x, method: dmd, path: /nonexistent/export, steps: 1}]"], "does not exist"),
     (["entries=[{name: x, method: dmd}]"], "no path"),
     (["teacher_steps=[0]"], "steps=0"),
     (["teacher_steps=[-2]"], "steps=-2"),
     (["n_samples=0"], "n_samples=0"),
     (["teacher_steps=[]"], "nothing to evaluate"),
-    (["fid.library=pytorch-fid"], "unknown FID library"),
+    (["eval.scorers.fid.library=pytorch-fid"], "unknown FID library"),
 ])
 def test_leaderboard_bad_input(compose_leaderboard, overrides, message):
     with pytest.raises(UserError, match=message):
@@ -276,7 +294,7 @@ def test_leaderboard_bad_input(compose_leaderboard, overrides, message):
 
 
 def test_leaderboard_bad_student_steps_and_prompt_files(compose_leaderboard, tmp_path):
-    dmd = _fake_export(tmp_path / "dmd", {"method": "dmd", "t_bar": 400, "num_inference_steps": 1})
+    dmd = _fake_export(tmp_path / "dmd", {"method": "dmd", "t_bar": 400, "num_inference_steps": 1, "timesteps": [400]})
     lcm = _fake_export(tmp_path / "lcm", {"method": "lcm", "num_inference_steps": 4, "original_inference_steps": 50})
     (tmp_path / "empty.txt").write_text("")
     cases = [
@@ -292,7 +310,7 @@ def test_leaderboard_bad_student_steps_and_prompt_files(compose_leaderboard, tmp
         with pytest.raises(UserError, match=message):
             leaderboard(compose_leaderboard(*overrides))
     (tmp_path / "p.txt").write_text("a red circle\n")
-    with pytest.raises(UserError, match="fid.real"):
+    with pytest.raises(UserError, match="real=FOLDER"):
         leaderboard(compose_leaderboard(f"prompts={tmp_path / 'p.txt'}"))
 
 
@@ -315,7 +333,7 @@ def test_leaderboard_default_config_on_the_toy_teacher(tmp_path):
                                                 "teacher_steps=[1]", "latency.warmup=0", "latency.runs=1",
                                                 "progress=false"])
     result = leaderboard(cfg)
-    assert result["rows"][0]["fid"] > 0 and result["meta"]["fid"]["features"] == "toy"
+    assert result["rows"][1]["fid"] > 0 and result["meta"]["scorers"]["fid"]["features"] == "toy"
 
 
 def test_toy_board_names_the_default_training_folders(tmp_path, monkeypatch):

@@ -123,12 +123,13 @@ def test_killed_training_resumes_to_the_uninterrupted_result(method, compose_tra
 def _leaderboard_args(tiny_folder, out: Path) -> list[str]:
     return ["model=pixart_sigma_512", f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
             "model.max_sequence_length=16", "model.resolution=16", f"out_dir={out}", "device=cpu", "n_samples=6",
-            "batch_size=2", "teacher_steps=[2]", "latency.enabled=false", "grid.n=4", "progress=false"]
+            "batch_size=2", "teacher_steps=[2]", "latency.enabled=false", "grid.n=4", "progress=false",
+            "eval.metrics=[fid,clip]", "eval.real_row=false", "eval.bootstrap.resamples=10"]
 
 
 @pytest.mark.slow
 def test_killed_leaderboard_resumes_and_trusts_no_torn_image(tiny_folder, tmp_path, monkeypatch):
-    import pixsig_distill.generate
+    import pixsig_distill.sampling
     from evaluation.leaderboard import run as leaderboard
 
     out = tmp_path / "lb"
@@ -142,8 +143,8 @@ def test_killed_leaderboard_resumes_and_trusts_no_torn_image(tiny_folder, tmp_pa
     (cache / "00001.png").write_bytes((cache / "00001.png").read_bytes()[:60])  # and a torn one, for good measure
 
     generated = []
-    real = pixsig_distill.generate.generate_images
-    monkeypatch.setattr(pixsig_distill.generate, "generate_images",
+    real = pixsig_distill.sampling.generate_images
+    monkeypatch.setattr(pixsig_distill.sampling, "generate_images",
                         lambda model, prompts, *a, **k: generated.append(len(prompts)) or real(model, prompts, *a, **k))
 
     def compose_lb(folder):

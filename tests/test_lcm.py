@@ -309,10 +309,14 @@ def test_toy_run_reports_one_two_and_four_steps_against_the_teacher(tmp_path, mo
     with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
         cfg = compose("train", overrides=["distill=lcm", *FAST, f"out_dir={tmp_path / 'run'}", "device=cpu",
                                           "train.max_steps=1", "train.batch_size=2", "eval.n_samples=4",
-                                          "eval.batch_size=4"])
+                                          "eval.batch_size=4", "eval.scorers.diversity.prompts=2",
+                                          "eval.scorers.diversity.seeds=2"])
     run(cfg)
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert {"teacher_20", "lcm_1", "lcm_2", "lcm_4", "teacher_4"} <= set(report)
-    assert report["teacher_4"]["steps"] == 4 and report["lcm_4"]["n_samples"] == 4
-    assert all(math.isfinite(report[k]["fid"]) for k in ("lcm_1", "lcm_2", "lcm_4"))
+    rows = {(r["name"], r["steps"]): r for r in report["rows"]}
+    assert {("teacher", 20), ("teacher", 4), ("lcm", 1), ("lcm", 2), ("lcm", 4)} <= set(rows)
+    assert rows[("lcm", 4)]["n_samples"] == 4 and rows[("real images (another draw)", 0)]["kind"] == "real"
+    assert all(math.isfinite(rows[("lcm", s)]["fid"]) for s in (1, 2, 4))
+    assert {"fid_lo", "clip_hi", "attr_all", "diversity"} <= set(rows[("lcm", 1)])
+    assert (tmp_path / "run" / "eval.md").is_file()
     assert (tmp_path / "run" / "eval_grid.png").is_file()

@@ -291,7 +291,7 @@ class DMD:
         """A stock diffusers pipeline of the (EMA) generator; a LoRA generator is merged into a full transformer
         and its adapter is written beside it in peft format (export/lora)."""
         card = {"method": "dmd", "t_bar": self.t_bar, "num_inference_steps": 1, "timesteps": [self.t_bar],
-                "guidance_scale": 1.0, "scheduler": "DDPMScheduler"}
+                "guidance_scale": 1.0, "scheduler": "DDPMScheduler", "eval_steps": [1]}
         with torch.no_grad(), self.sampling_network() as generator:
             if not self.generator_lora_rank:
                 return export_pipeline(self.teacher, generator, self.scheduler(), out_dir, card,

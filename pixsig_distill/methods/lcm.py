@@ -277,7 +277,8 @@ class LCM:
     def card(self) -> dict:
         card = {"method": self.method_name, "num_inference_steps": self.num_inference_steps, "guidance_scale": 1.0,
                 "scheduler": "LCMScheduler", "original_inference_steps": self.num_ddim_timesteps,
-                "timestep_scaling": self.timestep_scaling, "guidance_w": self.guidance_w}
+                "timestep_scaling": self.timestep_scaling, "guidance_w": self.guidance_w,
+                "eval_steps": [1, 2, 4]}  # the seed table's rows
         if self.w_embedding:
             card.update(w_embedding=True, w_range=list(self.w_range), baked_w=self.export_w)
         return card

@@ -134,9 +134,14 @@ def load_toy_clip(device: str | torch.device = "cpu", weights_dir: str | Path = 
     in eval mode.
     """
     name = f"local-dir:{Path(weights_dir).resolve()}"
-    # require_pretrained: a folder without weights must fail, not give a random model.
-    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, require_pretrained=True)
-    tokenizer = open_clip.get_tokenizer(name)
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)  # open_clip logs a dozen INFO lines per load on the root logger
+    try:
+        # require_pretrained: a folder without weights must fail, not give a random model.
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, require_pretrained=True)
+        tokenizer = open_clip.get_tokenizer(name)
+    finally:
+        logging.disable(previous)
     return model.eval(), preprocess, tokenizer
 
 
@@ -334,7 +339,7 @@ def _candidate_lists(true_captions: list[str], k: int, distractors: str, seed: i
 
 
 @torch.no_grad()
-def caption_accuracy(
+def caption_accuracy_hits(
     model,
     tokenizer,
     images: torch.Tensor,
@@ -343,8 +348,8 @@ def caption_accuracy(
     seed: int = 0,
     distractors: str = "random",
     batch_size: int = 256,
-) -> float:
-    """Top-1 accuracy of picking each image's caption among ``candidates_per_image``.
+) -> np.ndarray:
+    """Per image: is its caption the top-1 pick among ``candidates_per_image``? (bool array).
 
     ``distractors="random"``: the others are distinct held-out captions (the target metric);
     ``"one_attribute"``: captions that differ from the true one in exactly one attribute
@@ -358,15 +363,20 @@ def caption_accuracy(
     unique = sorted(set(itertools.chain.from_iterable(candidates)))
     index = {c: i for i, c in enumerate(unique)}
     text = torch.cat([clip_text_features(model, tokenizer, unique[i : i + batch_size]) for i in range(0, len(unique), batch_size)])
-    correct = 0
+    hits = []
     for start in range(0, len(images), batch_size):
         feats = clip_image_features(model, images[start : start + batch_size])
         ids = torch.tensor([[index[c] for c in cands] for cands in candidates[start : start + batch_size]], device=feats.device)
         scores = torch.einsum("bd,bkd->bk", feats, text[ids])
         # The true caption is candidate 0; it must beat every distractor strictly (a tie
         # is not a pick).
-        correct += int((scores[:, 0] > scores[:, 1:].max(dim=1).values).sum())
-    return correct / len(images)
+        hits.append((scores[:, 0] > scores[:, 1:].max(dim=1).values).cpu())
+    return torch.cat(hits).numpy()
+
+
+def caption_accuracy(model, tokenizer, images: torch.Tensor, true_captions: list[str], **kwargs) -> float:
+    """Top-1 accuracy of picking each image's caption (``caption_accuracy_hits`` averaged)."""
+    return float(caption_accuracy_hits(model, tokenizer, images, true_captions, **kwargs).mean())
 
 
 def heldout_images(n: int, seed: int = 1) -> tuple[torch.Tensor, list[str]]:

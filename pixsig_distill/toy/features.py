@@ -27,6 +27,7 @@ antialiasing in ``ToyFeatureExtractor``; clean-fid's own PIL bicubic resizer in
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch
 from cleanfid.fid import compute_fid, frechet_distance
 from cleanfid.resize import make_resizer
 
-from pixsig_distill.toy.clip import WEIGHTS_DIR, load_toy_clip, prepare_images
+from pixsig_distill.toy.clip import WEIGHTS_DIR, WEIGHTS_FILE, load_toy_clip, prepare_images
 
 
 # What to print next to a toy FID so the number says what it is.
@@ -91,6 +92,31 @@ class ToyFeatureExtractor(torch.nn.Module):
         if self.embedding == "projected":
             feats = torch.nn.functional.normalize(feats, dim=-1) * self.scale
         return feats.double()
+
+
+class ToyFIDFeatures:
+    """The toy world's FID feature network for `evaluation.fid.FID` (eval=toy selects it with `_target_`)."""
+
+    name = "toy"
+    size = 32  # the toy CLIP's input size
+
+    def settings(self, library: str) -> dict:
+        resize = (f"PIL bicubic on float pixels to {self.size}x{self.size} (clean-fid resizer; identity at 32 px)"
+                  if library == "clean-fid" else
+                  f"torch bicubic+antialias to {self.size}x{self.size} inside ToyFeatureExtractor (identity at 32 px)")
+        return {"resize": resize, "features_description": "toy-CLIP image embedding, 128-d, L2-normalised x "
+                "sqrt(128) (pixsig_distill.toy.features)"}
+
+    def clean_fid(self, device):
+        return make_resizer("PIL", False, "bicubic", (self.size, self.size)), \
+            ToyFeatureExtractor(float_max=255.0, device=device)  # clean-fid hands 0..255 floats
+
+    def torchmetrics(self, device):
+        return ToyFeatureExtractor(float_max=1.0, device=device)
+
+    def fingerprint(self) -> bytes:
+        """Retrained toy CLIP weights → new FID statistics."""
+        return hashlib.sha256((WEIGHTS_DIR / WEIGHTS_FILE).read_bytes()).digest()
 
 
 @lru_cache(maxsize=1)

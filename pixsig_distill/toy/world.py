@@ -136,21 +136,28 @@ class Scene:
         cx = float(np.clip(cx, extent[0] + margin, resolution - extent[2] - margin))
         cy = float(np.clip(cy, extent[1] + margin, resolution - extent[3] - margin))
 
-        s = _SUPERSAMPLE
-        canvas = Image.new("RGB", (resolution * s, resolution * s), BACKGROUNDS[self.background])
-        draw = ImageDraw.Draw(canvas)
-        fill = COLOURS[self.colour]
-        x, y, r = cx * s, cy * s, radius * s
-        if self.shape == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif self.shape == "square":
-            draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
-        else:
-            big, half_w = extent[1] * s, extent[0] * s
-            draw.polygon([(x, y - big), (x + half_w, y + big / 2), (x - half_w, y + big / 2)], fill=fill)
-        # BOX is an exact average over each 4x4 block: no ringing, and pure background
-        # pixels keep their exact colour.
-        return np.array(canvas.resize((resolution, resolution), Image.BOX), dtype=np.uint8)
+        return draw_shape(self.shape, cx, cy, radius, resolution, BACKGROUNDS[self.background], COLOURS[self.colour])
+
+
+def draw_shape(shape: str, cx: float, cy: float, radius: float, resolution: int, background, fill) -> np.ndarray:
+    """One shape centred at (cx, cy) px, anti-aliased: (H, W, 3) uint8 for RGB colours, (H, W) for ints.
+
+    A triangle is equilateral, pointing up, centred on its centroid, with circumradius 1.35 x ``radius``."""
+    s = _SUPERSAMPLE
+    canvas = Image.new("RGB" if isinstance(fill, tuple) else "L", (resolution * s, resolution * s), background)
+    draw = ImageDraw.Draw(canvas)
+    x, y, r = cx * s, cy * s, radius * s
+    if shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+    else:
+        big = 1.35 * r
+        half_w = big * np.sqrt(3) / 2
+        draw.polygon([(x, y - big), (x + half_w, y + big / 2), (x - half_w, y + big / 2)], fill=fill)
+    # BOX is an exact average over each 4x4 block: no ringing, and pure background
+    # pixels keep their exact colour.
+    return np.array(canvas.resize((resolution, resolution), Image.BOX), dtype=np.uint8)
 
 
 @lru_cache(maxsize=None)
@@ -178,6 +185,11 @@ def split_scenes(split: str) -> list[Scene]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     return list(_split(split))
+
+
+def split_captions(split: str) -> list[str]:
+    """Every caption of a split, sorted (the named prompt sets toy_train / toy_heldout)."""
+    return [scene.caption for scene in split_scenes(split)]
 
 
 def _scene_for_index(scenes: tuple[Scene, ...], seed: int, index: int) -> Scene:

@@ -1,0 +1,293 @@
+"""The one evaluation engine: the leaderboard and the end-of-training evaluation both run `evaluate`.
+
+A row is a sampler (the teacher at some steps, or an exported student at some steps, its recipe
+read from the export's card) or the ceiling row of real images. For each row the engine makes the
+images the scorers need (cached per prompt and seed, sharded over processes), optionally times
+the sampler, then asks every scorer of the eval preset for its figures. Nothing here knows a
+method or a metric by name.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pixsig_distill.config import build
+from pixsig_distill.errors import UserError
+
+from .cache import ImageCache, entry_key, generate_cached, weights_fingerprint
+from .prompts import PromptSet, load_prompt_set
+from .scorer import Scorer, ScorerSet, ScoringContext
+
+SEED_SET_STRIDE = 1_000_000  # seed set k starts at seed + k * stride; a scorer's own images at the next stride
+
+
+@dataclass
+class RowSpec:
+    name: str
+    kind: str  # "teacher" | "student" | "real"
+    steps: int
+    path: str | None = None  # None: the configured teacher
+    guidance_scale: float | None = None  # None: the model's own
+    card: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.card.get("method", self.kind)
+
+    @property
+    def t_bar(self) -> int | None:
+        return self.card.get("t_bar")
+
+    @property
+    def label(self) -> str:
+        return self.name if self.kind == "real" else f"{self.name} ({steps_label(self.steps)})"
+
+
+def steps_label(steps: int) -> str:
+    return f"{steps} step" + ("" if steps == 1 else "s")
+
+
+# ---- what to evaluate on and with ---------------------------------------------------------------
+def build_prompt_set(eval_cfg: DictConfig, n: int | None, prompts: str | None = None,
+                     real: str | None = None) -> PromptSet:
+    """The preset's prompt set (`eval.prompts`, a `_target_`), or `prompts=FILE` from the command line."""
+    if prompts is not None:
+        return load_prompt_set(str(prompts), n, real)
+    prompt_set = build(eval_cfg.prompts, n=n)
+    if real is not None:
+        from .prompts import image_folder
+
+        prompt_set.real = image_folder(real)
+    return prompt_set
+
+
+def build_scorers(eval_cfg: DictConfig, context: ScoringContext) -> ScorerSet:
+    """The scorers named in `eval.metrics`, built from `eval.scorers.<name>` — before any generation, so that
+    missing weights fail in seconds, not hours."""
+    metrics = list(eval_cfg.metrics or [])
+    unknown = [m for m in metrics if m not in eval_cfg.scorers]
+    if unknown:
+        raise UserError(f"metrics={metrics}: no scorer named {unknown[0]!r} in this eval preset; use some of "
+                        f"{', '.join(eval_cfg.scorers)}")
+    return ScorerSet([build(eval_cfg.scorers[m], context=context) for m in metrics])
+
+
+# ---- rows and their samplers --------------------------------------------------------------------
+def sampler_args(row: RowSpec, model_cfg: DictConfig) -> dict:
+    """The card's recipe (fixed timesteps, guidance), or the teacher's own; a row's guidance_scale wins."""
+    own = model_cfg.get("guidance_scale") if row.kind == "teacher" else row.card.get("guidance_scale")
+    guidance = row.guidance_scale if row.guidance_scale is not None else own
+    return {"steps": row.steps, "guidance_scale": guidance, "timesteps": row.card.get("timesteps")}
+
+
+def check_row_steps(row: RowSpec) -> None:
+    if row.kind == "student":
+        from pixsig_distill.students import SamplerSpec
+
+        spec = SamplerSpec(row.method, row.card.get("num_inference_steps", 1), 1.0, row.card.get("timesteps"),
+                           row.card)
+        try:
+            spec.check_steps(row.steps)
+        except UserError as err:
+            raise UserError(f"entry '{row.name}': {err}") from None
+
+
+class Models:
+    """Loads each model once; keeps the teacher and at most one student in memory."""
+
+    def __init__(self, model_cfg: DictConfig, device: str, dtype: str | None, teacher=None):
+        self.model_cfg, self.device, self.dtype, self.loaded = model_cfg, device, dtype, {}
+        if teacher is not None:  # a training run hands over its teacher
+            self.loaded[(True, None)] = teacher
+
+    def get(self, row: RowSpec):
+        key = (row.kind == "teacher", row.path)
+        if key not in self.loaded:
+            for other in [k for k in self.loaded if not k[0]]:  # drop the previous student
+                del self.loaded[other]
+            gc.collect()
+            self.loaded[key] = self._load(row)
+        return self.loaded[key]
+
+    def _load(self, row: RowSpec):
+        from pixsig_distill.students import load_student
+
+        if row.kind == "teacher":
+            overrides = {"device": self.device, **({"torch_dtype": self.dtype} if self.dtype else {})}
+            if row.path is not None:
+                overrides["pretrained"] = row.path
+            return build(self.model_cfg, **overrides)
+        model_cfg = OmegaConf.to_container(self.model_cfg, resolve=True)
+        return load_student(row.path, model_cfg, device=self.device, dtype=self.dtype)[0]
+
+
+def row_settings(row: RowSpec, model_cfg: DictConfig, args: dict, dtype: str | None, device: str) -> dict:
+    """Everything that shapes a row's images: its cache key is a hash of this."""
+    teacher = row.path if row.kind == "teacher" and row.path else str(model_cfg.pretrained)
+    return {"method": row.method, "steps": row.steps, "guidance_scale": args["guidance_scale"],
+            "timesteps": args["timesteps"], "path": str(Path(row.path).resolve()) if row.path else None,
+            "weights": weights_fingerprint(row.path or teacher), "teacher": teacher,
+            "teacher_weights": weights_fingerprint(teacher), "dtype": dtype or model_cfg.get("torch_dtype"),
+            "resolution": model_cfg.get("resolution"), "max_sequence_length": model_cfg.get("max_sequence_length"),
+            "device_type": device.split(":")[0]}
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """What `evaluate` needs besides the rows."""
+
+    model_cfg: DictConfig
+    prompt_set: PromptSet
+    scorers: ScorerSet
+    out: Path  # images are cached under out/cache (or cache_dir)
+    accelerator: object
+    device: str
+    seed: int = 0
+    seed_sets: int = 1  # > 1: the main set again with other seeds; every figure gets its spread over sets
+    batch_size: int = 250
+    dtype: str | None = None
+    cache_dir: Path | None = None
+    latency: dict | None = None  # {modes, warmup, runs, batch_size}, timed on the main process
+    teacher: object = None  # an already loaded teacher (a training run's)
+
+    def image_sets(self, scorer: Scorer | None, k: int = 0) -> tuple[list[str], list[int], str]:
+        """(prompts, seeds, cache label) of seed set k of the main set, or of a scorer's own images."""
+        if scorer is None:
+            prompts = self.prompt_set.prompts
+            return prompts, [self.seed + k * SEED_SET_STRIDE + i for i in range(len(prompts))], f"s{k}"
+        prompts = scorer.own_prompts()
+        seeds = [self.seed + (self.seed_sets + 1) * SEED_SET_STRIDE + i for i in range(len(prompts))]
+        return prompts, seeds, scorer.name
+
+
+def _images(ev: Evaluation, row: RowSpec, models: Models, args: dict, prompts, seeds, label: str):
+    settings = {**row_settings(row, ev.model_cfg, args, ev.dtype, ev.device), "set": label}
+    root = ev.cache_dir or ev.out / "cache"
+    cache = ImageCache(root / entry_key(f"{row.name}-{label}", row.steps, settings), settings,
+                       ev.accelerator.process_index)
+    generate_cached(lambda: models.get(row), cache, prompts, seeds, args["steps"], args["guidance_scale"],
+                    args["timesteps"], ev.batch_size, ev.accelerator,
+                    desc=f"generating {row.label}" + ("" if label == "s0" else f" [{label}]"))
+    return cache
+
+
+def _latency(ev: Evaluation, model, args: dict) -> dict:
+    from .latency import measure_latency
+
+    lat = ev.latency
+    return {mode: measure_latency(model, ev.prompt_set.prompts[0], mode=mode, batch_size=lat["batch_size"],
+                                  warmup=lat["warmup"], runs=lat["runs"], **args) for mode in lat["modes"]}
+
+
+def _merge_seed_sets(result: dict, per_set: list[dict], scorers: ScorerSet) -> None:
+    import numpy as np
+
+    for column in scorers.columns:
+        values = [s[column.key] for s in per_set if s.get(column.key) is not None]
+        if len(values) > 1:
+            result[f"{column.key}_seeds"] = values
+            result[f"{column.key}_seed_std"] = float(np.std(values, ddof=1))
+
+
+def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
+    """Every row's figures (on the main process; [] elsewhere) and the first images of each row for grids."""
+    models = Models(ev.model_cfg, ev.device, ev.dtype, ev.teacher)
+    results, grids = [], []
+    main = ev.accelerator.is_main_process
+    for row in rows:  # rows of one model are adjacent, so each model loads once
+        result = {"name": row.name, "method": row.method, "kind": row.kind, "steps": row.steps, "t_bar": row.t_bar,
+                  "path": row.path, "n_samples": len(ev.prompt_set.prompts)}
+        if row.kind == "real":
+            result.update(guidance_scale=None, latency={}, latency_ms=None, latency_transformer_ms=None)
+            if main:
+                for scorer in ev.scorers.scorers:
+                    result.update(scorer.score_real(ev.prompt_set) or {})
+                draw = ev.prompt_set.real_draw()
+                grids.append(draw)
+            results.append(result)
+            continue
+        args = sampler_args(row, ev.model_cfg)
+        result["guidance_scale"] = args["guidance_scale"]
+        main_sets = [_images(ev, row, models, args, *ev.image_sets(None, k)) for k in range(ev.seed_sets)]
+        own = {s.name: _images(ev, row, models, args, *ev.image_sets(s))
+               for s in ev.scorers.scorers if s.own_prompts() is not None}
+        lat = _latency(ev, models.get(row), args) if ev.latency and main else {}
+        if main:
+            n = len(ev.prompt_set.prompts)
+            per_set = [{} for _ in main_sets]
+            for scorer in ev.scorers.scorers:
+                if scorer.name in own:
+                    prompts = scorer.own_prompts()
+                    per_set[0].update(scorer.score(own[scorer.name].files(len(prompts)), prompts))
+                    continue
+                for k, cache in enumerate(main_sets):
+                    per_set[k].update(scorer.score(cache.files(n), ev.prompt_set.prompts))
+            result.update(per_set[0])
+            _merge_seed_sets(result, per_set, ev.scorers)
+            for mode, key in (("end_to_end", "latency_ms"), ("transformer", "latency_transformer_ms")):
+                result[key] = {"median": lat[mode]["median"], "p90": lat[mode]["p90"]} if mode in lat else None
+            result["latency"] = {mode: {k: v for k, v in rec.items() if k != "versions"} for mode, rec in lat.items()}
+            result["cache"] = main_sets[0].folder.name
+            grids.append(main_sets[0].files(n))
+        results.append(result)
+    models.loaded.clear()
+    gc.collect()
+    return results, grids
+
+
+def evaluate_export(eval_cfg: DictConfig, model_cfg: DictConfig, teacher, export: str | Path, out_dir: str | Path,
+                    device: str | None = None) -> dict:
+    """The end of a training run: the student at its card's eval steps, the teacher at 20 steps (and at the
+    student's largest step count), and the real ceiling, scored like the leaderboard; writes eval.md / .json /
+    .csv and eval_grid.png into the run folder."""
+    import datetime
+
+
+    from pixsig_distill.students import read_card
+
+    from . import report
+
+    out_dir, card = Path(out_dir), read_card(export)
+    steps = list(eval_cfg.get("steps") or card.get("eval_steps") or [card.get("num_inference_steps", 1)])
+    rows = [RowSpec("real images (another draw)", "real", 0)] if eval_cfg.get("real_row") else []
+    rows += [RowSpec("teacher", "teacher", s) for s in sorted({20, max(steps)}, reverse=True) if s > 1 or s == 20]
+    rows += [RowSpec(card.get("method", "student"), "student", s, str(export), None, card) for s in steps]
+    for row in rows:
+        check_row_steps(row)
+    device = device or str(teacher.device)
+    prompt_set = build_prompt_set(eval_cfg, eval_cfg.n_samples)
+    boot = eval_cfg.bootstrap
+    context = ScoringContext(prompt_set, device, str(out_dir / "cache"), True, boot.resamples, boot.confidence,
+                             boot.seed)
+    scorers = build_scorers(eval_cfg, context)
+    cache_dir = Path(eval_cfg.cache_dir) if eval_cfg.get("cache_dir") else None
+    ev = Evaluation(model_cfg, prompt_set, scorers, out_dir, _SingleProcess(), device, 0, eval_cfg.seed_sets,
+                    eval_cfg.batch_size, None, cache_dir=cache_dir, teacher=teacher)
+    results, images = evaluate(ev, rows)
+    meta = {"prompts": prompt_set.source, "n_samples": len(prompt_set.prompts), "seed": 0,
+            "seed_sets": eval_cfg.seed_sets, "teacher": str(model_cfg.pretrained),
+            "columns": [vars(c) for c in scorers.columns], "scorers": scorers.settings(),
+            "bootstrap": {**OmegaConf.to_container(boot), "method": "percentile bootstrap over images"},
+            "latency": None, "device": device, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    report.write_all(out_dir, "eval", results, meta, images, 8)
+    return {"rows": results, "meta": meta}
+
+
+class _SingleProcess:
+    """The accelerator interface `evaluate` uses, for one process inside a training run (its own accelerator
+    may span several processes; the evaluation runs on the main one only)."""
+
+    process_index, is_main_process, is_local_main_process = 0, True, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def split_between_processes(self, items):
+        from contextlib import nullcontext
+
+        return nullcontext(items)

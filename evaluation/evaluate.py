@@ -144,14 +144,14 @@ class Evaluation:
     model_cfg: DictConfig
     prompt_set: PromptSet
     scorers: ScorerSet
-    out: Path  # images are cached under out/cache (or cache_dir)
+    out: Path  # images are cached under out/cache (the teacher's under teacher_cache_dir when set)
     accelerator: object
     device: str
     seed: int = 0
     seed_sets: int = 1  # > 1: the main set again with other seeds; every figure gets its spread over sets
     batch_size: int = 250
     dtype: str | None = None
-    cache_dir: Path | None = None
+    teacher_cache_dir: Path | None = None  # the teacher's images, shared between runs (null: out/cache)
     latency: dict | None = None  # {modes, warmup, runs, batch_size}, timed on the main process
     teacher: object = None  # an already loaded teacher (a training run's)
 
@@ -167,7 +167,7 @@ class Evaluation:
 
 def _images(ev: Evaluation, row: RowSpec, models: Models, args: dict, prompts, seeds, label: str):
     settings = {**row_settings(row, ev.model_cfg, args, ev.dtype, ev.device), "set": label}
-    root = ev.cache_dir or ev.out / "cache"
+    root = (ev.teacher_cache_dir if row.kind == "teacher" else None) or ev.out / "cache"
     cache = ImageCache(root / entry_key(f"{row.name}-{label}", row.steps, settings), settings,
                        ev.accelerator.process_index)
     generate_cached(lambda: models.get(row), cache, prompts, seeds, args["steps"], args["guidance_scale"],
@@ -265,9 +265,9 @@ def evaluate_export(eval_cfg: DictConfig, model_cfg: DictConfig, teacher, export
     context = ScoringContext(prompt_set, device, str(out_dir / "cache"), True, boot.resamples, boot.confidence,
                              boot.seed)
     scorers = build_scorers(eval_cfg, context)
-    cache_dir = Path(eval_cfg.cache_dir) if eval_cfg.get("cache_dir") else None
+    shared = Path(eval_cfg.teacher_cache_dir) if eval_cfg.get("teacher_cache_dir") else None
     ev = Evaluation(model_cfg, prompt_set, scorers, out_dir, _SingleProcess(), device, 0, eval_cfg.seed_sets,
-                    eval_cfg.batch_size, None, cache_dir=cache_dir, teacher=teacher)
+                    eval_cfg.batch_size, None, teacher_cache_dir=shared, teacher=teacher)
     results, images = evaluate(ev, rows)
     meta = {"prompts": prompt_set.source, "n_samples": len(prompt_set.prompts), "seed": 0,
             "seed_sets": eval_cfg.seed_sets, "teacher": str(model_cfg.pretrained),

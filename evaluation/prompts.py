@@ -9,8 +9,8 @@ command line, from a file:
 * the toy world's held-out captions (`pixsig_distill.toy.evaluation.heldout_prompt_set`), which also
   render fresh real images for the ceiling row and for the diversity reference.
 
-`n` picks the first n prompts; a set shorter than n is cycled (each repeat gets its own seed,
-so the images differ).
+`n` picks the first n prompts; a prompt file shorter than n is cycled (each repeat gets its own
+seed, so the images differ); a benchmark (COCO, MJHQ) gives at most its own size.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def coco_captions(path: str | Path, n: int | None = 30000, images: str | None = 
             raise UserError(f"COCO images folder '{folder}' lacks the images of the chosen captions (e.g. "
                             f"{missing[0]}); pass the val2014 folder that matches '{path.name}'")
         real = ImageFiles([folder / files[i] for i in chosen])
-    return PromptSet(_first([first[i] for i in chosen], n), str(path) if seed is None else f"{path} (COCO, {len(chosen)} images, seed {seed})",
+    return PromptSet([first[i] for i in chosen], str(path) if seed is None else f"{path} (COCO, {len(chosen)} images, seed {seed})",
                      real)
 
 
@@ -136,7 +136,7 @@ def mjhq(folder: str | Path, n: int | None = 30000, category: str | None = None)
     root = folder / "mjhq30k_imgs" if (folder / "mjhq30k_imgs").is_dir() else folder
     paths = [root / v["category"] / f"{k}.jpg" for k, v in items]
     real = ImageFiles(paths) if all(p.is_file() for p in paths[:3]) else None
-    return PromptSet(_first([v["prompt"] for _, v in items], n), f"{folder} (MJHQ-30K{', ' + category if category else ''})",
+    return PromptSet([v["prompt"] for _, v in items], f"{folder} (MJHQ-30K{', ' + category if category else ''})",
                      real)
 
 

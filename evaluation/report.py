@@ -149,9 +149,12 @@ def write_tbar_sweep(path: Path, rows: list[dict]) -> bool:
     teacher = next((r for r in rows if r.get("kind") == "teacher" and r["steps"] == 20), None)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, key, label in ((axes[0], "fid", "FID ↓"), (axes[1], "clip", "CLIP score ↑ (plain cosine)")):
-        points = [(r["t_bar"], r[key]) for r in dmd if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), "o-", label="DMD, 1 step")
+        have = [r for r in dmd if r.get(key) is not None]
+        if have:
+            x, y = [r["t_bar"] for r in have], np.array([r[key] for r in have])
+            lo = np.array([r.get(f"{key}_lo", r[key]) for r in have])
+            hi = np.array([r.get(f"{key}_hi", r[key]) for r in have])
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o-", capsize=3, label="DMD, 1 step (95 % interval)")
         if teacher is not None and teacher.get(key) is not None:
             ax.axhline(teacher[key], ls="--", color="gray", label="teacher, 20 steps")
         ax.set_xlabel("T̄ (DMD start timestep)")

@@ -153,22 +153,30 @@ class DMD:
         b = embeds.shape[0]
         # Every random draw of the step is made for the whole batch first and then sliced, so that n micro-batches
         # see the very numbers that one batch of n× the size sees.
-        z = self._noise(b, gen)
+        draws = self.draw_inputs(b, gen)
         t_dm, noise_dm = self._timesteps(b, *self.dm_t_range, gen), self._noise(b, gen)
+        extra = self.draw_extra(b, gen)
         reg_rows = self._regression_rows(gen) if self.regression_weight > 0 else None
-        fake_draws = [(self._noise(b, gen) if i > 0 else None, self._timesteps(b, 0, 999, gen), self._noise(b, gen))
-                      for i in range(self.fake_updates_per_step)]
+        fake_draws = [(self.draw_inputs(b, gen) if i > 0 else None, self._timesteps(b, 0, 999, gen),
+                       self._noise(b, gen)) for i in range(self.fake_updates_per_step)]
         parts = micro_slices(b, micro_batches)
         logs = {}
+
+        def log(name: str, value: torch.Tensor) -> None:
+            logs[name] = logs.get(name, 0.0) + value.detach() / len(parts)
 
         # Generator update: the distribution-matching loss (+ the regression loss on its own batch, once per step).
         samples = [None] * len(parts)
 
         def generator_loss(i: int, rows: slice):
-            x0_hat = self.generate(self.generator, embeds[rows], mask[rows], z[rows])
+            x_in, t_in = self.generator_input(draws, rows, embeds[rows], mask[rows])
+            x0_hat = self.generate(self.generator, embeds[rows], mask[rows], x_in, t_in)
             samples[i] = x0_hat.detach()
             loss = self.distribution_matching_loss(x0_hat, embeds[rows], mask[rows], t_dm[rows], noise_dm[rows])
-            logs["loss_dm"] = logs.get("loss_dm", 0.0) + loss.detach() / len(parts)
+            log("loss_dm", loss)
+            for name, term, weight in self.generator_extra_losses(x0_hat, embeds[rows], mask[rows], extra, rows):
+                log(name, term)
+                loss = loss + weight * term
             loss = loss / len(parts)
             if reg_rows is not None and i == 0:
                 loss_reg = self.regression_loss(reg_rows)
@@ -186,18 +194,43 @@ class DMD:
         # Fake-score updates (two time-scale rule: several per generator update, DMD2 §4.1), on the generator's
         # samples: those of the update above first, then fresh ones from the updated generator.
         def fake_loss(update: int, i: int, rows: slice):
-            z_new, t, noise = fake_draws[update]
+            fresh, t, noise = fake_draws[update]
             x0 = samples[i]
-            if z_new is not None:
+            if fresh is not None:
                 with torch.no_grad():
-                    x0 = self.generate(self.generator, embeds[rows], mask[rows], z_new[rows])
-            return self.fake_score_loss(x0, embeds[rows], mask[rows], t[rows], noise[rows]) / len(parts)
+                    x_in, t_in = self.generator_input(fresh, rows, embeds[rows], mask[rows])
+                    x0 = self.generate(self.generator, embeds[rows], mask[rows], x_in, t_in)
+            loss = self.fake_score_loss(x0, embeds[rows], mask[rows], t[rows], noise[rows])
+            for name, term, weight in self.fake_extra_losses(x0, embeds[rows], mask[rows], extra, rows, update):
+                logs[name] = term.detach()
+                loss = loss + weight * term
+            return loss / len(parts)
 
         for update in range(self.fake_updates_per_step):
             logs["loss_fake"], logs["grad_norm_fake"] = accumulated_step(
                 acc, self.fake_score, self.optimizers["fake_score"],
                 [partial(fake_loss, update, i, rows) for i, rows in enumerate(parts)], self.grad_clip)
         return logs
+
+    # ---- what a subclass changes (DMD2: backward simulation, the GAN) ----------------------------
+    def draw_inputs(self, batch_size: int, gen: torch.Generator) -> dict:
+        """The randomness behind the generator's inputs: pure noise z (PixArt DMD: fed unscaled at label T̄)."""
+        return {"z": self._noise(batch_size, gen)}
+
+    def generator_input(self, draws: dict, rows: slice, embeds, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, t) the generator denoises for these rows; t None: T̄."""
+        return draws["z"][rows], None
+
+    def draw_extra(self, batch_size: int, gen: torch.Generator) -> dict:
+        return {}
+
+    def generator_extra_losses(self, x0_hat, embeds, mask, extra: dict, rows: slice) -> list:
+        """[(log name, loss, weight)] added to the generator's loss."""
+        return []
+
+    def fake_extra_losses(self, x0, embeds, mask, extra: dict, rows: slice, update: int) -> list:
+        """[(log name, loss, weight)] added to the fake score's loss."""
+        return []
 
     # ---- the method -------------------------------------------------------------------------
     def _noise(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
@@ -207,9 +240,10 @@ class DMD:
     def _timesteps(self, batch_size: int, low: int, high: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randint(low, high + 1, (batch_size,), generator=gen).to(self.teacher.device)
 
-    def generate(self, generator, embeds, mask, z: torch.Tensor) -> torch.Tensor:
-        """One step: x̂0 = (z − √(1−ᾱ_T̄)·ε_G(z, T̄)) / √ᾱ_T̄, with z ~ N(0, I) unscaled (PixArt DMD)."""
-        t = torch.full((z.shape[0],), self.t_bar, device=z.device, dtype=torch.long)
+    def generate(self, generator, embeds, mask, z: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """One step: x̂0 = (z − √(1−ᾱ_t)·ε_G(z, t)) / √ᾱ_t at t = T̄, with z ~ N(0, I) unscaled (PixArt DMD)."""
+        if t is None:
+            t = torch.full((z.shape[0],), self.t_bar, device=z.device, dtype=torch.long)
         eps = self.teacher.eps(z, t, embeds, mask, transformer=generator).float()
         return x0_from_eps(z.float(), eps, t, self.teacher.alphas_cumprod)
 
@@ -287,11 +321,15 @@ class DMD:
 
             return sample_latents(eps_fn, self.scheduler(), noise, timesteps=[self.t_bar])
 
+    def card(self) -> dict:
+        """The sampling recipe the export carries (pixsig_student.json): one DDPM step at T̄."""
+        return {"method": "dmd", "t_bar": self.t_bar, "num_inference_steps": 1, "timesteps": [self.t_bar],
+                "guidance_scale": 1.0, "scheduler": "DDPMScheduler", "eval_steps": [1]}
+
     def export(self, out_dir: Path) -> Path:
         """A stock diffusers pipeline of the (EMA) generator; a LoRA generator is merged into a full transformer
         and its adapter is written beside it in peft format (export/lora)."""
-        card = {"method": "dmd", "t_bar": self.t_bar, "num_inference_steps": 1, "timesteps": [self.t_bar],
-                "guidance_scale": 1.0, "scheduler": "DDPMScheduler", "eval_steps": [1]}
+        card = self.card()
         with torch.no_grad(), self.sampling_network() as generator:
             if not self.generator_lora_rank:
                 return export_pipeline(self.teacher, generator, self.scheduler(), out_dir, card,

@@ -1,0 +1,124 @@
+"""Real images as latents with their caption embeddings: what a GAN (DMD2) or a fine-tune compares against.
+
+`LatentBank` holds (latents, T5 embeddings, masks) and hands out random rows. `ImageFolderLatents` makes one
+from a folder of captioned images, encoded once by the teacher's VAE and T5 and kept as safetensors shards
+under `<folder>/.pixsig-latents/<key>/` (the key covers the teacher, the resolution and the file list), so
+later runs neither re-encode nor keep the encoders busy. Captions: `metadata.jsonl` ({"file_name", "text"}
+per line, the Hugging Face image-folder convention) or `captions.txt` (one line per image, in name order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SHARD = 1024
+
+
+class LatentBank:
+    def __init__(self, latents: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor):
+        self.latents, self.embeds, self.mask = latents, embeds, mask
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def sample(self, batch_size: int, gen: torch.Generator, device, dtype) -> tuple[torch.Tensor, ...]:
+        rows = torch.randint(0, len(self), (batch_size,), generator=gen)
+        return (self.latents[rows].to(device, torch.float32), self.embeds[rows].to(device, dtype),
+                self.mask[rows].to(device))
+
+
+@torch.no_grad()
+def encode_images(teacher, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+    """(N, H, W, 3) uint8 → VAE latents × scaling factor (the posterior mean: deterministic), float32 on CPU."""
+    vae, out = teacher.vae, []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        posterior = vae.encode(x.to(teacher.device, vae.dtype)).latent_dist
+        out.append((posterior.mean * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_captions(teacher, captions: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    embeds, masks = [], []
+    for start in range(0, len(captions), batch_size):
+        e, m = teacher.encode_prompts(captions[start:start + batch_size])
+        embeds.append(e.cpu())
+        masks.append(m.cpu())
+    return torch.cat(embeds), torch.cat(masks)
+
+
+def read_captioned_folder(folder: Path) -> tuple[list[Path], list[str]]:
+    """Image paths and their captions from `metadata.jsonl` or `captions.txt`."""
+    if not folder.is_dir():
+        raise UserError(f"image folder '{folder}' does not exist; give a folder of images with metadata.jsonl or "
+                        f"captions.txt")
+    if (folder / "metadata.jsonl").is_file():
+        rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+        try:
+            pairs = [(folder / r["file_name"], str(r["text"])) for r in rows]
+        except KeyError as err:
+            raise UserError(f"{folder / 'metadata.jsonl'}: a line lacks {err}; each line is "
+                            f'{{"file_name": "...", "text": "..."}}') from None
+    elif (folder / "captions.txt").is_file():
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        captions = (folder / "captions.txt").read_text(encoding="utf-8").splitlines()
+        if len(captions) < len(paths):
+            raise UserError(f"{folder / 'captions.txt'} has {len(captions)} lines for {len(paths)} images; give one "
+                            f"caption per image, in file-name order")
+        pairs = list(zip(paths, captions))
+    else:
+        raise UserError(f"image folder '{folder}' has no metadata.jsonl or captions.txt; add one "
+                        f"(docs/dmd2.md)")
+    missing = [p for p, _ in pairs if not p.is_file()]
+    if missing or not pairs:
+        raise UserError(f"image folder '{folder}': {len(missing)} listed images are missing (e.g. "
+                        f"{missing[0].name})" if missing else f"image folder '{folder}' lists no images")
+    return [p for p, _ in pairs], [c for _, c in pairs]
+
+
+def _load_resized(path: Path, size: int) -> np.ndarray:
+    """Centre crop to a square, then resize (bicubic) to the model's resolution."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        return np.asarray(image.resize((size, size), Image.BICUBIC) if side != size else image)
+
+
+def ImageFolderLatents(teacher, folder: str | Path, cache_dir: str | Path | None = None) -> LatentBank:
+    """The images of a captioned folder as a `LatentBank`, encoded once and cached as safetensors shards."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder).expanduser()
+    paths, captions = read_captioned_folder(folder)
+    key = hashlib.sha256(json.dumps([str(getattr(teacher.pipe, "name_or_path", "")), teacher.resolution,
+                                     teacher.max_sequence_length, [(p.name, p.stat().st_size) for p in paths],
+                                     captions]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir else folder / ".pixsig-latents" / key
+    shards = [cache / f"shard-{i:05d}.safetensors" for i in range(0, (len(paths) + SHARD - 1) // SHARD)]
+    if not all(s.is_file() for s in shards):
+        cache.mkdir(parents=True, exist_ok=True)
+        for number, shard in enumerate(shards):
+            if shard.is_file():
+                continue
+            rows = range(number * SHARD, min((number + 1) * SHARD, len(paths)))
+            images = np.stack([_load_resized(paths[i], teacher.resolution) for i in rows])
+            embeds, mask = encode_captions(teacher, [captions[i] for i in rows])
+            tmp = shard.with_name(f".{shard.name}.tmp{os.getpid()}")
+            save_file({"latents": encode_images(teacher, images).contiguous(), "embeds": embeds.contiguous(),
+                       "mask": mask.contiguous()}, str(tmp))
+            tmp.replace(shard)  # a shard that exists is complete
+    parts = [load_file(str(s)) for s in shards]
+    return LatentBank(*(torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "mask")))

@@ -1,0 +1,17 @@
+"""The toy world's real images for DMD2's GAN: training-split renders, encoded by the toy VAE and T5 in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..real_images import LatentBank, encode_captions, encode_images
+from .world import ToyWorldDataset
+
+
+def toy_real_latents(teacher, n: int = 2000, seed: int = 7) -> LatentBank:
+    """`n` captioned images of the training split (never the held-out captions the evaluation uses)."""
+    dataset = ToyWorldDataset("train", size=n, seed=seed, resolution=teacher.resolution)
+    items = [dataset[i] for i in range(n)]
+    images = np.stack([((it["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+                       for it in items])
+    return LatentBank(encode_images(teacher, images), *encode_captions(teacher, [it["caption"] for it in items]))

@@ -1,0 +1,137 @@
+"""DMD2: the GAN losses, backward simulation, exact resume of a few-step run, and the stock-diffusers round trip."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import PixArtSigmaPipeline
+from hydra.utils import instantiate
+
+from pixsig_distill.checkpoint import load_checkpoint
+from pixsig_distill.config import build
+from pixsig_distill.errors import UserError
+from pixsig_distill.methods.dmd2 import discriminator_loss, generator_gan_loss
+from pixsig_distill.schedule import add_noise
+from pixsig_distill.train import run
+
+FOUR = "distill.timesteps=[999,749,499,249]"
+FAST = ["distill.real_images.n=16", "distill.generator_optimizer.lr=1e-3", "distill.fake_optimizer.lr=1e-3"]
+
+
+def _ckpt(run_dir, step, name):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoints" / f"step-{step:07d}" / f"{name}.safetensors"))
+
+
+def test_gan_losses_push_the_right_way():
+    real = torch.tensor([0.5, -1.0], requires_grad=True)
+    fake = torch.tensor([0.2, 1.5], requires_grad=True)
+    discriminator_loss(real, fake).backward()
+    assert (real.grad < 0).all() and (fake.grad > 0).all()  # descent raises D(real), lowers D(fake)
+    fake_g = torch.tensor([0.2, 1.5], requires_grad=True)
+    generator_gan_loss(fake_g).backward()
+    assert (fake_g.grad < 0).all()  # descent raises D(G(z)): the generator tries to look real
+    # A perfect discriminator costs ~0; a fooled one log 2 per side at logits 0.
+    assert discriminator_loss(torch.full((4,), 20.0), torch.full((4,), -20.0)) < 1e-6
+    assert discriminator_loss(torch.zeros(4), torch.zeros(4)) == pytest.approx(2 * np.log(2))
+
+
+def _method(compose_train, *overrides):
+    cfg = compose_train("distill=dmd2", *FAST, *overrides)
+    teacher = instantiate(cfg.model)
+    return build(cfg.distill, teacher=teacher), teacher
+
+
+def test_backward_simulation_feeds_each_step_the_chains_own_noise_level(compose_train):
+    method, teacher = _method(compose_train, FOUR)
+    gen = torch.Generator().manual_seed(0)
+    draws = method.draw_inputs(8, gen)
+    draws["step"] = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    embeds, mask = teacher.encode_prompts(["a red circle"] * 8)
+    x, t = method.generator_input(draws, slice(None), embeds, mask)
+    assert t.tolist() == [999, 749, 499, 249] * 2
+    assert torch.equal(x[0], draws["z"][0])  # step 1: pure noise
+    # Step k's input is the chain's x̂0 of step k−1 re-noised to t_k with that step's noise: replay it by hand.
+    ab = teacher.alphas_cumprod
+    chain, inputs = draws["z"], [draws["z"]]
+    for j, t_j in enumerate([999, 749, 499]):
+        x0 = method.generate(method.generator, embeds, mask, chain, torch.full((8,), t_j))
+        chain = add_noise(x0, draws["renoise"][j], torch.full((8,), [749, 499, 249][j]), ab)
+        inputs.append(chain)
+    for i, k in enumerate(draws["step"].tolist()):
+        assert torch.allclose(x[i], inputs[k][i], atol=1e-6)
+    # ... and the noise level is right: the part of step k's input that is noise has std √(1 − ᾱ_{t_k}).
+    for i in (1, 2, 3):
+        x0 = method.generate(method.generator, embeds[:1], mask[:1], inputs[i - 1][i:i + 1],
+                             torch.tensor([[999, 749, 499][i - 1]]))
+        residual = (x[i] - ab[t[i]].sqrt() * x0[0]) / (1 - ab[t[i]]).sqrt()
+        assert torch.allclose(residual, draws["renoise"][i - 1][i], atol=1e-4)
+
+
+def test_training_chain_equals_the_exported_scheduler(compose_train):
+    """The re-noising of backward simulation is what the exported LCMScheduler does at inference."""
+    method, teacher = _method(compose_train, FOUR)
+    embeds, mask = teacher.encode_prompts(["a red circle", "a blue square"])
+    z = torch.randn(teacher.latent_shape(2), generator=torch.Generator().manual_seed(1))
+    scheduler = method.scheduler()
+    scheduler.set_timesteps(timesteps=method.timesteps)
+    noises, x = [], z
+    for j, t in enumerate(scheduler.timesteps):
+        eps = teacher.eps(x, t.reshape(1), embeds, mask, transformer=method.generator)
+        gen = torch.Generator().manual_seed(100 + j)
+        if j < 3:
+            noises.append(torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + j)))
+        x = scheduler.step(eps, t, x, generator=gen).prev_sample
+    ours = method.simulate(method.generator, embeds, mask, z, torch.tensor([3, 3]), noises)
+    # ours is the input of step 4; one more generator step gives the sample
+    final = method.generate(method.generator, embeds, mask, ours, torch.tensor([249, 249]))
+    assert (final - x).abs().max() < 1e-4
+
+
+def test_dmd2_bad_timesteps_and_missing_real_images(compose_train):
+    for bad in ("distill.timesteps=[249,999]", "distill.timesteps=[0]", "distill.timesteps=[]"):
+        with pytest.raises(UserError, match="decreasing order"):
+            _method(compose_train, bad)
+    with pytest.raises(UserError, match="needs real images"):
+        _method(compose_train, "distill.real_images=null")
+    with pytest.raises(UserError, match="distill.gan.block=99"):
+        _method(compose_train, "distill.gan.block=99")
+
+
+def test_two_step_run_resumes_exactly(compose_train, tmp_path):
+    common = ["distill=dmd2", "distill.timesteps=[999,499]", *FAST, "train.deterministic=true"]
+    straight = run(compose_train(*common, out_dir=tmp_path / "a"))
+    run(compose_train(*common, "train.max_steps=2", out_dir=tmp_path / "b"))
+    resumed = run(compose_train(*common, out_dir=tmp_path / "b"))
+    assert straight["step"] == resumed["step"] == 4
+    assert {"loss_gan_g", "loss_gan_d", "loss_dm"} <= set(straight["last_logs"])
+    for name in ("generator", "fake_score", "generator_ema"):
+        a, b = _ckpt(tmp_path / "a", 4, name), _ckpt(tmp_path / "b", 4, name)
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
+    assert any(k.startswith("gan_head.") for k in _ckpt(tmp_path / "a", 4, "fake_score"))  # the head is saved
+
+
+@pytest.mark.parametrize("timesteps", [[999, 499], [999, 749, 499, 249]], ids=["2step", "4step"])
+def test_export_round_trip_in_stock_diffusers(compose_train, tmp_path, timesteps):
+    override = f"distill.timesteps=[{','.join(map(str, timesteps))}]"
+    run(compose_train("distill=dmd2", override, *FAST, "train.max_steps=2", out_dir=tmp_path / "r"))
+    export = tmp_path / "r" / "export"
+    card = json.loads((export / "pixsig_student.json").read_text())
+    assert card["timesteps"] == timesteps and card["scheduler"] == "LCMScheduler" and card["eval_steps"] == [len(timesteps)]
+    pipe = PixArtSigmaPipeline.from_pretrained(export)
+    prompts = ["a red circle", "a blue square"]
+    stock = pipe(prompts, timesteps=timesteps, guidance_scale=1.0, output_type="latent", max_sequence_length=16,
+                 generator=torch.Generator().manual_seed(0), use_resolution_binning=False).images
+    method, teacher = _method(compose_train, override, f"out_dir={tmp_path / 'r'}")
+    load_checkpoint(tmp_path / "r" / "checkpoints" / "step-0000002", method.checkpoint_modules(), {})
+    embeds, mask = teacher.encode_prompts(prompts)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(teacher.latent_shape(2), generator=gen)
+    from pixsig_distill.sampling import sample_latents
+
+    with method.sampling_network() as generator:
+        ours = sample_latents(lambda x, t: teacher.eps(x, t, embeds, mask, transformer=generator), method.scheduler(),
+                              noise, timesteps=timesteps, generator=gen)
+    assert (ours - stock).abs().max() < 1e-4

@@ -18,6 +18,12 @@ SGD = {"dmd": ["distill.generator_optimizer._target_=torch.optim.SGD", "distill.
 SGD["dmd_lora"] = SGD["dmd"] + ["distill.generator.lora_rank=4", "distill.fake_score.lora_rank=4"]
 NETWORKS = {"dmd": ["generator", "fake_score", "generator_ema"], "lcm": ["student", "target"], "lcm_lora": ["lora"]}
 NETWORKS["dmd_lora"] = NETWORKS["dmd"]
+# DMD2 at 4 steps with a LoRA fake score: backward simulation and the GAN terms split into micro-batches too.
+SGD["dmd2"] = SGD["dmd"] + ["distill.timesteps=[999,749,499,249]", "distill.real_images.n=16",
+                            "distill.fake_score.lora_rank=4", "distill.gan.generator_weight=0.5",
+                            "distill.gan.discriminator_weight=0.5"]
+NETWORKS["dmd2"] = NETWORKS["dmd"]
+DISTILL = {"dmd_lora": "dmd"}
 
 
 def _weights(out, name):
@@ -28,9 +34,9 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("method", ["dmd", "dmd_lora", "lcm", "lcm_lora"])
+@pytest.mark.parametrize("method", ["dmd", "dmd_lora", "dmd2", "lcm", "lcm_lora"])
 def test_accumulating_two_micro_batches_equals_one_double_batch(method, compose_train, tiny_pipe, tmp_path):
-    common = [f"distill={method.replace('dmd_lora', 'dmd')}", "train.deterministic=true", "train.max_steps=2", "train.ckpt_every=2",
+    common = [f"distill={DISTILL.get(method, method)}", "train.deterministic=true", "train.max_steps=2", "train.ckpt_every=2",
               "train.log_every=1", "train.sample_every=100", "distill.grad_clip=null", *SGD[method]]
     run(compose_train(*common, "train.batch_size=2", "train.grad_accum=2", out_dir=tmp_path / "accum"))
     run(compose_train(*common, "train.batch_size=4", "train.grad_accum=1", out_dir=tmp_path / "big"))

@@ -91,7 +91,9 @@ class Scorer:
     def mean_with_interval(self, key: str, values: np.ndarray) -> dict:
         values = np.asarray(values, dtype=np.float64)
         lo, hi = self.interval(len(values), lambda idx: float(values[idx].mean()))
-        return {key: float(values.mean()), f"{key}_lo": lo, f"{key}_hi": hi}
+        # A mean stays within the values' range (recentring could step out of it, e.g. below 0 % accuracy).
+        return {key: float(values.mean()), f"{key}_lo": max(lo, float(values.min())),
+                f"{key}_hi": min(hi, float(values.max()))}
 
 
 def bootstrap_interval(n: int, statistic: Callable[[np.ndarray], float], resamples: int = 1000,

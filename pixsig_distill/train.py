@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import torch
 from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import resolve_resume
@@ -20,6 +21,7 @@ from .distributed import make_accelerator
 
 from .errors import UserError, exit_on_user_error
 from .loop import LoopConfig, RunLock, train
+from .model_card import write_model_card
 from .threads import configure_threads
 
 log = logging.getLogger(__name__)
@@ -74,9 +76,29 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
                     accelerator=accelerator)
     if summary.get("export"):
         print(f"student exported to {summary['export']}")
+        facts = training_facts(cfg, summary, accelerator)
+        previews = sorted((out_dir / "samples").glob("step-*.png"))
+        write_model_card(summary["export"], facts, samples=previews[-1] if previews else None)
         if cfg.eval.get("metrics"):
             summary["eval"] = evaluate(cfg, teacher, summary["export"], out_dir)
+            write_model_card(summary["export"], facts, summary["eval"], samples=out_dir / "eval_grid.png")
     return summary
+
+
+def training_facts(cfg: DictConfig, summary: dict, accelerator) -> dict:
+    """What the model card says about how the student was trained."""
+    from evaluation.latency import device_name
+
+    distill = OmegaConf.to_container(cfg.distill, resolve=True)
+    keys = {k: v for k, v in distill.items() if not isinstance(v, (dict, list)) and not k.startswith("_")}
+    return {"command": "python -m pixsig_distill.train " + " ".join(HydraConfig.get().overrides.task)
+            if HydraConfig.initialized() else None,
+            "method": distill.get("_target_"), "teacher": cfg.model.pretrained,
+            "steps": summary["step"], "batch size": f"{cfg.train.batch_size} × {cfg.train.grad_accum} accumulation "
+            f"× {accelerator.num_processes} processes", "wall time": f"{summary['minutes']:.1f} min",
+            "hardware": f"{accelerator.num_processes} × {device_name(accelerator.device)}",
+            "mixed precision": cfg.train.mixed_precision, "seed": cfg.seed,
+            "method settings": ", ".join(f"{k}={v}" for k, v in keys.items())}
 
 
 def _log_to(path: Path) -> None:

@@ -342,9 +342,10 @@ def test_toy_board_names_the_default_training_folders(tmp_path, monkeypatch):
         cfg = compose("leaderboard", overrides=["board=toy", f"out_dir={tmp_path}"])
         train_cfg = compose("train", overrides=["t_bar=600"])
     entries = {e.name: e for e in cfg.entries}
-    assert {e.method for e in entries.values()} == {"teacher", "dmd", "lcm", "lcm_lora"}
+    assert {e.method for e in entries.values()} == {"teacher", "dmd", "dmd2", "lcm", "lcm_lora"}
     assert list(entries["lcm"].steps) == [1, 2, 4] and cfg.teacher_steps[0] == 20
-    assert sorted(int(n.removeprefix("dmd_tbar")) for n in entries if n.startswith("dmd")) == [200, 400, 600, 800, 999]
+    assert sorted(int(n.removeprefix("dmd_tbar")) for n in entries if n.startswith("dmd_")) == [200, 400, 600, 800, 999]
+    assert entries["dmd2_4step"].path == "outputs/train/dmd2_toy/distill.timesteps=[999,749,499,249]/export"
     # the entry's path is where `python -m pixsig_distill.train distill=dmd t_bar=600` exports
     run_dir = OmegaConf.to_container(train_cfg)["out_dir"]  # unresolved: filled in by Hydra at run time
     assert run_dir == "outputs/${hydra:job.name}/${hydra:runtime.choices.distill}_${hydra:runtime.choices.model}/" \

@@ -319,4 +319,6 @@ def test_toy_run_reports_one_two_and_four_steps_against_the_teacher(tmp_path, mo
     assert all(math.isfinite(rows[("lcm", s)]["fid"]) for s in (1, 2, 4))
     assert {"fid_lo", "clip_hi", "attr_all", "diversity"} <= set(rows[("lcm", 1)])
     assert (tmp_path / "run" / "eval.md").is_file()
+    card = (tmp_path / "run" / "export" / "README.md").read_text()  # the model card carries the figures
+    assert "## Evaluation" in card and "| lcm | 4 |" in card and "num_inference_steps=4" in card
     assert (tmp_path / "run" / "eval_grid.png").is_file()

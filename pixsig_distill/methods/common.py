@@ -216,6 +216,9 @@ def export_pipeline(teacher, transformer: torch.nn.Module, scheduler, out_dir: P
     (tmp / STUDENT_CARD).write_text(json.dumps(card, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
+    from ..model_card import write_model_card
+
+    write_model_card(out_dir)  # README.md; the training run adds its facts and figures later
     return out_dir
 
 

@@ -97,7 +97,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def generate_cached(load_model, cache: ImageCache, prompts: list[str], seeds: list[int], steps: int,
                     guidance_scale: float | None, timesteps: list[int] | None, batch_size: int, accelerator,
-                    desc: str) -> int:
+                    desc: str, progress: bool = True) -> int:
     """Generate the images `cache` lacks, this process's share of them; returns how many it made.
 
     `load_model()` is called only if something is missing, so a finished entry costs no loading.
@@ -112,7 +112,7 @@ def generate_cached(load_model, cache: ImageCache, prompts: list[str], seeds: li
     with accelerator.split_between_processes(todo) as mine:
         if mine:
             model = load_model()
-            bar = tqdm(total=len(mine), desc=desc, disable=not accelerator.is_local_main_process)
+            bar = tqdm(total=len(mine), desc=desc, disable=not (progress and accelerator.is_local_main_process))
             for start in range(0, len(mine), batch_size):
                 chunk = mine[start:start + batch_size]
                 images, _ = generate_images(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk],

@@ -10,6 +10,7 @@ method or a metric by name.
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .cache import ImageCache, entry_key, generate_cached, weights_fingerprint
 from .prompts import PromptSet, load_prompt_set
 from .scorer import Scorer, ScorerSet, ScoringContext
 
+log = logging.getLogger(__name__)
 SEED_SET_STRIDE = 1_000_000  # seed set k starts at seed + k * stride; a scorer's own images at the next stride
 
 
@@ -154,6 +156,7 @@ class Evaluation:
     teacher_cache_dir: Path | None = None  # the teacher's images, shared between runs (null: out/cache)
     latency: dict | None = None  # {modes, warmup, runs, batch_size}, timed on the main process
     teacher: object = None  # an already loaded teacher (a training run's)
+    progress: bool = True  # a bar per row's generation (the end of a training run logs a line per row instead)
 
     def image_sets(self, scorer: Scorer | None, k: int = 0) -> tuple[list[str], list[int], str]:
         """(prompts, seeds, cache label) of seed set k of the main set, or of a scorer's own images."""
@@ -172,7 +175,7 @@ def _images(ev: Evaluation, row: RowSpec, models: Models, args: dict, prompts, s
                        ev.accelerator.process_index)
     generate_cached(lambda: models.get(row), cache, prompts, seeds, args["steps"], args["guidance_scale"],
                     args["timesteps"], ev.batch_size, ev.accelerator,
-                    desc=f"generating {row.label}" + ("" if label == "s0" else f" [{label}]"))
+                    desc=f"generating {row.label}" + ("" if label == "s0" else f" [{label}]"), progress=ev.progress)
     return cache
 
 
@@ -234,6 +237,8 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
             result["latency"] = {mode: {k: v for k, v in rec.items() if k != "versions"} for mode, rec in lat.items()}
             result["cache"] = main_sets[0].folder.name
             grids.append(main_sets[0].files(n))
+            log.info("evaluated %s: %s", row.label, "  ".join(
+                f"{c.key} {result[c.key]:.{c.digits}f}" for c in ev.scorers.columns if result.get(c.key) is not None))
         results.append(result)
     models.loaded.clear()
     gc.collect()
@@ -262,12 +267,12 @@ def evaluate_export(eval_cfg: DictConfig, model_cfg: DictConfig, teacher, export
     device = device or str(teacher.device)
     prompt_set = build_prompt_set(eval_cfg, eval_cfg.n_samples)
     boot = eval_cfg.bootstrap
-    context = ScoringContext(prompt_set, device, str(out_dir / "cache"), True, boot.resamples, boot.confidence,
+    context = ScoringContext(prompt_set, device, str(out_dir / "cache"), False, boot.resamples, boot.confidence,
                              boot.seed)
     scorers = build_scorers(eval_cfg, context)
     shared = Path(eval_cfg.teacher_cache_dir) if eval_cfg.get("teacher_cache_dir") else None
     ev = Evaluation(model_cfg, prompt_set, scorers, out_dir, _SingleProcess(), device, 0, eval_cfg.seed_sets,
-                    eval_cfg.batch_size, None, teacher_cache_dir=shared, teacher=teacher)
+                    eval_cfg.batch_size, None, teacher_cache_dir=shared, teacher=teacher, progress=False)
     results, images = evaluate(ev, rows)
     meta = {"prompts": prompt_set.source, "n_samples": len(prompt_set.prompts), "seed": 0,
             "seed_sets": eval_cfg.seed_sets, "teacher": str(model_cfg.pretrained),

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import pixsig_distill.config  # noqa: F401  (registers the ${toy_asset:...} resolver the model configs use)
 from pixsig_distill.config import check_int, one_line_config_errors
 from pixsig_distill.errors import UserError, exit_on_user_error
-from pixsig_distill.threads import configure_threads
+from pixsig_distill.console import start_process
 
 from . import report
 from .evaluate import Evaluation, RowSpec, build_prompt_set, build_scorers, check_row_steps, evaluate
@@ -106,7 +106,7 @@ def run(cfg: DictConfig) -> dict:
     scorers = build_scorers(cfg.eval, context)
     latency = OmegaConf.to_container(cfg.latency) if cfg.latency.enabled else None
     ev = Evaluation(cfg.model, prompt_set, scorers, out, accelerator, device, cfg.seed, cfg.eval.seed_sets,
-                    cfg.batch_size, cfg.dtype, latency=latency)
+                    cfg.batch_size, cfg.dtype, latency=latency, progress=cfg.progress)
     results, images = evaluate(ev, rows)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -132,7 +132,7 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="pkg://pixsig_distill.conf", config_name="leaderboard")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    configure_threads()
+    start_process()
     run(cfg)
 
 

@@ -13,7 +13,7 @@ from .config import build, check_int, one_line_config_errors  # importing config
 from .data import check_prompts, write_text_cache
 from .errors import exit_on_user_error
 from .prompts import load_prompts
-from .threads import configure_threads
+from .console import start_process
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def cache_text(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path="conf", config_name="cache_text")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    configure_threads()
+    start_process()
     cache_text(cfg)
 
 

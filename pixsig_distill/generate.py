@@ -18,7 +18,7 @@ from .errors import UserError, exit_on_user_error
 from .images import save_grid
 from .sampling import generate_images
 from .students import load_student, teacher_spec
-from .threads import configure_threads
+from .console import start_process
 
 
 def _prompts(cfg: DictConfig) -> list[str]:
@@ -79,7 +79,7 @@ def generate(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    configure_threads()
+    start_process()
     generate(cfg)
 
 

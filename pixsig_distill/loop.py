@@ -164,7 +164,7 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
     previews = _preview_inputs(teacher, cfg.preview_prompts, seed)
     started, last_log, samples_since = time.time(), time.time(), 0
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else math.inf
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train", disable=not main, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not main, dynamic_ncols=True)
     stopped_by_budget = False
     logs: dict[str, float] = {}
     # A step is one update of every trained network from batch_size × grad_accum samples per process; the method

@@ -18,7 +18,7 @@ from .config import build, check_float, check_int, one_line_config_errors
 from .data import check_prompts, write_text_cache
 from .errors import exit_on_user_error
 from .prompts import load_prompts
-from .threads import configure_threads
+from .console import start_process
 
 
 def make_pairs(cfg: DictConfig) -> Path:
@@ -51,7 +51,7 @@ def make_pairs(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path="conf", config_name="make_pairs")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    configure_threads()
+    start_process()
     make_pairs(cfg)
 
 

@@ -16,7 +16,7 @@ from .lora import check_lora_folder, load_lora, read_lora_card
 from .methods.common import export_pipeline
 from .methods.lcm import lcm_scheduler
 from .teacher import Teacher, load_pipeline, resolve_dtype
-from .threads import configure_threads
+from .console import start_process
 
 
 def merge_lora(cfg: DictConfig) -> Path:
@@ -48,7 +48,7 @@ def merge_lora(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path="conf", config_name="merge_lora")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    configure_threads()
+    start_process()
     merge_lora(cfg)
 
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .config import one_line_config_errors
 from .errors import UserError, exit_on_user_error
 from .fake_step import _Fakes, predict_step, shape_only_teacher
-from .threads import configure_threads
+from .console import start_process
 
 GiB = 2**30
 
@@ -170,7 +170,7 @@ def format_report(report: dict) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="plan")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    configure_threads()
+    start_process()
     plan(cfg)
 
 

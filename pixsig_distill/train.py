@@ -22,7 +22,7 @@ from .distributed import make_accelerator
 from .errors import UserError, exit_on_user_error
 from .loop import LoopConfig, RunLock, train
 from .model_card import write_model_card
-from .threads import configure_threads
+from .console import start_process
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
         embeds, mask = dataset.null_embedding()
         teacher.set_null_embedding(embeds[None].to(teacher.device, teacher.dtype), mask[None].to(teacher.device))
     method = build(cfg.distill, teacher=teacher)
+    accelerator.print(f"pixsig-distill train: {cfg.distill._target_.rsplit('.', 1)[-1]} on {cfg.model.pretrained} "
+                      f"({teacher.resolution} px) → {out_dir}; {accelerator.num_processes} process(es) on "
+                      f"{accelerator.device}, {cfg.train.max_steps} steps of {cfg.train.batch_size} × "
+                      f"{cfg.train.grad_accum}")
     out_dir.mkdir(parents=True, exist_ok=True)
     _log_to(out_dir / "train.log")
     if accelerator.is_main_process:
@@ -120,11 +124,8 @@ def evaluate(cfg: DictConfig, teacher, export: str, out_dir: Path) -> dict:
     from evaluation.evaluate import evaluate_export
 
     result = evaluate_export(cfg.eval, cfg.model, teacher, export, out_dir)
-    for line in (out_dir / "eval.md").read_text().splitlines()[6:]:
-        if not line.startswith("|"):
-            break
-        log.info(line)
     print((out_dir / "eval.md").read_text().split("\n## ")[0])
+    log.info("evaluation written to %s", out_dir / "eval.md")
     return result
 
 
@@ -132,7 +133,7 @@ def evaluate(cfg: DictConfig, teacher, export: str, out_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    configure_threads()
+    start_process()
     run(cfg)
 
 

@@ -1,0 +1,49 @@
+"""A readable console: our header, one progress bar and our log lines; third-party chatter goes to the log file.
+
+diffusers and transformers print through their own stderr handlers (deprecation warnings, "config attributes
+were passed ... and will be ignored", their "Loading ..." progress bars), open_clip logs a dozen INFO lines per
+model on the root logger, and Python warnings print themselves. After `quiet_console()` all of it is routed to
+the logging tree: file handlers (Hydra's job log, a run's train.log) keep all of it from INFO up, console
+handlers show only our own loggers' records, plus anyone's errors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+OURS = ("pixsig_distill", "evaluation", "__main__")
+
+
+class OursOnConsole(logging.Filter):
+    """Console records: our loggers at their level; third parties (and the root logger) only from ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith(OURS) or record.levelno >= logging.ERROR
+
+
+def quiet_console() -> None:
+    """Route third-party output into logging and keep it off the console (idempotent)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()  # their "Loading pipeline components" bars: ours is the one bar
+        library.disable_default_handler()
+        library.enable_propagation()
+        library.set_verbosity(logging.INFO)
+    logging.captureWarnings(True)  # warnings.warn → the "py.warnings" logger
+    root = logging.getLogger()
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))  # INFO and up reach the file handlers
+    for handler in root.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO)
+            if not any(isinstance(f, OursOnConsole) for f in handler.filters):
+                handler.addFilter(OursOnConsole())
+
+
+def start_process() -> None:
+    """What every entry point does first: its CPU thread share (threads.py) and a quiet console."""
+    from .threads import configure_threads
+
+    quiet_console()
+    configure_threads()

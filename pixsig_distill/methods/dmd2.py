@@ -75,7 +75,8 @@ class DMD2(DMD):
                             f"e.g. [400] (one step) or [999, 749, 499, 249] (four)")
         super().__init__(teacher, t_bar=timesteps[0], **dmd)
         self.timesteps = timesteps
-        gan = {"generator_weight": 0.01, "discriminator_weight": 0.01, "block": None, "hidden": 256, **(gan or {})}
+        gan = {"generator_weight": 0.05, "discriminator_weight": 0.01, "block": None, "hidden": 256, "head_lr": 1e-3,
+               **(gan or {})}
         self.gan_generator_weight = float(gan["generator_weight"])
         self.gan_discriminator_weight = float(gan["discriminator_weight"])
         self.gan_on = self.gan_generator_weight > 0 or self.gan_discriminator_weight > 0
@@ -94,7 +95,9 @@ class DMD2(DMD):
             width = self.fake_score.config.num_attention_heads * self.fake_score.config.attention_head_dim
             # The head is part of the fake score: trained by its optimizer, saved in its checkpoint.
             self.fake_score.gan_head = GANHead(width, int(gan["hidden"])).to(teacher.device)
-            self.optimizers["fake_score"].add_param_group({"params": list(self.fake_score.gan_head.parameters())})
+            # A fresh head at the fake score's lr (2e-5) would not learn in a few hundred steps: its own lr.
+            self.optimizers["fake_score"].add_param_group({"params": list(self.fake_score.gan_head.parameters()),
+                                                           "lr": float(gan["head_lr"])})
             self._features = None
             blocks[self.gan_block].register_forward_hook(self._keep_features)
 

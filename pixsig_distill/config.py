@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -65,18 +66,26 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
+# One spelling for one idea across the entry points; the old spellings still work, with a line saying so.
+ALIASES = {"prompt_file": "prompts", "num_images": "n_images", "num_samples": "n_samples", "outdir": "out_dir",
+           "output_dir": "out_dir"}
+
+
 def one_line_config_errors(config_name: str):
     """Outermost decorator of a Hydra `main`: a command line Hydra cannot compose (an unknown `model=`
     option, a key that does not exist, an override it cannot parse) ends in one line on stderr and
-    exit code 2, like a UserError, instead of Hydra's multi-line report.
+    exit code 2, like a UserError, instead of Hydra's multi-line report; so does an output folder that
+    cannot be written (Hydra would create it first and fail with a traceback).
 
     It composes the config once from the command line before handing over to Hydra; flags (`--help`,
-    `-m`, `--cfg job`, ...) and `hydra.*` overrides are left to Hydra itself."""
+    `-m`, `--cfg job`, ...) and `hydra.*` overrides are left to Hydra itself. Old key spellings
+    (`ALIASES`) are rewritten to the current ones first, with a deprecation line."""
 
     def decorate(hydra_main):
         @functools.wraps(hydra_main)
         def wrapper(*args, **kwargs):
             if not args and not kwargs:  # called as a command, not with a config
+                sys.argv[1:] = rewrite_aliases(config_name, sys.argv[1:])
                 message = compose_error(config_name, sys.argv[1:])
                 if message:
                     print(f"error: {message}", file=sys.stderr)
@@ -88,18 +97,65 @@ def one_line_config_errors(config_name: str):
     return decorate
 
 
+def _compose(config_name: str, overrides: list[str], hydra_config: bool = False):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        return compose(config_name, overrides=overrides, return_hydra_config=hydra_config)
+
+
+def rewrite_aliases(config_name: str, argv: list[str]) -> list[str]:
+    """`prompt_file=x` → `prompts=x` (etc.) where the entry point knows the new key and not the old one."""
+    if any(arg.startswith("-") for arg in argv):
+        return argv
+    try:
+        keys = set(_compose(config_name, []).keys())
+    except Exception:  # the real error is reported by compose_error
+        return argv
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        new = ALIASES.get(key)
+        if eq and new and new in keys and key not in keys:
+            print(f"warning: {key}= is deprecated; use {new}= (read as {new}={value})", file=sys.stderr)
+            arg = f"{new}={value}"
+        out.append(arg)
+    return out
+
+
+def closest_keys(cfg: DictConfig, key: str) -> list[str]:
+    """Existing config keys that look like `key` (a typo, another entry point's spelling)."""
+    import difflib
+
+    flat = []
+
+    def walk(node, prefix: str) -> None:
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            flat.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                walk(child, f"{full}.")
+
+    walk(cfg, "")
+    alias = ALIASES.get(key)
+    if alias in flat:
+        return [alias]
+    return difflib.get_close_matches(key, flat, n=1, cutoff=0.6)
+
+
 def compose_error(config_name: str, argv: list[str]) -> str | None:
     """Why Hydra would refuse these overrides, in one line (None if it would not, or if unsure)."""
     if any(arg.startswith("-") for arg in argv):
         return None
     overrides = [arg for arg in argv if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, \
+        OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
-            compose(config_name, overrides=overrides)
+        cfg = _compose(config_name, [arg for arg in argv if not arg.lstrip("+~").startswith("hydra/")],
+                       hydra_config=True)
     except MissingConfigException as err:
         group, _, name = (err.missing_cfg_file or "").rpartition("/")
         if group and err.options:
@@ -108,8 +164,57 @@ def compose_error(config_name: str, argv: list[str]) -> str | None:
         return _one_line(err)
     except OverrideParseException as err:
         return f"cannot parse the override '{err.override}': {_one_line(err)}"
+    except ConfigCompositionException as err:
+        match = re.search(r"Could not override '([^']+)'", str(err))
+        if match and "not in struct" in str(err.__cause__ or err):
+            key = match.group(1)
+            try:
+                base = _compose(config_name, [o for o in overrides if o.partition("=")[0].lstrip("+~") != key])
+                near = closest_keys(base, key)
+            except Exception:
+                near = []
+            hint = f"did you mean {' or '.join(near)}?" if near else "--cfg job lists every key"
+            return f"unknown key '{key}' for {config_name}; {hint}"
+        return _one_line(err)
     except (HydraException, OmegaConfBaseException) as err:
         return _one_line(err)
+    return output_folder_error(cfg)
+
+
+def _concrete_prefix(value) -> str | None:
+    """The part of a path setting before its first interpolation (`outputs/train/${...}` → `outputs/train/`)."""
+    if value is None:
+        return None
+    text = str(value)
+    return text.split("${", 1)[0] or "."
+
+
+def writable_folder_error(path: Path) -> str | None:
+    """Why `path` cannot become a folder we write into (None if it can): tried by creating it."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".pixsig-write-test"):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        return f"'{path}' is a file, or lies under one"
+    except OSError as err:
+        return f"{err.strerror or type(err).__name__}"
+    return None
+
+
+def output_folder_error(cfg: DictConfig) -> str | None:
+    """An `out_dir` (or Hydra's run folder) that cannot be created or written, checked before Hydra creates it."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    candidates = [("out_dir", raw.get("out_dir")), ("hydra.run.dir", raw.get("hydra", {}).get("run", {}).get("dir"))]
+    for key, value in candidates:
+        prefix = _concrete_prefix(value)
+        if prefix is None:
+            continue
+        problem = writable_folder_error(Path(prefix).expanduser())
+        if problem:
+            return f"{key}='{value}' cannot be created or written ({problem}); choose a writable folder with {key}=..."
     return None
 
 

@@ -22,12 +22,12 @@ from .console import start_process
 
 
 def _prompts(cfg: DictConfig) -> list[str]:
-    if cfg.prompt is not None and cfg.prompt_file is not None:
-        raise UserError("give prompt= or prompt_file=, not both")
-    if cfg.prompt_file is not None:
-        return read_prompt_file(cfg.prompt_file)
+    if cfg.prompt is not None and cfg.prompts is not None:
+        raise UserError("give prompt= or prompts=, not both")
+    if cfg.prompts is not None:
+        return read_prompt_file(cfg.prompts)
     if cfg.prompt is None:
-        raise UserError('no prompt; pass prompt="..." or prompt_file=path/to/prompts.txt')
+        raise UserError('no prompt; pass prompt="..." or prompts=path/to/prompts.txt')
     return check_prompts([str(cfg.prompt)])
 
 

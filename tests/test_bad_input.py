@@ -234,8 +234,8 @@ CASES = {
     "generate-guidance-abc": ("generate", lambda f: [P, "guidance_scale=abc"], "guidance_scale='abc' is not a"),
     "generate-guidance-neg": ("generate", lambda f: [P, "guidance_scale=-1"], "guidance_scale=-1 is out of range"),
     "generate-dtype": ("generate", lambda f: [P, "dtype=float8"], "unknown dtype 'float8'"),
-    "generate-both-prompts": ("generate", lambda f: [P, f"prompt_file={f.good_prompts}"], "not both"),
-    **_prompt_cases("generate", lambda path: [f"prompt_file={path}"], ("empty", "binary", "long_lines", "non_utf8")),
+    "generate-both-prompts": ("generate", lambda f: [P, f"prompts={f.good_prompts}"], "not both"),
+    **_prompt_cases("generate", lambda path: [f"prompts={path}"], ("empty", "binary", "long_lines", "non_utf8")),
     **_model_cases("generate", lambda path: [P, f"model.pretrained={path}"], ("no_vae", "truncated", "pickled")),
     "generate-student-pickled": ("generate", lambda f: [P, f"student={f.student_full}"], "holds pickle weights"),
     "generate-student-transformer-pickled": ("generate", lambda f: [P, f"student={f.student_transformer}"],
@@ -301,12 +301,13 @@ HYDRA_CASES = [
     *[(entry, ["model=nope"], "model=nope is not a config option. Available options in 'model': pixart_alpha_1024, "
                               "pixart_alpha_512, pixart_sigma_1024, pixart_sigma_512, toy")
       for entry in ("train", "generate", "cache_text", "make_pairs", "leaderboard")],
-    ("train", ["distill=nope"], "distill=nope is not a config option. Available options in 'distill': dmd, lcm, "
+    ("train", ["distill=nope"], "distill=nope is not a config option. Available options in 'distill': dmd, dmd2, lcm, "
                                 "lcm_lora"),
-    ("train", ["train.max_step=3"], "Could not override 'train.max_step'"),
+    ("train", ["train.max_step=3"], "unknown key 'train.max_step' for train; did you mean train.max_steps?"),
+    ("generate", ["n_image=3"], "unknown key 'n_image' for generate; did you mean n_images?"),
+    ("leaderboard", ["num_sample=3"], "unknown key 'num_sample' for leaderboard; did you mean n_samples?"),
     ("train", ["t_bar=["], "cannot parse the override 't_bar=['"),
     ("merge_lora", ["model=toy"], "Could not override 'model'"),
-    ("generate", ["prompts=x"], "Could not override 'prompts'"),
 ]
 
 
@@ -320,6 +321,35 @@ def test_config_errors_from_the_command_line_are_one_line(entry, argv, message, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["train", "generate", "cache_text", "make_pairs", "leaderboard"])
+def test_an_unwritable_output_folder_is_one_line_before_anything_loads(entry, monkeypatch, capsys, tmp_path):
+    """A folder under an existing file, and one under /proc: refused before Hydra creates it (exit 2)."""
+    module = __import__(MAINS[entry], fromlist=["main"])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    key = "hydra.run.dir" if entry == "generate" else "out_dir"  # generate writes into Hydra's run folder
+    for folder, why in ((blocker / "run", "is a file, or lies under one"), (Path("/proc/pixsig/run"), "")):
+        monkeypatch.setattr(sys, "argv", [entry, f"{key}={folder}"])
+        with pytest.raises(SystemExit) as exit_:
+            module.main()
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {key}='{folder}' cannot be created or written") and why in err, err
+
+
+def test_old_key_spellings_still_work_with_a_deprecation_line(monkeypatch, capsys, tmp_path):
+    module = __import__(MAINS["generate"], fromlist=["main"])
+    monkeypatch.setattr(sys, "argv", ["generate", f"prompt_file={tmp_path / 'missing.txt'}", "num_images=2",
+                                      f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert lines[0] == f"warning: prompt_file= is deprecated; use prompts= (read as prompts={tmp_path / 'missing.txt'})"
+    assert lines[1].startswith("warning: num_images= is deprecated; use n_images=")
+    assert lines[2].startswith("error: prompt file") and "does not exist" in lines[2]  # read as prompts=
 
 
 # ---- a representative handful as real commands -------------------------------------------------

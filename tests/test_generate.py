@@ -32,7 +32,7 @@ def test_dmd_student_generation(compose_generate, compose_train, tmp_path):
     run(compose_train(out_dir=tmp_path / "dmd"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
-    report = generate(compose_generate(f"student={tmp_path / 'dmd' / 'export'}", f"prompt_file={prompts}",
+    report = generate(compose_generate(f"student={tmp_path / 'dmd' / 'export'}", f"prompts={prompts}",
                                        "n_images=2"))
     assert report["method"] == "dmd" and report["steps"] == 1 and report["images"] == 4
     with pytest.raises(UserError, match="fixed timesteps .* use steps=1"):
@@ -42,7 +42,7 @@ def test_dmd_student_generation(compose_generate, compose_train, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["prompt=''"], "empty prompt"), ([], "no prompt"), (["prompt=x", "steps=0"], "steps=0"),
     (["prompt=x", "steps=-3"], "steps=-3"), (["prompt=x", "n_images=0"], "n_images=0"),
-    (["prompt_file=/nonexistent/prompts.txt"], "does not exist"),
+    (["prompts=/nonexistent/prompts.txt"], "does not exist"),
     (["prompt=x", "student=/nonexistent/export"], "does not exist"),
 ])
 def test_bad_input(compose_generate, overrides, message):

@@ -106,8 +106,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(compose_train, tmp
 def test_export_round_trips_through_stock_diffusers(compose_train, tmp_path):
     from diffusers import DDPMScheduler, PixArtSigmaPipeline
 
-    from pixsig_distill.methods.dmd import DMD
-    from pixsig_distill.teacher import Teacher
     from hydra.utils import instantiate
 
     cfg = compose_train("t_bar=400", out_dir=tmp_path / "e")

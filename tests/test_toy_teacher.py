@@ -1,6 +1,5 @@
 """The shipped toy teacher loads with stock diffusers and with our loader; its training code runs."""
 
-import pytest
 import torch
 from diffusers import PixArtSigmaPipeline
 

@@ -144,9 +144,11 @@ def serve(cfg: DictConfig, block: bool = True):
         raise UserError('the demo needs Gradio: pip install "pixsig-distill[demo]"') from None
     del gradio
     models = load_models(cfg)
+    print(f"{len(models)} models: " + ", ".join(m.name for m in models))
     app = build_app(models, example_prompts(cfg.examples))
     app.pixsig_models = len(models)
     port = cfg.demo.port or free_port(cfg.demo.host)
+    print(f"serving on http://{cfg.demo.host}:{port} (Ctrl+C to stop)", flush=True)
     app.launch(server_name=cfg.demo.host, server_port=int(port), share=bool(cfg.demo.share),
                prevent_thread_lock=not block, quiet=True)
     return app

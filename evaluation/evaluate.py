@@ -75,7 +75,7 @@ def build_scorers(eval_cfg: DictConfig, context: ScoringContext) -> ScorerSet:
     if unknown:
         raise UserError(f"metrics={metrics}: no scorer named {unknown[0]!r} in this eval preset; use some of "
                         f"{', '.join(eval_cfg.scorers)}")
-    return ScorerSet([build(eval_cfg.scorers[m], context=context) for m in metrics])
+    return ScorerSet([build(eval_cfg.scorers[m], context=context) for m in metrics], context)
 
 
 # ---- rows and their samplers --------------------------------------------------------------------
@@ -157,6 +157,18 @@ class Evaluation:
     latency: dict | None = None  # {modes, warmup, runs, batch_size}, timed on the main process
     teacher: object = None  # an already loaded teacher (a training run's)
     progress: bool = True  # a bar per row's generation (the end of a training run logs a line per row instead)
+
+    def meta(self, teacher: str) -> dict:
+        """What every report says about its figures: prompts, seeds, columns, scorers, bootstrap, date."""
+        import datetime
+
+        boot = self.scorers.context
+        return {"prompts": self.prompt_set.source, "n_samples": len(self.prompt_set.prompts), "seed": self.seed,
+                "seed_sets": self.seed_sets, "teacher": teacher,
+                "columns": [vars(c) for c in self.scorers.columns], "scorers": self.scorers.settings(),
+                "bootstrap": {"resamples": boot.resamples, "confidence": boot.confidence, "seed": boot.seed,
+                              "method": "percentile bootstrap over images"} if boot else None,
+                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
     def image_sets(self, scorer: Scorer | None, k: int = 0) -> tuple[list[str], list[int], str]:
         """(prompts, seeds, cache label) of seed set k of the main set, or of a scorer's own images."""
@@ -250,9 +262,6 @@ def evaluate_export(eval_cfg: DictConfig, model_cfg: DictConfig, teacher, export
     """The end of a training run: the student at its card's eval steps, the teacher at 20 steps (and at the
     student's largest step count), and the real ceiling, scored like the leaderboard; writes eval.md / .json /
     .csv and eval_grid.png into the run folder."""
-    import datetime
-
-
     from pixsig_distill.students import read_card
 
     from . import report
@@ -274,11 +283,7 @@ def evaluate_export(eval_cfg: DictConfig, model_cfg: DictConfig, teacher, export
     ev = Evaluation(model_cfg, prompt_set, scorers, out_dir, _SingleProcess(), device, 0, eval_cfg.seed_sets,
                     eval_cfg.batch_size, None, teacher_cache_dir=shared, teacher=teacher, progress=False)
     results, images = evaluate(ev, rows)
-    meta = {"prompts": prompt_set.source, "n_samples": len(prompt_set.prompts), "seed": 0,
-            "seed_sets": eval_cfg.seed_sets, "teacher": str(model_cfg.pretrained),
-            "columns": [vars(c) for c in scorers.columns], "scorers": scorers.settings(),
-            "bootstrap": {**OmegaConf.to_container(boot), "method": "percentile bootstrap over images"},
-            "latency": None, "device": device, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    meta = {**ev.meta(str(model_cfg.pretrained)), "latency": None, "device": device}
     report.write_all(out_dir, "eval", results, meta, images, 8)
     return {"rows": results, "meta": meta}
 

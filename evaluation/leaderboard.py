@@ -10,7 +10,6 @@ runs too. Writes leaderboard.md / .csv / .json, grid.png and, with several DMD T
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import hydra
@@ -112,15 +111,11 @@ def run(cfg: DictConfig) -> dict:
     if not accelerator.is_main_process:
         return {}
     timed = next((rec for r in results for rec in r["latency"].values()), {})
-    meta = {"prompts": prompt_set.source, "n_samples": len(prompt_set.prompts), "seed": cfg.seed,
-            "seed_sets": cfg.eval.seed_sets, "teacher": str(cfg.model.pretrained),
-            "columns": [vars(c) for c in scorers.columns], "scorers": scorers.settings(),
-            "bootstrap": {**OmegaConf.to_container(boot), "method": "percentile bootstrap over images"},
+    meta = {**ev.meta(str(cfg.model.pretrained)),
             "latency": {**OmegaConf.to_container(cfg.latency), "percentiles": "numpy.percentile, linear",
                         **{k: timed.get(k) for k in ("dtype", "resolution", "device")}}
             if cfg.latency.enabled else None,
             "device": timed.get("device") or device_name(device), "versions": versions(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "paper_table_1": {"label": report.PAPER_LABEL, "rows": report.PAPER_TABLE}}
     report.write_all(out, "leaderboard", results, meta, images, cfg.grid.n)
     print((out / "leaderboard.md").read_text().split("\n## ")[0])

@@ -9,6 +9,7 @@ fails with one line that says which, before any image is generated.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import numpy as np
@@ -28,10 +29,17 @@ def _import(module: str, package: str):
                         f"'pixsig-distill[preference]'), or leave it out of metrics=") from None
 
 
-def _weights_error(what: str, err: Exception) -> UserError:
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-    return UserError(f"{what} weights could not be loaded (they download on first use; offline here?): {first}; "
-                     f"run once with internet, or leave it out of metrics=")
+@contextlib.contextmanager
+def _loading(what: str):
+    """Any failure while the weights load → one line that says what and why."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{what} weights could not be loaded (they download on first use; offline here?): {first}; "
+                        f"run once with internet, or leave it out of metrics=") from None
 
 
 class _PreferenceScorer(Scorer):
@@ -51,12 +59,8 @@ class HPSv2Scorer(_PreferenceScorer):
         super().__init__(context)
         self.version = version
         self.hpsv2 = _import("hpsv2", "hpsv2")
-        try:  # score one blank image now: the weights load (or fail) before generation starts
+        with _loading(f"HPS {version}"):  # score one blank image now: the weights load before generation starts
             self._one(Image.new("RGB", (64, 64)), "a test")
-        except UserError:
-            raise
-        except Exception as err:
-            raise _weights_error(f"HPS {version}", err) from None
 
     def _one(self, image, prompt) -> float:
         return float(np.ravel(self.hpsv2.score([image], prompt, hps_version=self.version))[0])
@@ -73,10 +77,8 @@ class ImageRewardScorer(_PreferenceScorer):
         super().__init__(context)
         self.model_name = model
         module = _import("ImageReward", "image-reward")
-        try:
+        with _loading(model):
             self.model = module.load(model, device=context.device)
-        except Exception as err:
-            raise _weights_error(model, err) from None
 
     def _one(self, image, prompt) -> float:
         return float(np.ravel(self.model.score(prompt, [image]))[0])

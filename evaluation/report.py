@@ -28,7 +28,7 @@ def _fmt(value, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _cell(row: dict, column: dict) -> str:
+def cell(row: dict, column: dict) -> str:
     """`0.21 [0.19, 0.24]`: the value and its 95 % interval; ± the spread over seed sets when there are several."""
     key, digits = column["key"], column["digits"]
     text = _fmt(row.get(key), digits)
@@ -67,7 +67,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
              "|" + "---|" * (len(columns) + 8)]
     for r in rows:
         e2e, tr = r.get("latency_ms") or {}, r.get("latency_transformer_ms") or {}
-        cells = " | ".join(_cell(r, c) for c in columns)
+        cells = " | ".join(cell(r, c) for c in columns)
         steps = "" if r.get("kind") == "real" else r["steps"]
         lines.append(f"| {r['name']} | {r['method']} | {steps} | {r.get('t_bar') or ''} | {cells} | "
                      f"{_fmt(e2e.get('median'), 1)} | {_fmt(e2e.get('p90'), 1)} | {_fmt(tr.get('median'), 1)} | "

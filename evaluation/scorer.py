@@ -115,6 +115,7 @@ class ScorerSet:
     """The scorers of one evaluation, in config order."""
 
     scorers: list[Scorer] = field(default_factory=list)
+    context: ScoringContext | None = None  # what they were built with (the bootstrap settings the report names)
 
     @property
     def columns(self) -> list[Column]:

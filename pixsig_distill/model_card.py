@@ -107,6 +107,8 @@ def _training(training: dict) -> list[str]:
 
 
 def _evaluation(evaluation: dict) -> list[str]:
+    from evaluation.report import cell
+
     rows, meta = evaluation["rows"], evaluation["meta"]
     columns = meta["columns"]
     lines = ["## Evaluation", "",
@@ -115,14 +117,8 @@ def _evaluation(evaluation: dict) -> list[str]:
              "", "| row | steps | " + " | ".join(c["header"] for c in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     for r in rows:
-        cells = []
-        for c in columns:
-            value = r.get(c["key"])
-            text = "—" if value is None else f"{value:.{c['digits']}f}"
-            if r.get(f"{c['key']}_lo") is not None:
-                text += f" [{r[c['key'] + '_lo']:.{c['digits']}f}, {r[c['key'] + '_hi']:.{c['digits']}f}]"
-            cells.append(text)
-        lines.append(f"| {r['name']} | {r['steps'] if r.get('kind') != 'real' else ''} | {' | '.join(cells)} |")
+        cells = " | ".join(cell(r, c) for c in columns)
+        lines.append(f"| {r['name']} | {r['steps'] if r.get('kind') != 'real' else ''} | {cells} |")
     lines += [""] + [f"- {name}: " + "; ".join(f"{k}: {v}" for k, v in settings.items()
                                                 if v is not None and k not in ("resamples",))
                      for name, settings in meta.get("scorers", {}).items()]

@@ -14,10 +14,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pixsig_distill.config import build
 from pixsig_distill.errors import UserError
+from pixsig_distill.inference import InferenceMode, add_prompts, load_for_inference
 
 from .cache import ImageCache, entry_key, generate_cached, weights_fingerprint
 from .prompts import PromptSet, load_prompt_set
@@ -101,41 +102,42 @@ def check_row_steps(row: RowSpec) -> None:
 class Models:
     """Loads each model once; keeps the teacher and at most one student in memory."""
 
-    def __init__(self, model_cfg: DictConfig, device: str, dtype: str | None, teacher=None):
-        self.model_cfg, self.device, self.dtype, self.loaded = model_cfg, device, dtype, {}
+    def __init__(self, model_cfg: DictConfig, device: str, mode: InferenceMode | None, teacher=None):
+        self.model_cfg, self.device, self.mode, self.loaded = model_cfg, device, mode or InferenceMode(), {}
         if teacher is not None:  # a training run hands over its teacher
             self.loaded[(True, None)] = teacher
 
-    def get(self, row: RowSpec):
+    def get(self, row: RowSpec, prompts: list[str] | None = None):
+        """The row's model, able to encode `prompts` (with text_encoder.release: T5 loaded alone, prompts encoded,
+        T5 freed, before or after the model is loaded)."""
         key = (row.kind == "teacher", row.path)
         if key not in self.loaded:
             for other in [k for k in self.loaded if not k[0]]:  # drop the previous student
                 del self.loaded[other]
             gc.collect()
-            self.loaded[key] = self._load(row)
+            self.loaded[key] = self._load(row, prompts)
+        elif prompts and not self.loaded[key].can_encode(prompts):
+            add_prompts(self.loaded[key], prompts, self.model_cfg, self.device, self.mode)
         return self.loaded[key]
 
-    def _load(self, row: RowSpec):
-        from pixsig_distill.students import load_student
-
-        if row.kind == "teacher":
-            overrides = {"device": self.device, **({"torch_dtype": self.dtype} if self.dtype else {})}
-            if row.path is not None:
-                overrides["pretrained"] = row.path
-            return build(self.model_cfg, **overrides)
-        model_cfg = OmegaConf.to_container(self.model_cfg, resolve=True)
-        return load_student(row.path, model_cfg, device=self.device, dtype=self.dtype)[0]
+    def _load(self, row: RowSpec, prompts):
+        student = row.path if row.kind != "teacher" else None
+        pretrained = row.path if row.kind == "teacher" else None
+        return load_for_inference(self.model_cfg, student, self.device, self.mode, pretrained, prompts)[0]
 
 
-def row_settings(row: RowSpec, model_cfg: DictConfig, args: dict, dtype: str | None, device: str) -> dict:
-    """Everything that shapes a row's images: its cache key is a hash of this."""
+def row_settings(row: RowSpec, model_cfg: DictConfig, args: dict, mode: InferenceMode | None, device: str) -> dict:
+    """Everything that shapes a row's images: its cache key is a hash of this (compile, offload and releasing T5
+    do not change them; a quantized T5 does)."""
+    dtype = mode.dtype if mode else None
+    quantized = {"text_encoder_quantization": mode.quantization} if mode and mode.quantization != "none" else {}
     teacher = row.path if row.kind == "teacher" and row.path else str(model_cfg.pretrained)
     return {"method": row.method, "steps": row.steps, "guidance_scale": args["guidance_scale"],
             "timesteps": args["timesteps"], "path": str(Path(row.path).resolve()) if row.path else None,
             "weights": weights_fingerprint(row.path or teacher), "teacher": teacher,
             "teacher_weights": weights_fingerprint(teacher), "dtype": dtype or model_cfg.get("torch_dtype"),
             "resolution": model_cfg.get("resolution"), "max_sequence_length": model_cfg.get("max_sequence_length"),
-            "device_type": device.split(":")[0]}
+            "device_type": device.split(":")[0], **quantized}
 
 
 # ---- the engine ---------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ class Evaluation:
     seed: int = 0
     seed_sets: int = 1  # > 1: the main set again with other seeds; every figure gets its spread over sets
     batch_size: int = 250
-    dtype: str | None = None
+    mode: InferenceMode | None = None  # dtype, compile, offload, text encoder (pixsig_distill/inference.py)
     teacher_cache_dir: Path | None = None  # the teacher's images, shared between runs (null: out/cache)
     latency: dict | None = None  # {modes, warmup, runs, batch_size}, timed on the main process
     teacher: object = None  # an already loaded teacher (a training run's)
@@ -181,11 +183,11 @@ class Evaluation:
 
 
 def _images(ev: Evaluation, row: RowSpec, models: Models, args: dict, prompts, seeds, label: str):
-    settings = {**row_settings(row, ev.model_cfg, args, ev.dtype, ev.device), "set": label}
+    settings = {**row_settings(row, ev.model_cfg, args, ev.mode, ev.device), "set": label}
     root = (ev.teacher_cache_dir if row.kind == "teacher" else None) or ev.out / "cache"
     cache = ImageCache(root / entry_key(f"{row.name}-{label}", row.steps, settings), settings,
                        ev.accelerator.process_index)
-    generate_cached(lambda: models.get(row), cache, prompts, seeds, args["steps"], args["guidance_scale"],
+    generate_cached(lambda: models.get(row, prompts), cache, prompts, seeds, args["steps"], args["guidance_scale"],
                     args["timesteps"], ev.batch_size, ev.accelerator,
                     desc=f"generating {row.label}" + ("" if label == "s0" else f" [{label}]"), progress=ev.progress)
     return cache
@@ -194,9 +196,10 @@ def _images(ev: Evaluation, row: RowSpec, models: Models, args: dict, prompts, s
 def _latency(ev: Evaluation, model, args: dict) -> dict:
     from .latency import measure_latency
 
-    lat = ev.latency
-    return {mode: measure_latency(model, ev.prompt_set.prompts[0], mode=mode, batch_size=lat["batch_size"],
-                                  warmup=lat["warmup"], runs=lat["runs"], **args) for mode in lat["modes"]}
+    lat, how = ev.latency, (ev.mode or InferenceMode()).describe(model)
+    return {mode: {**measure_latency(model, ev.prompt_set.prompts[0], mode=mode, batch_size=lat["batch_size"],
+                                     warmup=lat["warmup"], runs=lat["runs"], **args), "inference": how}
+            for mode in lat["modes"]}
 
 
 def _merge_seed_sets(result: dict, per_set: list[dict], scorers: ScorerSet) -> None:
@@ -211,7 +214,7 @@ def _merge_seed_sets(result: dict, per_set: list[dict], scorers: ScorerSet) -> N
 
 def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
     """Every row's figures (on the main process; [] elsewhere) and the first images of each row for grids."""
-    models = Models(ev.model_cfg, ev.device, ev.dtype, ev.teacher)
+    models = Models(ev.model_cfg, ev.device, ev.mode, ev.teacher)
     results, grids = [], []
     main = ev.accelerator.is_main_process
     for row in rows:  # rows of one model are adjacent, so each model loads once
@@ -231,7 +234,7 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
         main_sets = [_images(ev, row, models, args, *ev.image_sets(None, k)) for k in range(ev.seed_sets)]
         own = {s.name: _images(ev, row, models, args, *ev.image_sets(s))
                for s in ev.scorers.scorers if s.own_prompts() is not None}
-        lat = _latency(ev, models.get(row), args) if ev.latency and main else {}
+        lat = _latency(ev, models.get(row, ev.prompt_set.prompts[:1]), args) if ev.latency and main else {}
         if main:
             n = len(ev.prompt_set.prompts)
             per_set = [{} for _ in main_sets]

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import pixsig_distill.config  # noqa: F401  (registers the ${toy_asset:...} resolver the model configs use)
 from pixsig_distill.config import check_int, one_line_config_errors
 from pixsig_distill.errors import UserError, exit_on_user_error
+from pixsig_distill.inference import InferenceMode
 from pixsig_distill.console import start_process
 
 from . import report
@@ -105,7 +106,7 @@ def run(cfg: DictConfig) -> dict:
     scorers = build_scorers(cfg.eval, context)
     latency = OmegaConf.to_container(cfg.latency) if cfg.latency.enabled else None
     ev = Evaluation(cfg.model, prompt_set, scorers, out, accelerator, device, cfg.seed, cfg.eval.seed_sets,
-                    cfg.batch_size, cfg.dtype, latency=latency, progress=cfg.progress)
+                    cfg.batch_size, InferenceMode.from_config(cfg), latency=latency, progress=cfg.progress)
     results, images = evaluate(ev, rows)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -113,7 +114,7 @@ def run(cfg: DictConfig) -> dict:
     timed = next((rec for r in results for rec in r["latency"].values()), {})
     meta = {**ev.meta(str(cfg.model.pretrained)),
             "latency": {**OmegaConf.to_container(cfg.latency), "percentiles": "numpy.percentile, linear",
-                        **{k: timed.get(k) for k in ("dtype", "resolution", "device")}}
+                        **{k: timed.get(k) for k in ("dtype", "resolution", "device", "inference")}}
             if cfg.latency.enabled else None,
             "device": timed.get("device") or device_name(device), "versions": versions(),
             "paper_table_1": {"label": report.PAPER_LABEL, "rows": report.PAPER_TABLE}}

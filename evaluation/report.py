@@ -80,7 +80,8 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
         lines.append(f"- **Latency**: batch {lat['batch_size']}, {lat['warmup']} warm-up + {lat['runs']} timed runs, "
                      f"device synchronised, median and p90 (numpy, linear); end-to-end = T5 + transformer steps + "
                      f"VAE decode, transformer-only = the denoising loop on precomputed embeddings; "
-                     f"{lat.get('dtype')}, {lat.get('resolution')} px.")
+                     f"{lat.get('dtype')}, {lat.get('resolution')} px"
+                     + (f"; inference mode: {lat['inference']}" if lat.get("inference") else "") + ".")
     lines += ["", "## Differences the intervals do not resolve", "",
               "Pairs of rows whose intervals overlap (a difference between them may be noise):", ""]
     for column in columns:

@@ -26,27 +26,29 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")  # torch.s
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state keyed by parameter name ({name: {exp_avg: ...}}) → safetensors tensors + JSON rest."""
     tensors, scalars = {}, {}
-    for param_id, param_state in state_dict["state"].items():
+    for param, param_state in state_dict["state"].items():
         for key, value in param_state.items():
             if torch.is_tensor(value):
-                tensors[f"{param_id}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{param}.{key}"] = value.detach().to("cpu", copy=True).contiguous()  # own storage
             else:
-                scalars[f"{param_id}.{key}"] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+                scalars[f"{param}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars, "keys": "names"}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+    state: dict = {}
+    legacy = meta.get("keys") != "names"  # older checkpoints keyed the state by parameter index
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+        param, key = name.rsplit(".", 1)  # optimizer state keys (exp_avg, step, ...) hold no dot
+        state.setdefault(int(param) if legacy else param, {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"], **({"legacy_ids": True} if legacy else {})}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, models: dict[str, dict], optimizers: dict, extra: dict,
+def save_checkpoint(ckpt_root: Path, step: int, models: dict[str, dict], optimizers: dict[str, dict], extra: dict,
                     keep: int = 2) -> Path:
-    """Write models (name → state_dict) and optimizers atomically; keep the `keep` newest checkpoints."""
+    """Write models and optimizers (name → state dict) atomically; keep the `keep` newest checkpoints."""
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
     for stale in ckpt_root.glob(".tmp-*"):  # left by a run that was killed while saving
@@ -54,8 +56,8 @@ def save_checkpoint(ckpt_root: Path, step: int, models: dict[str, dict], optimiz
     tmp.mkdir(parents=True)
     for name, state_dict in models.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / f"{name}.safetensors"))
-    for name, optimizer in optimizers.items():
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    for name, state_dict in optimizers.items():
+        tensors, meta = _flatten_optimizer(state_dict)
         save_file(tensors, str(tmp / f"optimizer-{name}.safetensors"), metadata={"meta": json.dumps(meta)})
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **extra}, indent=1))
     for f in tmp.iterdir():  # make the data durable before the rename makes it visible
@@ -106,7 +108,7 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
     return path
 
 
-def _keep_configured_hyperparameters(name: str, optimizer, configured: list[dict]) -> None:
+def keep_configured_hyperparameters(name: str, optimizer, configured: list[dict]) -> None:
     """A resumed optimizer keeps its moments but takes the learning rate (and the other settings) of the command
     that resumed it: a user who resumes with a new lr gets it, and the log says so."""
     for group, wanted in zip(optimizer.param_groups, configured):
@@ -119,21 +121,36 @@ def _keep_configured_hyperparameters(name: str, optimizer, configured: list[dict
                 group[key] = value
 
 
-def load_checkpoint(path: Path, models: dict[str, torch.nn.Module], optimizers: dict) -> dict:
-    """Load weights and optimizer states in place; returns the saved state (step, ...)."""
-    try:
-        for name, module in models.items():
-            module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
-        for name, optimizer in optimizers.items():
-            file = path / f"optimizer-{name}.safetensors"
-            from safetensors import safe_open
+def load_checkpoint(path: Path, models: dict[str, torch.nn.Module]) -> dict:
+    """Load the weights in place; returns the saved state (step, ...). Optimizer states: `read_optimizer_states`."""
+    return _readable(path, lambda: _load_models(path, models))
 
+
+def _load_models(path: Path, models: dict[str, torch.nn.Module]) -> dict:
+    for name, module in models.items():
+        module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def read_optimizer_states(path: Path, names) -> dict[str, dict]:
+    """name → the optimizer state saved in the checkpoint (keyed by parameter name)."""
+    from safetensors import safe_open
+
+    def read():
+        out = {}
+        for name in names:
+            file = path / f"optimizer-{name}.safetensors"
             with safe_open(str(file), "pt") as f:
                 meta = json.loads(f.metadata()["meta"])
-            configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-            optimizer.load_state_dict(_unflatten_optimizer(load_file(str(file)), meta))
-            _keep_configured_hyperparameters(name, optimizer, configured)
-        return json.loads((path / STATE_FILE).read_text())
+            out[name] = _unflatten_optimizer(load_file(str(file)), meta)
+        return out
+
+    return _readable(path, read)
+
+
+def _readable(path: Path, read):
+    try:
+        return read()
     except UserError:
         raise
     except Exception as err:

@@ -1,20 +1,20 @@
-"""Training on several processes (DDP, FSDP, DeepSpeed): what changes, in one place.
+"""Training on several processes (DDP, FSDP2, DeepSpeed): what changes, in one place.
 
 The loop and the methods are written as if for one process; accelerate makes them data-parallel.
 What differs once there are several processes, and more once a strategy shards the networks:
 
 * the Accelerator must exist before any model is built, so that the teacher lands on this
   process's device (`make_accelerator`);
-* full weights for a checkpoint are gathered from every process (`model_state_dicts`: a
-  collective under FSDP and ZeRO-3, so every process calls it and the main one writes);
-* a sharded optimizer holds only this process's part of its state, which our one-file-per-network
-  checkpoints cannot hold (`optimizer_sharded`: such checkpoints keep weights and EMA, and AdamW's
-  moments restart on resume);
-* outside forward/backward a parameter may be a shard (FSDP) or an empty placeholder (ZeRO-3): the
-  EMA update reads them inside `full_parameters`.
+* every trained network is prepared with its own optimizer, one `accelerator.prepare` call each
+  (FSDP2 takes one model per call; DMD trains two);
+* under FSDP2 a parameter is a DTensor shard between steps: full weights for a checkpoint or the EMA
+  are gathered with `full_tensor` (a collective: every process calls it), and the optimizer state is
+  gathered to the main process in torch's FQN-keyed form (`optimizer_state_dicts`) and scattered back
+  on resume (`load_optimizer_states`), so a sharded run resumes with its AdamW moments;
+* DeepSpeed keeps its own optimizer; its checkpoints hold weights and EMA only.
 
-Only the DDP path is exercised by the tests (two CPU processes over gloo, tests/test_multiprocess.py);
-FSDP and DeepSpeed need GPUs and are untested here (docs/scaling.md).
+tests/test_multiprocess.py (DDP) and tests/test_fsdp.py (FSDP2) run all of this with two CPU processes
+over gloo; DeepSpeed is not installable here (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -54,9 +54,12 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
         torch.cuda.set_device(wanted)
     # Gradient accumulation is the methods' own (methods/common.py: accumulated_step), not accelerate's.
     accelerator = Accelerator(cpu=wanted.type == "cpu", mixed_precision=mixed_precision)
-    if getattr(accelerator, "is_fsdp2", False):
-        raise UserError("fsdp_version: 2 is not supported (DMD prepares two networks in one call, which "
-                        "accelerate's FSDP2 refuses); use pixsig_distill/conf/accelerate/fsdp_*.yaml (fsdp_version: 1)")
+    if wanted.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _fsdp_on_cpu(accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise UserError("fsdp_version: 1 is retired in this toolkit; launch with "
+                        "pixsig_distill/conf/accelerate/fsdp2_full_shard.yaml or fsdp2_shard_grad_op.yaml "
+                        "(fsdp_version: 2, docs/scaling.md)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED and grad_accum > 1:
         raise UserError(f"train.grad_accum={grad_accum} under DeepSpeed: DeepSpeed steps its optimizer inside every "
                         f"backward unless it runs its own accumulation, which this toolkit does not drive; use "
@@ -68,14 +71,26 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
     return accelerator
 
 
-def optimizer_sharded(accelerator) -> bool:
-    """Does each process hold only a shard of the optimizer state (FSDP, DeepSpeed ZeRO)?"""
-    return accelerator is not None and accelerator.distributed_type in (DistributedType.FSDP,
-                                                                        DistributedType.DEEPSPEED)
+def _fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """accelerate turns an FSDP launch into FSDP for GPU processes only (CPU processes become plain MULTI_CPU).
+    torch's FSDP2 runs on CPU over gloo, so for CPU processes (tests, debugging) we switch the shared state to the
+    launch's FSDP plugin ourselves: from here on the run goes through accelerate's own FSDP2 code, as on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.num_processes < 2:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` set
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does for GPU processes
 
 
 def parameters_sharded(accelerator) -> bool:
-    """Are the weights themselves sharded between steps (FSDP, DeepSpeed ZeRO-3)?"""
+    """Are the weights themselves sharded between steps (FSDP2, DeepSpeed ZeRO-3)?"""
     if accelerator is None:
         return False
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -85,34 +100,67 @@ def parameters_sharded(accelerator) -> bool:
     return False
 
 
+def zero3(accelerator) -> bool:
+    """DeepSpeed ZeRO-3: parameters are empty placeholders outside forward/backward."""
+    return (accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED
+            and parameters_sharded(accelerator))
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 shard (DTensor) is gathered, a collective every process must join."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """param ← full; a sharded param keeps only its own shard of `full` (the same on every process)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(param.device, param.dtype)
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full, param.device_mesh, param.placements)
+    param.copy_(full)
+
+
+def clip_grad_norm(accelerator, model, max_norm: float) -> torch.Tensor | None:
+    """Clip `model`'s gradients to a total norm of `max_norm`; returns the norm before clipping.
+
+    Under FSDP2 accelerate finds the model by comparing parameter lists with `==`, which fails once a second
+    model is prepared (DMD): there torch's clip runs directly; it reduces the sharded (DTensor) gradients itself."""
+    if accelerator.is_fsdp2:
+        accelerator.unscale_gradients()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+        return full_tensor(norm)
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def model_state_dicts(method, accelerator) -> dict[str, dict]:
-    """name → full state dict of every module the method checkpoints. Call it on every process:
-    gathering sharded weights is collective (under FSDP only the main process receives them)."""
-    if accelerator is None:
-        return {name: module.state_dict() for name, module in method.checkpoint_modules().items()}
-    prepared = {id(accelerator.unwrap_model(model)): model for model in method.models.values()}
-    out = {}
-    for name, module in method.checkpoint_modules().items():
-        model = prepared.get(id(module))  # a trained network: accelerate knows how to gather it
-        out[name] = accelerator.get_state_dict(model) if model is not None else module.state_dict()
-    return out
+    """name → full state dict (on the CPU) of every module the method checkpoints. Call it on every process:
+    gathering sharded weights is collective (every process then holds them)."""
+    for model in method.models.values():
+        resharded(model)  # first: checkpoint_modules() may hold the parameters registered now (LoRA adapters)
+    modules = method.checkpoint_modules()
+    if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        prepared = {id(accelerator.unwrap_model(model)): model for model in method.models.values()}
+        return {name: accelerator.get_state_dict(prepared[id(module)]) if id(module) in prepared
+                else module.state_dict() for name, module in modules.items()}
+    return {name: {key: full_tensor(value).detach().cpu() for key, value in module.state_dict().items()}
+            for name, module in modules.items()}
 
 
 @contextlib.contextmanager
 def full_parameters(accelerator, model):
     """The unwrapped `model` with its full parameters readable (the EMA update reads them).
 
-    Collective under FSDP and ZeRO-3: every process must enter it. Elsewhere it only unwraps."""
+    Collective under ZeRO-3: every process must enter it. FSDP2 parameters are DTensors, which the EMA gathers
+    one by one (`full_tensor`); elsewhere this only unwraps."""
     if accelerator is None:
         yield model
         return
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.summon_full_params(model, writeback=False):
-            yield unwrapped
-    elif parameters_sharded(accelerator):  # DeepSpeed ZeRO-3
+    if zero3(accelerator):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
@@ -121,18 +169,71 @@ def full_parameters(accelerator, model):
         yield unwrapped
 
 
-def optimizers_to_resume(checkpoint: Path, optimizers: dict, accelerator) -> dict:
-    """The optimizers whose state a resume restores: none when this run shards them, none when the
-    checkpoint was written without them (by a sharded run); AdamW's moments then restart."""
+def resharded(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every FSDP2 unit holding its sharded parameters again. A forward outside backward (no_grad:
+    LCM-LoRA's target, previews) leaves the root unit's parameters gathered and registered in place of the
+    DTensors the optimizer holds; the state-dict functions map parameters by name and need the DTensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def optimizer_state_dicts(method, accelerator) -> dict[str, dict]:
+    """name → the optimizer's full state keyed by parameter names (torch.distributed.checkpoint.state_dict), on the
+    main process; gathered from the shards under FSDP2 (collective: call it on every process). {} under DeepSpeed,
+    whose optimizer is its own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return {}
+    sharded = parameters_sharded(accelerator)
+    options = StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
+    return {name: get_optimizer_state_dict(resharded(_model_of(method, name)), _torch_optimizer(optimizer),
+                                           options=options)
+            for name, optimizer in method.optimizers.items()}
+
+
+def load_optimizer_states(states: dict[str, dict], method, accelerator) -> None:
+    """Restore the optimizers after `prepare` (FSDP2 replaces the parameters an optimizer holds): each process
+    reads the full state and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=parameters_sharded(accelerator))
+    for name, state in states.items():
+        optimizer = _torch_optimizer(method.optimizers[name])
+        if state.get("legacy_ids"):  # written before checkpoints keyed the state by parameter name
+            optimizer.load_state_dict({k: v for k, v in state.items() if k != "legacy_ids"})
+        else:
+            set_optimizer_state_dict(resharded(_model_of(method, name)), optimizer, state, options=options)
+
+
+def _model_of(method, name: str) -> torch.nn.Module:
+    """The trained network an optimizer belongs to: methods name both alike (generator, fake_score, student)."""
+    if name not in method.models:
+        raise KeyError(f"optimizer '{name}' has no network of the same name in method.models")
+    return method.models[name]
+
+
+def resumable_optimizers(checkpoint: Path, method, accelerator) -> list[str]:
+    """The optimizers whose state a resume restores: all, unless this run keeps its own (DeepSpeed) or the
+    checkpoint was written without them; AdamW's moments then restart (logged)."""
     try:
         saved = json.loads((Path(checkpoint) / "state.json").read_text()).get("optimizer_states", True)
     except (OSError, ValueError, AttributeError):
-        return optimizers  # load_checkpoint reports the broken checkpoint
-    if optimizer_sharded(accelerator) or not saved:
+        saved = True  # load_checkpoint reports the broken checkpoint
+    deepspeed = accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed or not saved:
         log.warning("resuming from %s without optimizer states (%s): the optimizers start afresh", checkpoint,
-                    "this run shards them" if saved else "the checkpoint has none")
-        return {}
-    return optimizers
+                    "DeepSpeed keeps its own" if deepspeed else "the checkpoint has none")
+        return []
+    return list(method.optimizers)
 
 
 def check_same_step(accelerator, step: int, out_dir: Path) -> None:
@@ -158,7 +259,7 @@ def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
 def write_rank_digest(out_dir: Path, step: int, accelerator, state_dicts: dict[str, dict]) -> None:
     """Test hook: with PIXSIG_RANK_DIGESTS=1, every process writes the digests of the weights it holds at
     each checkpoint to out_dir/rank_digests/ (tests/test_multiprocess.py compares the processes). Off
-    otherwise; meaningful for replicated weights (DDP), not for FSDP where only the main process has them."""
+    otherwise. Every process holds the full weights here (gathered under FSDP2), so their digests must agree."""
     if not os.environ.get(DIGEST_ENV):
         return
     folder = Path(out_dir) / "rank_digests"

@@ -21,8 +21,11 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .distributed import check_same_step, model_state_dicts, optimizer_sharded, optimizers_to_resume, write_rank_digest
+from .checkpoint import (keep_configured_hyperparameters, list_checkpoints, load_checkpoint, read_optimizer_states,
+                         resolve_resume, save_checkpoint)
+from .distributed import (check_same_step, load_optimizer_states, model_state_dicts, optimizer_state_dicts,
+                          parameters_sharded, resumable_optimizers, write_rank_digest)
+from .draws import StepDraws
 from .errors import UserError
 from .faults import fault_point
 from .images import save_grid, to_uint8
@@ -39,7 +42,8 @@ class Method(Protocol):
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]: ...  # models + EMAs, unwrapped
     def prepare(self, accelerator: Accelerator) -> None: ...
     # One update of every trained network from `batch`, split into `micro_batches` for gradient accumulation.
-    def train_step(self, batch: dict, generator: torch.Generator, micro_batches: int = 1) -> dict[str, float]: ...
+    # The step's random numbers come as draws.StepDraws (a plain torch.Generator means one process).
+    def train_step(self, batch: dict, draws: StepDraws, micro_batches: int = 1) -> dict[str, float]: ...
     def sample(self, embeds: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
     def export(self, out_dir: Path) -> Path: ...
 
@@ -98,9 +102,15 @@ class RunLock:
             self.file.close()
 
 
-def step_generator(seed: int, step: int, process: int) -> torch.Generator:
-    """Noise for step `step` on process `process` depends only on them: resume replays it exactly."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random numbers of step `step` depend only on it: resume replays them exactly."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009)
+
+
+def step_draws(seed: int, step: int, process: int, num_processes: int) -> StepDraws:
+    """This process's rows of the step's draws, made for the global batch (draws.py): the split into processes
+    does not change the numbers."""
+    return StepDraws(step_generator(seed, step), process, num_processes)
 
 
 def batch_indices(n_items: int, batch_size: int, step: int, process: int, num_processes: int, seed: int):
@@ -124,8 +134,11 @@ def collate(items: list[dict]) -> dict:
 
 
 def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int = 0,
-          resume: str | None = "auto", accelerator: Accelerator | None = None) -> dict:
-    """Train `method` until `cfg.max_steps` (or the time budget); returns a summary dict."""
+          resume: str | None = "auto", accelerator: Accelerator | None = None, fresh_method=None) -> dict:
+    """Train `method` until `cfg.max_steps` (or the time budget); returns a summary dict.
+
+    `fresh_method()` builds an unprepared copy of the method: with sharded weights (FSDP2) the export is
+    written from it, loaded with the final checkpoint's gathered weights."""
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
     if cfg.deterministic:
@@ -134,16 +147,26 @@ def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed
     with RunLock(out_dir) if accelerator.is_main_process else _nullcontext():
         start_step = 0
         path = resolve_resume(resume, ckpt_root)
-        if path is not None:
-            state = load_checkpoint(path, method.checkpoint_modules(),
-                                    optimizers_to_resume(path, method.optimizers, accelerator))
-            start_step = state["step"]
+        if path is not None:  # weights into the plain networks, before accelerate wraps or shards them
+            start_step = load_checkpoint(path, method.checkpoint_modules())["step"]
             accelerator.print(f"resuming from {path} (step {start_step})")
             log.info("resumed from %s at step %d", path, start_step)
         check_same_step(accelerator, start_step, out_dir)  # several processes: all from the same checkpoint
         method.prepare(accelerator)
-        summary = _run(method, dataset, teacher, cfg, out_dir, seed, start_step, accelerator)
+        if path is not None:
+            _resume_optimizers(path, method, accelerator)
+        summary = _run(method, dataset, teacher, cfg, out_dir, seed, start_step, accelerator, fresh_method)
     return summary
+
+
+def _resume_optimizers(path: Path, method, accelerator) -> None:
+    """After `prepare` (FSDP2 swaps the parameters an optimizer holds): the saved moments, the configured lr."""
+    names = resumable_optimizers(path, method, accelerator)
+    configured = {name: [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                  for name, opt in method.optimizers.items()}
+    load_optimizer_states(read_optimizer_states(path, names), method, accelerator)
+    for name in names:
+        keep_configured_hyperparameters(name, method.optimizers[name], configured[name])
 
 
 class _nullcontext:
@@ -154,8 +177,11 @@ class _nullcontext:
         return False
 
 
-def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, step: int, accelerator) -> dict:
+def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, step: int, accelerator,
+         fresh_method=None) -> dict:
     main = accelerator.is_main_process
+    # A sharded network's forward is a collective: every process takes part in the previews then.
+    preview_here = main or parameters_sharded(accelerator)
     writer = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
@@ -175,7 +201,8 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
         indices = batch_indices(len(dataset), samples_per_step, step, accelerator.process_index,
                                 accelerator.num_processes, seed)
         batch = _to_device(_encode(collate([dataset[i] for i in indices]), teacher), accelerator.device)
-        logs = method.train_step(batch, step_generator(seed, step, accelerator.process_index), cfg.grad_accum)
+        logs = method.train_step(batch, step_draws(seed, step, accelerator.process_index, accelerator.num_processes),
+                                 cfg.grad_accum)
         logs = {k: float(v) for k, v in logs.items()}
         fault_point("step")  # tests/test_faults.py: a crash here loses only the steps since the last checkpoint
         bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
@@ -196,8 +223,8 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
                 for k, v in logs.items():
                     writer.add_scalar(k, v, step)
                 writer.add_scalar("samples_per_s", rate, step)
-        if previews and main and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            _save_preview(method, teacher, previews, out_dir / "samples" / f"step-{step:07d}.png")
+        if previews and preview_here and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            _save_preview(method, teacher, previews, out_dir / "samples" / f"step-{step:07d}.png", main)
         over_budget = time.time() - started > budget_s
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps or over_budget:
             _checkpoint(method, accelerator, out_dir, step, cfg.keep_checkpoints)
@@ -210,13 +237,25 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
     summary = {"step": step, "finished": step >= cfg.max_steps, "minutes": (time.time() - started) / 60,
                "last_logs": logs}
     if step >= cfg.max_steps and main and not stopped_by_budget:
-        summary["export"] = str(method.export(out_dir / "export"))
+        summary["export"] = str(_exportable(method, accelerator, fresh_method, out_dir).export(out_dir / "export"))
     if writer:
         writer.close()
     if main:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     return summary
+
+
+def _exportable(method, accelerator, fresh_method, out_dir: Path):
+    """The method itself, or with sharded weights (FSDP2: DTensor shards, which neither deepcopy nor
+    save_pretrained take) a fresh unprepared copy holding the final checkpoint's gathered weights."""
+    if not parameters_sharded(accelerator):
+        return method
+    if fresh_method is None:
+        raise UserError("this run shards its weights and the loop was given no fresh_method to export from")
+    fresh = fresh_method()
+    load_checkpoint(list_checkpoints(out_dir / "checkpoints")[-1], fresh.checkpoint_modules())
+    return fresh
 
 
 class StallWatch:
@@ -234,7 +273,8 @@ class StallWatch:
         # A cheap weighted sum of this process's (possibly sharded) trainable weights; any update changes it.
         out = {}
         for name, model in self.method.models.items():
-            params = [p.detach() for p in model.parameters() if p.requires_grad and p.numel()]
+            params = [getattr(p, "_local_tensor", p).detach() for p in model.parameters() if p.requires_grad]
+            params = [p for p in params if p.numel()]  # an FSDP2 shard can be empty
             if params:
                 out[name] = sum(float(p.double().sum() + (p.double() ** 2).sum()) for p in params)
         return out
@@ -276,10 +316,10 @@ def _checkpoint(method, accelerator, out_dir: Path, step: int, keep: int) -> Non
     if broken:
         _stop_non_finite(f"the weights of {', '.join(broken)}", step, out_dir)
     write_rank_digest(out_dir, step, accelerator, models)  # test hook (PIXSIG_RANK_DIGESTS=1), off otherwise
+    optimizers = optimizer_state_dicts(method, accelerator)  # collective too; {} under DeepSpeed (its own optimizer)
     if accelerator.is_main_process:
-        sharded = optimizer_sharded(accelerator)  # FSDP/ZeRO: each process holds a shard; not saved (docs/scaling.md)
-        path = save_checkpoint(out_dir / "checkpoints", step, models, {} if sharded else method.optimizers,
-                               {"optimizer_states": not sharded}, keep)
+        path = save_checkpoint(out_dir / "checkpoints", step, models, optimizers,
+                               {"optimizer_states": bool(optimizers)}, keep)
         log.info("checkpoint %s", path)
     accelerator.wait_for_everyone()
 
@@ -304,8 +344,10 @@ def _preview_inputs(teacher, prompts: list[str], seed: int):
 
 
 @torch.no_grad()
-def _save_preview(method, teacher, previews, path: Path) -> None:
+def _save_preview(method, teacher, previews, path: Path, write: bool = True) -> None:
     embeds, mask, noise = previews
     latents = method.sample(embeds, mask, noise)
+    if not write:
+        return
     images = to_uint8(teacher.decode(latents))
     save_grid(images, path, columns=len(noise), scale=max(1, 128 // images.shape[1]))  # small images only

@@ -92,6 +92,67 @@ def generation_flops(cfg: DictConfig) -> dict:
     return out
 
 
+def generation_memory(cfg: DictConfig, guided: bool = True) -> dict:
+    """Weight bytes and peak bytes of one call of each part at batch 1 (the transformer at the CFG batch of 2),
+    on fake tensors under torch's memory tracker: what the inference modes below combine."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .fake_step import _memory_tracker
+
+    with open_dict(cfg):
+        model_cfg = copy.deepcopy(cfg.model)
+        model_cfg.load_text_encoder = True
+    teacher, arch = shape_only_teacher(model_cfg)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = _Fakes(mode)
+    parts = {"text_encoder": teacher.pipe.text_encoder, "transformer": teacher.transformer, "vae": teacher.vae}
+    for module in parts.values():
+        fakes.module(module)
+    batch, tokens = (2 if guided else 1), arch.max_sequence_length
+    out = {}
+    with mode, torch.no_grad():
+        latents = torch.empty(teacher.latent_shape(batch), dtype=teacher.dtype)
+        embeds = torch.empty(batch, tokens, arch.transformer["caption_channels"], dtype=teacher.dtype)
+        calls = {"text_encoder": lambda: parts["text_encoder"](torch.zeros(1, tokens, dtype=torch.long)),
+                 "transformer": lambda: teacher.eps(latents, torch.tensor([500]), embeds,
+                                                    torch.ones(batch, tokens, dtype=torch.long)),
+                 "vae": lambda: teacher.vae.decode(latents[:1])}
+        for name, call in calls.items():
+            tracker = _memory_tracker()
+            tracker.track_external(parts[name])
+            with tracker:
+                call()
+            peak = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+            weights = sum(p.numel() * p.element_size() for p in parts[name].parameters())
+            out[name] = {"weight_bytes": float(weights), "peak_bytes": float(peak)}
+    return out
+
+
+# Bytes per T5 weight relative to bf16 once quantized (bitsandbytes keeps layer norms and the embedding in 16 bits;
+# ignored here): the planner's assumption, not a measurement.
+QUANTIZED_SHARE = {"none": 1.0, "8bit": 0.5, "4bit": 0.25}
+
+
+def inference_memory(parts: dict) -> dict:
+    """Predicted peak device memory of generation per inference mode, from `generation_memory`'s parts."""
+    def with_t5(quantization):
+        t5 = parts["text_encoder"]
+        weights = t5["weight_bytes"] * QUANTIZED_SHARE[quantization]
+        return weights, weights + (t5["peak_bytes"] - t5["weight_bytes"])
+
+    tr, vae = parts["transformer"], parts["vae"]
+    image_weights = tr["weight_bytes"] + vae["weight_bytes"]
+    image_peak = image_weights + max(tr["peak_bytes"] - tr["weight_bytes"], vae["peak_bytes"] - vae["weight_bytes"])
+    modes = {}
+    for quantization in QUANTIZED_SHARE:
+        t5_weights, t5_peak = with_t5(quantization)
+        label = "" if quantization == "none" else f", T5 {quantization}"
+        modes[f"all resident{label}"] = max(t5_peak + image_weights, t5_weights + image_peak)
+        modes[f"text_encoder.release{label}"] = max(t5_peak, image_peak)
+        modes[f"offload=model{label}"] = max(t5_peak, tr["peak_bytes"], vae["peak_bytes"])
+    return modes
+
+
 def roofline_latency(parts: dict, gpu: GPU, steps: int, cfg_calls: int) -> float:
     """Seconds for one image: each network call takes max(FLOPs / (peak·MFU), weights / bandwidth)."""
     def call(name: str, batch: int = 1) -> float:
@@ -134,6 +195,10 @@ def plan(cfg: DictConfig) -> dict:
                                                                guided),
                          "teacher_steps": int(cfg.model.get("num_inference_steps", 20)), "teacher_cfg_calls": guided,
                          "infer_mfu": INFER_MFU, "parts": parts}
+    if options.get("inference"):
+        guided = float(cfg.model.get("guidance_scale", 1.0)) > 1
+        report["inference_memory"] = {"resolution": cfg.model.get("resolution"), "guided": guided,
+                                      "modes": inference_memory(generation_memory(cfg, guided))}
     report["planner_seconds"] = time.time() - began
     print(format_report(report))
     if options.out:
@@ -160,6 +225,10 @@ def format_report(report: dict) -> str:
                   f"  generation (roofline, {g['infer_mfu']:.0%} MFU, batch 1): 1 step ≈ "
                   f"{1000 * g['latency_1_step_s']:.0f} ms; teacher {g['teacher_steps']} steps × "
                   f"{g['teacher_cfg_calls']} calls ≈ {1000 * g['latency_teacher_s']:.0f} ms (T5 + transformer + VAE)"]
+    if "inference_memory" in report:
+        inference = report["inference_memory"]
+        lines.append(f"  generation, peak device memory by inference mode (batch 1{', CFG' if inference['guided'] else ''}):")
+        lines += [f"    {name:34s} {value / GiB:6.2f} GiB" for name, value in inference["modes"].items()]
     lines += [f"  note: {n}" for n in report["notes"]]
     how = "every layer simulated" if report["simulated_exactly"] else "two depths simulated, extrapolated per layer"
     lines.append(f"  ({how}; planned in {report['planner_seconds']:.0f} s)")

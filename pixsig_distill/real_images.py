@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SHARD = 1024
@@ -31,8 +34,9 @@ class LatentBank:
     def __len__(self) -> int:
         return len(self.latents)
 
-    def sample(self, batch_size: int, gen: torch.Generator, device, dtype) -> tuple[torch.Tensor, ...]:
-        rows = torch.randint(0, len(self), (batch_size,), generator=gen)
+    def sample(self, batch_size: int, gen, device, dtype) -> tuple[torch.Tensor, ...]:
+        """`batch_size` random rows; `gen` is the step's draws.StepDraws."""
+        rows = gen.randint(0, len(self), batch_size)
         return (self.latents[rows].to(device, torch.float32), self.embeds[rows].to(device, dtype),
                 self.mask[rows].to(device))
 
@@ -59,36 +63,63 @@ def encode_captions(teacher, captions: list[str], batch_size: int = 64) -> tuple
 
 
 def read_captioned_folder(folder: Path) -> tuple[list[Path], list[str]]:
-    """Image paths and their captions from `metadata.jsonl` or `captions.txt`."""
+    """Image paths and their captions from `metadata.jsonl` or `captions.txt`, checked before anything is encoded:
+    every image has a caption and every caption an image; unreadable images are skipped and counted."""
     if not folder.is_dir():
         raise UserError(f"image folder '{folder}' does not exist; give a folder of images with metadata.jsonl or "
                         f"captions.txt")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if (folder / "metadata.jsonl").is_file():
-        rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
         try:
+            rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
             pairs = [(folder / r["file_name"], str(r["text"])) for r in rows]
-        except KeyError as err:
-            raise UserError(f"{folder / 'metadata.jsonl'}: a line lacks {err}; each line is "
-                            f'{{"file_name": "...", "text": "..."}}') from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{folder / 'metadata.jsonl'}: a line is not {{\"file_name\": \"...\", \"text\": "
+                            f"\"...\"}} ({type(err).__name__}: {err}); fix that line") from None
+        unlisted = sorted(set(images) - {p for p, _ in pairs})
+        if unlisted:
+            raise UserError(f"image folder '{folder}': {len(unlisted)} images have no caption in metadata.jsonl (e.g. "
+                            f"{unlisted[0].name}); add a line for each or move them out")
     elif (folder / "captions.txt").is_file():
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         captions = (folder / "captions.txt").read_text(encoding="utf-8").splitlines()
-        if len(captions) < len(paths):
-            raise UserError(f"{folder / 'captions.txt'} has {len(captions)} lines for {len(paths)} images; give one "
-                            f"caption per image, in file-name order")
-        pairs = list(zip(paths, captions))
+        while captions and not captions[-1].strip():
+            captions.pop()
+        if len(captions) != len(images):
+            raise UserError(f"{folder / 'captions.txt'} has {len(captions)} lines for {len(images)} images; give "
+                            f"exactly one caption per image, in file-name order")
+        pairs = list(zip(images, captions))
     else:
         raise UserError(f"image folder '{folder}' has no metadata.jsonl or captions.txt; add one "
-                        f"(docs/dmd2.md)")
+                        f"(docs/finetune.md)")
+    if not pairs:
+        raise UserError(f"image folder '{folder}' lists no images; add images and their captions")
     missing = [p for p, _ in pairs if not p.is_file()]
-    if missing or not pairs:
-        raise UserError(f"image folder '{folder}': {len(missing)} listed images are missing (e.g. "
-                        f"{missing[0].name})" if missing else f"image folder '{folder}' lists no images")
-    return [p for p, _ in pairs], [c for _, c in pairs]
+    if missing:
+        raise UserError(f"image folder '{folder}': {len(missing)} listed images are missing (e.g. {missing[0].name})")
+    empty = [p for p, c in pairs if not c.strip()]
+    if empty:
+        raise UserError(f"image folder '{folder}': {len(empty)} images have an empty caption (e.g. {empty[0].name})")
+    readable = [(p, c) for p, c in pairs if _readable(p)]
+    if not readable:
+        raise UserError(f"image folder '{folder}': none of its {len(pairs)} images can be read as an image")
+    if len(readable) < len(pairs):
+        bad = next(p for p, _ in pairs if not _readable(p))
+        log.warning("image folder %s: skipped %d unreadable images of %d (e.g. %s)", folder,
+                    len(pairs) - len(readable), len(pairs), bad.name)
+    return [p for p, _ in readable], [c for _, c in readable]
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:
+        return False
 
 
 def _load_resized(path: Path, size: int) -> np.ndarray:
-    """Centre crop to a square, then resize (bicubic) to the model's resolution."""
+    """Centre crop to a square, then resize (bicubic) to the model's resolution; any mode (L, RGBA, P) → RGB."""
     with Image.open(path) as image:
         image = image.convert("RGB")
         side = min(image.size)
@@ -122,3 +153,20 @@ def ImageFolderLatents(teacher, folder: str | Path, cache_dir: str | Path | None
             tmp.replace(shard)  # a shard that exists is complete
     parts = [load_file(str(s)) for s in shards]
     return LatentBank(*(torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "mask")))
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """A captioned image folder as training items (prompt, T5 embedding, mask, VAE latents), encoded once by the
+    teacher and cached (`ImageFolderLatents`): what `distill=finetune` trains on (`data=images`)."""
+
+    def __init__(self, teacher, folder: str | Path, cache_dir: str | Path | None = None):
+        folder = Path(folder).expanduser()
+        self.bank = ImageFolderLatents(teacher, folder, cache_dir)
+        self.captions = read_captioned_folder(folder)[1]
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"prompt": self.captions[i], "embeds": self.bank.embeds[i], "mask": self.bank.mask[i],
+                "latents": self.bank.latents[i]}

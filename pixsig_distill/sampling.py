@@ -61,9 +61,11 @@ def _sync(device: torch.device) -> None:
 
 def generate_images(model, prompts: list[str], seeds: list[int], steps: int | None = None,
                     guidance_scale: float | None = None, timesteps: list[int] | None = None, batch_size: int = 8,
-                    desc: str = "generating", progress: bool = True) -> tuple[np.ndarray, float]:
+                    desc: str = "generating", progress: bool = True,
+                    batch_seconds: list | None = None) -> tuple[np.ndarray, float]:
     """Images (N, H, W, 3) uint8 for `prompts`, image i from noise seeded by `seeds[i]` (so the batch size
-    never changes an image), and the seconds spent prompt → image (model loading excluded)."""
+    never changes an image), and the seconds spent prompt → image (model loading excluded); each batch's
+    seconds are appended to `batch_seconds` if given (the first one includes compilation)."""
     images, seconds = [], 0.0
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         chunk = prompts[start:start + batch_size]
@@ -77,6 +79,9 @@ def generate_images(model, prompts: list[str], seeds: list[int], steps: int | No
                                guidance_scale=guidance_scale, timesteps=timesteps, generator=generators)
         batch = to_uint8(model.decode(latents))
         _sync(model.device)
-        seconds += time.perf_counter() - began
+        elapsed = time.perf_counter() - began
+        seconds += elapsed
+        if batch_seconds is not None:
+            batch_seconds.append(elapsed)
         images.extend(batch)
     return np.stack(images), seconds

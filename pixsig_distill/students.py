@@ -59,15 +59,16 @@ def read_card(folder: str | Path) -> dict:
         raise UserError(f"'{card}' is corrupt ({err}); re-export the student") from None
 
 
-def load_student(folder: str | Path, teacher_cfg: dict, device: str = "auto", dtype: str | None = None
-                 ) -> tuple[Teacher, SamplerSpec]:
+def load_student(folder: str | Path, teacher_cfg: dict, device: str = "auto", dtype: str | None = None,
+                 text_encoder_quantization=None, load_text_encoder: bool = True) -> tuple[Teacher, SamplerSpec]:
     """A student export as a `Teacher`-shaped sampler (same encode/sample/decode calls)."""
     card = read_card(folder)
     torch_dtype = dtype or teacher_cfg.get("torch_dtype", "float32")
+    text = {"text_encoder_quantization": text_encoder_quantization, "load_text_encoder": load_text_encoder}
     if card.get("full_pipeline"):
-        pipe = load_pipeline(str(folder), torch_dtype=torch_dtype)
+        pipe = load_pipeline(str(folder), torch_dtype=torch_dtype, **text)
     else:  # T5, tokenizer and VAE come from the teacher; transformer and scheduler from the export
-        pipe = load_pipeline(teacher_cfg["pretrained"], transformer=str(folder), torch_dtype=torch_dtype)
+        pipe = load_pipeline(teacher_cfg["pretrained"], transformer=str(folder), torch_dtype=torch_dtype, **text)
         pipe.scheduler = scheduler_class(card).from_pretrained(str(Path(folder) / "scheduler"))
     model = Teacher(pipe, max_sequence_length=teacher_cfg.get("max_sequence_length", 300),
                     guidance_scale=card.get("guidance_scale", 1.0), num_inference_steps=card["num_inference_steps"],

@@ -98,23 +98,34 @@ def source_folder(pipe) -> Path | None:
 
 
 def load_pipeline(pretrained: str, transformer: str | None = None, torch_dtype: str | torch.dtype = "float32",
-                  load_text_encoder: bool = True) -> PixArtSigmaPipeline:
+                  load_text_encoder: bool = True, text_encoder_quantization=None,
+                  text_only: bool = False) -> PixArtSigmaPipeline:
     """Load a PixArt pipeline from a hub id or a local folder, exactly as diffusers does.
 
     `transformer` optionally replaces the transformer with one from another repo or folder (its
     `transformer/` subfolder), e.g. a distilled student on top of the teacher's T5 and VAE.
-    With `load_text_encoder=False` the 4.7B T5 is skipped (training from cached embeddings).
+    With `load_text_encoder=False` the 4.7B T5 is skipped (training from cached embeddings);
+    `text_encoder_quantization` (a transformers BitsAndBytesConfig, inference.py) loads it in 8 or 4 bits;
+    `text_only` loads T5 and its tokenizer alone (prompts encoded before the rest is loaded).
     """
     dtype = resolve_dtype(torch_dtype)
     pretrained = str(os.path.expanduser(pretrained))
     components = PIPELINE_COMPONENTS if load_text_encoder else ("transformer", "vae", "scheduler")
     kwargs = {} if load_text_encoder else {"text_encoder": None, "tokenizer": None}
+    if text_only:
+        components, kwargs = ("text_encoder", "tokenizer"), {"transformer": None, "vae": None}
     if transformer is not None:
         kwargs["transformer"] = _load_transformer(transformer, dtype)
         components = tuple(c for c in components if c != "transformer")
     if not _is_hub_id(pretrained):
         check_model_folder(Path(pretrained), components)
     try:  # use_safetensors: never fall back to pickled .bin weights, local or from the hub
+        if load_text_encoder and text_encoder_quantization is not None:
+            from transformers import T5EncoderModel
+
+            kwargs["text_encoder"] = T5EncoderModel.from_pretrained(
+                pretrained, subfolder="text_encoder", quantization_config=text_encoder_quantization,
+                torch_dtype=dtype, use_safetensors=True)
         return PixArtSigmaPipeline.from_pretrained(pretrained, torch_dtype=dtype, use_safetensors=True, **kwargs)
     except Exception as err:  # diffusers/hub errors are long; name the model and the fix in one line
         raise UserError(_load_error_message(pretrained, err)) from None
@@ -179,13 +190,20 @@ class Teacher:
                             f"{pipe.transformer.config.sample_size}); set model.resolution={native} or null, or use "
                             f"the model config of that resolution")
         self.resolution = native
+        self._offload_device = None  # the GPU the offload hooks run on (enable_cpu_offload)
         self._null = None
         self._known: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt → cached (embeds, mask), no T5
 
     @classmethod
     def from_pretrained(cls, pretrained: str, transformer: str | None = None, torch_dtype: str = "float32",
-                        load_text_encoder: bool = True, **kwargs) -> "Teacher":
-        return cls(load_pipeline(pretrained, transformer, torch_dtype, load_text_encoder), **kwargs)
+                        load_text_encoder: bool = True, text_encoder_quantization=None, **kwargs) -> "Teacher":
+        return cls(load_pipeline(pretrained, transformer, torch_dtype, load_text_encoder, text_encoder_quantization),
+                   **kwargs)
+
+    def enable_cpu_offload(self, sequential: bool = False) -> None:
+        """diffusers' offload hooks: each model moves to the GPU when it runs (`sequential`: each layer)."""
+        (self.pipe.enable_sequential_cpu_offload if sequential else self.pipe.enable_model_cpu_offload)()
+        self._offload_device = self.pipe._execution_device
 
     # ---- components -------------------------------------------------------------------------
     @property
@@ -202,7 +220,8 @@ class Teacher:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.transformer.device
+        """Where inputs go: the transformer's device, or the GPU the offload hooks run it on."""
+        return self._offload_device or self.pipe.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:

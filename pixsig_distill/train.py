@@ -6,6 +6,7 @@ A thin Hydra wrapper around `run(cfg)`, which tests call directly with a compose
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
     set_seed(cfg.seed)
     teacher = build(cfg.model, device=str(accelerator.device))
     dataset = build(cfg.data)
+    if isinstance(dataset, functools.partial):  # a dataset the teacher encodes (data=images: VAE latents, T5)
+        dataset = dataset(teacher=teacher)
     if teacher.pipe.text_encoder is None and hasattr(dataset, "null_embedding"):
         embeds, mask = dataset.null_embedding()
         teacher.set_null_embedding(embeds[None].to(teacher.device, teacher.dtype), mask[None].to(teacher.device))
@@ -77,7 +80,7 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
         teacher.add_prompt_embeddings(loop_cfg.preview_prompts, torch.stack([item["embeds"] for item in items]),
                                       torch.stack([item["mask"] for item in items]))
     summary = train(method, dataset, teacher, loop_cfg, out_dir, seed=cfg.seed, resume=cfg.resume,
-                    accelerator=accelerator)
+                    accelerator=accelerator, fresh_method=lambda: build(cfg.distill, teacher=teacher))
     if summary.get("export"):
         print(f"student exported to {summary['export']}")
         facts = training_facts(cfg, summary, accelerator)

@@ -171,17 +171,22 @@ def peak_gib(device: torch.device) -> dict:
 # ---- measurements ---------------------------------------------------------------------------------
 
 def latency(config: str, dtype_name: str, compile_modes: list[str], attention: str, device: torch.device,
-            warmup: int, runs: int, teacher_steps: int) -> list[dict]:
-    """Teacher and student, end-to-end and transformer-only, compile off then on."""
+            warmup: int, runs: int, teacher_steps: int, offload: str = "none") -> list[dict]:
+    """Teacher and student, end-to-end and transformer-only, compile off then on (the same InferenceMode the
+    generate CLI and the leaderboard use; the VAE decoder is compiled too)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from pixsig_distill.inference import InferenceMode
 
     parts = components(config, device, DTYPES[dtype_name])
     parts["transformer"].set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
     teacher, student = samplers(parts, config, device)
+    InferenceMode(offload=offload).apply(teacher)
+    InferenceMode(offload=offload).apply(student)
     records = []
     for compiled in compile_modes:
         if compiled == "on":
-            parts["transformer"].compile()
+            InferenceMode(compile=True).apply(teacher)  # the transformer, shared with the student
             parts["vae"].decoder.compile()
         for name, model, kwargs in (("teacher", teacher, {"steps": teacher_steps, "guidance_scale": 4.5}),
                                     ("student_1step", student, {"timesteps": [400], "guidance_scale": 1.0})):
@@ -190,7 +195,7 @@ def latency(config: str, dtype_name: str, compile_modes: list[str], attention: s
                 record = measure_latency(model, PROMPT, mode=mode, warmup=warmup, runs=runs, **kwargs)
                 record.pop("versions")
                 records.append({**record, "config": config, "model": name, "dtype": dtype_name,
-                                "compile": compiled, "attention": attention, **peak_gib(device)})
+                                "compile": compiled, "attention": attention, "offload": offload, **peak_gib(device)})
                 print(f"  {config} {name:13s} {dtype_name} compile={compiled} {mode:10s} "
                       f"median {record['median']:.2f} ms", flush=True)
     del teacher, student, parts
@@ -233,7 +238,7 @@ def dmd_training(config: str, batch_sizes: list[int], checkpointing: list[str], 
                 counter = iter(range(10**9))
 
                 def step():
-                    method.train_step(batch, step_generator(0, next(counter), 0))
+                    method.train_step(batch, step_generator(0, next(counter)))
 
                 times = time_runs(step, warmup, runs, device_sync(device))
                 stats = summarize(times)
@@ -343,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-warmup", type=int, default=2)
     parser.add_argument("--train-runs", type=int, default=5)
     parser.add_argument("--skip", default="", help="comma list of latency, training")
+    parser.add_argument("--offload", default="none", choices=("none", "model", "sequential"),
+                        help="diffusers' CPU offload hooks for the latency runs (GPU only)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -361,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "latency" not in skip:
             for dtype_name in dtypes:
                 latencies += latency(config, dtype_name, compile_modes, args.attention, device, args.warmup,
-                                     args.runs, args.teacher_steps)
+                                     args.runs, args.teacher_steps, args.offload)
         if "training" not in skip and config in ("sigma_512", "toy"):  # DMD training is measured at 512 px
             training += dmd_training(config, [int(b) for b in parse_list(args.batch_sizes)],
                                      parse_list(args.gradient_checkpointing), device, args.train_warmup,

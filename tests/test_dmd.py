@@ -121,7 +121,7 @@ def test_export_round_trips_through_stock_diffusers(compose_train, tmp_path):
     # Our generator from the same checkpoint, sampling the same noise.
     teacher = instantiate(cfg.model)
     method = instantiate(cfg.distill, teacher=teacher)
-    load_checkpoint(tmp_path / "e" / "checkpoints" / "step-0000004", method.checkpoint_modules(), {})
+    load_checkpoint(tmp_path / "e" / "checkpoints" / "step-0000004", method.checkpoint_modules())
     embeds, mask = teacher.encode_prompts(prompts)
     noise = torch.randn(teacher.latent_shape(2), generator=torch.Generator().manual_seed(0))
     ours = method.sample(embeds, mask, noise)

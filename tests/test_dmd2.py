@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 
 from pixsig_distill.checkpoint import load_checkpoint
 from pixsig_distill.config import build
+from pixsig_distill.draws import StepDraws
 from pixsig_distill.errors import UserError
 from pixsig_distill.methods.dmd2 import discriminator_loss, generator_gan_loss
 from pixsig_distill.schedule import add_noise
@@ -46,8 +47,7 @@ def _method(compose_train, *overrides):
 
 def test_backward_simulation_feeds_each_step_the_chains_own_noise_level(compose_train):
     method, teacher = _method(compose_train, FOUR)
-    gen = torch.Generator().manual_seed(0)
-    draws = method.draw_inputs(8, gen)
+    draws = method.draw_inputs(8, StepDraws(torch.Generator().manual_seed(0)))
     draws["step"] = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     embeds, mask = teacher.encode_prompts(["a red circle"] * 8)
     x, t = method.generator_input(draws, slice(None), embeds, mask)
@@ -125,7 +125,7 @@ def test_export_round_trip_in_stock_diffusers(compose_train, tmp_path, timesteps
     stock = pipe(prompts, timesteps=timesteps, guidance_scale=1.0, output_type="latent", max_sequence_length=16,
                  generator=torch.Generator().manual_seed(0), use_resolution_binning=False).images
     method, teacher = _method(compose_train, override, f"out_dir={tmp_path / 'r'}")
-    load_checkpoint(tmp_path / "r" / "checkpoints" / "step-0000002", method.checkpoint_modules(), {})
+    load_checkpoint(tmp_path / "r" / "checkpoints" / "step-0000002", method.checkpoint_modules())
     embeds, mask = teacher.encode_prompts(prompts)
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(teacher.latent_shape(2), generator=gen)

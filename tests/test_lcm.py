@@ -27,7 +27,7 @@ def _trained(compose_train, out_dir, *overrides):
     summary = run(cfg)
     teacher = build(cfg.model)
     method = build(cfg.distill, teacher=teacher)
-    load_checkpoint(out_dir / "checkpoints" / "step-0000004", method.checkpoint_modules(), {})
+    load_checkpoint(out_dir / "checkpoints" / "step-0000004", method.checkpoint_modules())
     return summary, teacher, method
 
 

@@ -68,7 +68,7 @@ def test_lora_dmd_trains_resumes_and_exports_to_stock_diffusers(options, compose
     cfg = compose_train(*common, out_dir=tmp_path / "a")
     teacher = instantiate(cfg.model)
     method = instantiate(cfg.distill, teacher=teacher)
-    load_checkpoint(tmp_path / "a" / "checkpoints" / "step-0000004", method.checkpoint_modules(), {})
+    load_checkpoint(tmp_path / "a" / "checkpoints" / "step-0000004", method.checkpoint_modules())
     embeds, mask = teacher.encode_prompts(prompts)
     ours = method.sample(embeds, mask, torch.randn(teacher.latent_shape(2), generator=torch.Generator().manual_seed(0)))
     assert (ours - stock).abs().max() < 1e-4

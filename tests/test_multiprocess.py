@@ -129,8 +129,8 @@ def test_cpu_flag_alone_starts_one_process():
     assert config.multi_gpu and config.num_processes == 2  # → torchrun with 2 processes
 
 
-@pytest.mark.parametrize("name", ["single_gpu", "ddp", "fsdp_shard_grad_op", "fsdp_full_shard", "deepspeed_zero2",
-                                  "deepspeed_zero3", "cpu_2proc"])
+@pytest.mark.parametrize("name", ["single_gpu", "ddp", "fsdp2_shard_grad_op", "fsdp2_full_shard", "deepspeed_zero2",
+                                  "deepspeed_zero3", "cpu_2proc", "cpu_fsdp2_2proc"])
 def test_shipped_launch_configs_parse(name):
     """Every shipped accelerate config is accepted by `accelerate launch` (the GPU ones cannot run here)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -138,10 +138,10 @@ def test_shipped_launch_configs_parse(name):
     path = ROOT / "pixsig_distill" / "conf" / "accelerate" / f"{name}.yaml"
     args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "pixsig_distill.train"])
     args, _, _ = _validate_launch_command(args)
-    if name.startswith("fsdp"):
-        strategy = "SHARD_GRAD_OP" if "grad_op" in name else "FULL_SHARD"
-        assert args.use_fsdp and args.fsdp_sharding_strategy == strategy
-        assert args.fsdp_transformer_layer_cls_to_wrap == "BasicTransformerBlock" and args.fsdp_use_orig_params
+    if "fsdp" in name:
+        assert args.use_fsdp and str(args.fsdp_version) == "2" and args.num_processes == (2 if "cpu" in name else 8)
+        assert str(args.fsdp_reshard_after_forward).lower() == ("false" if "grad_op" in name else "true")
+        assert args.fsdp_transformer_layer_cls_to_wrap == "BasicTransformerBlock"
     if name.startswith("deepspeed"):
         assert args.use_deepspeed and args.zero_stage == int(name[-1]) and args.mixed_precision == "bf16"
         assert args.gradient_accumulation_steps is None  # train.grad_accum decides

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import clip_grad_norm, copy_full_into, full_tensor
 from ..lora import DEFAULT_TARGETS, add_lora
 from ..teacher import pipeline_class, source_folder
 
@@ -98,9 +99,10 @@ class EMA(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """Every process calls it: a sharded (FSDP2) parameter is gathered first, a collective."""
         for name, p in trained_parameters(model):
             shadow = self.shadow[name]
-            shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1 - self.decay)
+            shadow.lerp_(full_tensor(p.detach()).to(shadow.device, torch.float32), 1 - self.decay)
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
@@ -115,7 +117,7 @@ class EMA(torch.nn.Module):
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> torch.nn.Module:
         for name, p in trained_parameters(model):
-            p.copy_(self.shadow[name].to(p.device, p.dtype))
+            copy_full_into(p, self.shadow[name])
         return model
 
     @contextlib.contextmanager
@@ -133,9 +135,9 @@ class EMA(torch.nn.Module):
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """θ_ema ← decay·θ_ema + (1 − decay)·θ."""
+    """θ_ema ← decay·θ_ema + (1 − decay)·θ; a sharded θ is gathered first (every process calls this)."""
     for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
+        p_ema.lerp_(full_tensor(p.detach()).to(p_ema.dtype), 1 - decay)
 
 
 def accumulated_step(accelerator, model, optimizer, micro_losses, grad_clip: float | None) -> tuple[float, float]:
@@ -161,7 +163,7 @@ def accumulated_step(accelerator, model, optimizer, micro_losses, grad_clip: flo
                 loss = micro_loss()
             accelerator.backward(loss)
         total = total + loss.detach().float()
-    norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    norm = clip_grad_norm(accelerator, model, grad_clip if grad_clip else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next network's update needs the memory
     return total, norm if norm is not None else torch.tensor(float("nan"))

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from diffusers import DDPMScheduler
 
-from ..distributed import full_parameters, parameters_sharded
+from ..draws import StepDraws, step_draws
+from ..distributed import full_parameters
 from ..errors import UserError
 from ..lora import DEFAULT_TARGETS, save_lora
 from ..sampling import sample_latents
@@ -132,22 +133,21 @@ class DMD:
     def prepare(self, accelerator) -> None:
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise UserError("distill=dmd trains two networks (generator and fake score) and accelerate's DeepSpeed "
-                            "integration prepares one trained network per run; launch DMD with "
-                            "pixsig_distill/conf/accelerate/fsdp_shard_grad_op.yaml or ddp.yaml (docs/scaling.md)")
-        if (self.generator_lora_rank or self.fake_lora_rank) and parameters_sharded(accelerator):
-            raise UserError("LoRA networks (distill.generator.lora_rank / distill.fake_score.lora_rank > 0) cannot run "
-                            "with sharded weights (FSDP, ZeRO-3) yet: their checkpoints read the adapters from the "
-                            "model; use ddp.yaml (the frozen base fits on one GPU; docs/scaling.md)")
+                            "integration trains one model per run; launch DMD with "
+                            "pixsig_distill/conf/accelerate/fsdp2_shard_grad_op.yaml (sharded) or ddp.yaml "
+                            "(docs/scaling.md)")
         self.accelerator = accelerator
-        (self.generator, self.fake_score, self.optimizers["generator"],
-         self.optimizers["fake_score"]) = accelerator.prepare(self.generator, self.fake_score,
-                                                              self.optimizers["generator"], self.optimizers["fake_score"])
+        # One prepare call per network with its optimizer: FSDP2 takes one model per call.
+        self.generator, self.optimizers["generator"] = accelerator.prepare(self.generator, self.optimizers["generator"])
+        self.fake_score, self.optimizers["fake_score"] = accelerator.prepare(self.fake_score,
+                                                                             self.optimizers["fake_score"])
         self.models = {"generator": self.generator, "fake_score": self.fake_score}
 
-    def train_step(self, batch: dict, gen: torch.Generator, micro_batches: int = 1) -> dict[str, float]:
+    def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict[str, float]:
         """One generator update, then `fake_updates_per_step` fake-score updates, each over `micro_batches`
         micro-batches of the batch (gradient accumulation: the same update as the whole batch at once).
         Returns the losses and gradient norms as tensors (the loop reads them)."""
+        gen = step_draws(gen)
         acc = self.accelerator
         embeds, mask = batch["embeds"], batch["mask"]
         b = embeds.shape[0]
@@ -213,7 +213,7 @@ class DMD:
         return logs
 
     # ---- what a subclass changes (DMD2: backward simulation, the GAN) ----------------------------
-    def draw_inputs(self, batch_size: int, gen: torch.Generator) -> dict:
+    def draw_inputs(self, batch_size: int, gen: StepDraws) -> dict:
         """The randomness behind the generator's inputs: pure noise z (PixArt DMD: fed unscaled at label T̄)."""
         return {"z": self._noise(batch_size, gen)}
 
@@ -221,7 +221,7 @@ class DMD:
         """(x, t) the generator denoises for these rows; t None: T̄."""
         return draws["z"][rows], None
 
-    def draw_extra(self, batch_size: int, gen: torch.Generator) -> dict:
+    def draw_extra(self, batch_size: int, gen: StepDraws) -> dict:
         return {}
 
     def generator_extra_losses(self, x0_hat, embeds, mask, extra: dict, rows: slice) -> list:
@@ -233,12 +233,11 @@ class DMD:
         return []
 
     # ---- the method -------------------------------------------------------------------------
-    def _noise(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-        shape = self.teacher.latent_shape(batch_size)
-        return torch.randn(shape, generator=gen).to(self.teacher.device)
+    def _noise(self, batch_size: int, gen: StepDraws) -> torch.Tensor:
+        return gen.randn(self.teacher.latent_shape(batch_size)).to(self.teacher.device)
 
-    def _timesteps(self, batch_size: int, low: int, high: int, gen: torch.Generator) -> torch.Tensor:
-        return torch.randint(low, high + 1, (batch_size,), generator=gen).to(self.teacher.device)
+    def _timesteps(self, batch_size: int, low: int, high: int, gen: StepDraws) -> torch.Tensor:
+        return gen.randint(low, high + 1, batch_size).to(self.teacher.device)
 
     def generate(self, generator, embeds, mask, z: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """One step: x̂0 = (z − √(1−ᾱ_t)·ε_G(z, t)) / √ᾱ_t at t = T̄, with z ~ N(0, I) unscaled (PixArt DMD)."""
@@ -269,8 +268,8 @@ class DMD:
         eps = self.teacher.eps(x_t.to(self.teacher.dtype), t, embeds, mask, transformer=self.fake_score).float()
         return F.mse_loss(eps, noise)
 
-    def _regression_rows(self, gen) -> list[int]:
-        return torch.randint(0, len(self.pairs), (self.regression_batch_size,), generator=gen).tolist()
+    def _regression_rows(self, gen: StepDraws) -> list[int]:
+        return gen.randint(0, len(self.pairs), self.regression_batch_size).tolist()  # per process, like batch_size
 
     def regression_loss(self, rows: list[int]) -> torch.Tensor:
         """Distance between G(z_i) and the teacher's multi-step sample y_i from the same noise (DMD eq. 9)."""

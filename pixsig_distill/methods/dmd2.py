@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import LCMScheduler
 
+from ..draws import StepDraws
 from ..errors import UserError
 from ..schedule import add_noise, scheduler_like
 from .common import trained_parameters
@@ -102,10 +103,10 @@ class DMD2(DMD):
             blocks[self.gan_block].register_forward_hook(self._keep_features)
 
     # ---- backward simulation (DMD2 §4.4) --------------------------------------------------------
-    def draw_inputs(self, batch_size: int, gen: torch.Generator) -> dict:
+    def draw_inputs(self, batch_size: int, gen: StepDraws) -> dict:
         """z, each sample's step k ~ U{0..K−1}, and the re-noising noise of the chain up to it."""
         return {"z": self._noise(batch_size, gen),
-                "step": torch.randint(0, len(self.timesteps), (batch_size,), generator=gen).to(self.teacher.device),
+                "step": gen.randint(0, len(self.timesteps), batch_size).to(self.teacher.device),
                 "renoise": [self._noise(batch_size, gen) for _ in self.timesteps[1:]]}
 
     @torch.no_grad()
@@ -138,7 +139,7 @@ class DMD2(DMD):
         self.teacher.eps(x_t.to(self.teacher.dtype), t, embeds, mask, transformer=network)
         return self._unwrapped_fake().gan_head(self._features)
 
-    def draw_extra(self, batch_size: int, gen: torch.Generator) -> dict:
+    def draw_extra(self, batch_size: int, gen: StepDraws) -> dict:
         if not self.gan_on:
             return {}
         t = lambda: self._timesteps(batch_size, *self.dm_t_range, gen)  # noqa: E731

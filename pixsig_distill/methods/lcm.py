@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from diffusers import LCMScheduler
 
+from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
 from ..sampling import sample_latents
@@ -148,16 +149,16 @@ class LCM:
         self.student, self.optimizers["student"] = accelerator.prepare(self.student, self.optimizers["student"])
         self.models = {"student": self.student}
 
-    def train_step(self, batch: dict, gen: torch.Generator, micro_batches: int = 1) -> dict[str, float]:
-        acc = self.accelerator
+    def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict[str, float]:
+        acc, gen = self.accelerator, step_draws(gen)
         embeds, mask = batch["embeds"], batch["mask"]
         x0 = self.clean_latents(batch)
         b, device, ac = x0.shape[0], x0.device, self.teacher.alphas_cumprod
         # Skipping-step pair (t_{n+k}, t_n) on the DDIM grid, and x_{t_{n+k}} ~ q(x | x0); drawn for the whole
         # batch, then sliced into micro-batches (accumulation sees the numbers one large batch sees).
-        t_start = self.grid[torch.randint(0, len(self.grid), (b,), generator=gen).to(self.grid.device)].to(device)
+        t_start = self.grid[gen.randint(0, len(self.grid), b).to(self.grid.device)].to(device)
         t_end = (t_start - self.k).clamp(min=0)
-        x_start = add_noise(x0, torch.randn(x0.shape, generator=gen).to(device), t_start, ac)
+        x_start = add_noise(x0, gen.randn(x0.shape).to(device), t_start, ac)
         w = self._sample_w(b, gen).to(device)
         parts = micro_slices(b, micro_batches)
 
@@ -183,11 +184,11 @@ class LCM:
         with full_parameters(self.accelerator, self.student) as student:  # gathered if sharded (FSDP, ZeRO-3)
             ema_update(self.target, student, self.ema_decay)
 
-    def _sample_w(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    def _sample_w(self, batch_size: int, gen: StepDraws) -> torch.Tensor:
         if not self.w_embedding:
             return torch.full((batch_size,), float(self.guidance_w))
         low, high = self.w_range
-        return low + (high - low) * torch.rand(batch_size, generator=gen)
+        return low + (high - low) * gen.rand(batch_size)
 
     def consistency_fn(self, model, x_t, t, embeds, mask, w) -> torch.Tensor:
         """f(x, t) = c_skip(t)·x + c_out(t)·x̂0(x, t) (LCM §4.1), x̂0 from the model's ε."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import parameters_sharded
+from ..distributed import zero3
 from ..errors import UserError
 from ..lora import DEFAULT_TARGETS, check_rank, save_lora
 from .common import TrainableParameters, export_pipeline, lora_network, merged_copy
@@ -48,10 +48,10 @@ class LCMLoRA(LCM):
         pass
 
     def prepare(self, accelerator) -> None:
-        if parameters_sharded(accelerator):  # the checkpoint reads the adapters straight from the model
-            raise UserError("distill=lcm_lora cannot run with sharded weights (FSDP, DeepSpeed ZeRO-3): its "
-                            "checkpoints read the adapters from the model; use ddp.yaml or deepspeed_zero2.yaml "
-                            "(the frozen base fits on one GPU; docs/scaling.md)")
+        if zero3(accelerator):  # the checkpoint reads the adapters from the model: ZeRO-3 leaves placeholders there
+            raise UserError("distill=lcm_lora cannot run under DeepSpeed ZeRO-3: its checkpoints read the adapters "
+                            "from the model; use fsdp2_full_shard.yaml, ddp.yaml or deepspeed_zero2.yaml "
+                            "(docs/scaling.md)")
         super().prepare(accelerator)
 
     def sampling_network(self):

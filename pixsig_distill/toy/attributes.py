@@ -35,16 +35,19 @@ def _nearest(palette: np.ndarray, colour: np.ndarray) -> int:
     return int(np.argmin(((palette - colour) ** 2).sum(axis=1)))
 
 
-def read_attributes(image: np.ndarray) -> dict:
-    """The five attributes of one (H, W, 3) uint8 toy image, as the world names them."""
+def read_attributes(image: np.ndarray, colours: dict | None = None) -> dict:
+    """The five attributes of one (H, W, 3) uint8 toy image, as the world names them; `colours`: the palette the
+    colour is read from (default the world's; extension.EXTENDED_COLOURS adds purple)."""
+    names, palette = (list(COLOURS), _COLOURS) if colours is None else (
+        list(colours), np.array(list(colours.values()), dtype=np.float64))
     pixels = np.asarray(image, dtype=np.float64)
     h, w, _ = pixels.shape
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = _nearest(_BACKGROUNDS, np.median(border, axis=0))
     distance = np.sqrt(((pixels - _BACKGROUNDS[background]) ** 2).sum(-1))
     core = distance >= 0.5 * distance.max()
-    colour = _nearest(_COLOURS, pixels[core].mean(axis=0))
-    direction = _COLOURS[colour] - _BACKGROUNDS[background]
+    colour = _nearest(palette, pixels[core].mean(axis=0))
+    direction = palette[colour] - _BACKGROUNDS[background]
     mask = np.clip((pixels - _BACKGROUNDS[background]) @ direction / (direction @ direction), 0, 1)
     area = max(mask.sum(), 1e-6)
     ys, xs = np.mgrid[0:h, 0:w] + 0.5
@@ -54,21 +57,25 @@ def read_attributes(image: np.ndarray) -> dict:
     fits = [(((draw_shape(shape, cx, cy, radius * scale * j, h, 0, 255) / 255.0 - mask) ** 2).sum(), shape, size)
             for shape in SHAPES for size, radius in SIZES.items() for j in _RADIUS_JITTER]
     _, shape, size = min(fits)
-    return {"background": list(BACKGROUNDS)[background], "colour": list(COLOURS)[colour], "shape": shape,
+    return {"background": list(BACKGROUNDS)[background], "colour": names[colour], "shape": shape,
             "size": size, "position": list(POSITIONS)[position]}
 
 
 @lru_cache(maxsize=1)
 def _scenes_by_caption() -> dict[str, Scene]:
-    return {scene.caption: scene for scene in all_scenes()}
+    """Every caption of the world and of its extension (toy/extension.py) → its scene."""
+    from .extension import extension_scenes
+
+    return {scene.caption: scene for scene in (*all_scenes(), *extension_scenes("train"),
+                                                *extension_scenes("heldout"))}
 
 
-def attribute_hits(images, captions: list[str]) -> np.ndarray:
-    """(N, 5) booleans: attribute k of image i matches its caption's."""
+def attribute_hits(images, captions: list[str], colours: dict | None = None) -> np.ndarray:
+    """(N, 5) booleans: attribute k of image i matches its caption's (colours read from the palette `colours`)."""
     scenes = _scenes_by_caption()
     hits = []
     for i in range(len(images)):
-        got, want = read_attributes(images[i]), scenes[captions[i]]
+        got, want = read_attributes(images[i], colours), scenes[captions[i]]
         hits.append([got[a] == getattr(want, a) for a in ATTRIBUTES])
     return np.array(hits, dtype=bool)
 
@@ -79,14 +86,26 @@ class AttributeScorer(Scorer):
     name = "attributes"
     columns = (Column("attr_all", "attributes all-correct", digits=3),)
 
+    def __init__(self, context, palette: str = "world"):
+        super().__init__(context)
+        if palette not in ("world", "extended"):
+            raise ValueError(f"palette={palette!r}; use world or extended")
+        self.palette = palette
+
+    def _colours(self):
+        from .extension import EXTENDED_COLOURS
+
+        return EXTENDED_COLOURS if self.palette == "extended" else None
+
     def score(self, images, prompts: list[str]) -> dict:
-        hits = attribute_hits(images, prompts)
+        hits = attribute_hits(images, prompts, self._colours())
         result = self.mean_with_interval("attr_all", hits.all(axis=1))
         result.update({f"attr_{a}": float(hits[:, k].mean()) for k, a in enumerate(ATTRIBUTES)})
         return result
 
     def settings(self) -> dict:
         return {"method": "rule-based read-back (pixsig_distill/toy/attributes.py)", "attributes": list(ATTRIBUTES),
+                "palette": self.palette,
                 "resamples": self.context.resamples}
 
 

@@ -1,6 +1,8 @@
 """Write a folder of toy-world images plus captions.txt (e.g. FID reference sets).
 
     python -m pixsig_distill.toy.make_images --split heldout --n 2000 --seed 0 --out DIR
+    python -m pixsig_distill.toy.make_images --extension purple --n 1500 --out DIR   # the fine-tuning set:
+        1500 purple images (toy/extension.py) + 1500 images of the known world (docs/finetune.md)
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for scene order and jitter (default: 0)")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels (default: 32)")
+    parser.add_argument("--extension", choices=("purple",), default=None,
+                        help="write the fine-tuning set of the world's extension instead: --n new images + --n known")
     args = parser.parse_args(argv)
 
     # parser.error prints usage plus one line to stderr and exits with code 2.
@@ -29,6 +33,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--resolution must be at least 8 pixels, got {args.resolution}")
 
     try:
+        if args.extension:
+            from pixsig_distill.toy.extension import write_finetune_folder
+
+            out = write_finetune_folder(args.out, n_new=args.n, n_old=args.n, seed=args.seed)
+            print(f"wrote {args.n} {args.extension} and {args.n} known-world images and captions.txt to {out}")
+            return
         out = write_image_folder(args.out, args.split, args.n, args.seed, args.resolution, progress=True)
     except OSError as err:
         parser.exit(1, f"error: cannot write to {args.out}: {err.strerror or err}\n")

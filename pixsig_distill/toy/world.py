@@ -136,7 +136,11 @@ class Scene:
         cx = float(np.clip(cx, extent[0] + margin, resolution - extent[2] - margin))
         cy = float(np.clip(cy, extent[1] + margin, resolution - extent[3] - margin))
 
-        return draw_shape(self.shape, cx, cy, radius, resolution, BACKGROUNDS[self.background], COLOURS[self.colour])
+        return draw_shape(self.shape, cx, cy, radius, resolution, BACKGROUNDS[self.background], self.rgb)
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return COLOURS[self.colour]
 
 
 def draw_shape(shape: str, cx: float, cy: float, radius: float, resolution: int, background, fill) -> np.ndarray:

@@ -1,0 +1,128 @@
+"""FSDP2 with two CPU processes (gloo) under `accelerate launch`, as docs/scaling.md runs it on GPUs.
+
+The same tiny scale-out command as tests/test_multiprocess.py, launched with the shipped
+`cpu_fsdp2_2proc.yaml` (accelerate's FSDP2 path, one shard unit per transformer block). Two claims:
+
+* sharding changes nothing but the order of floating-point sums: two processes × batch b end with the
+  weights AND the optimizer moments of one process × batch 2b (the step's random draws are made for the
+  global batch, draws.py);
+* a killed run resumes with its optimizer state: killed after step 3, rerun, it ends where the
+  uninterrupted one-process run ends, moments included (a restart of AdamW's moments would not).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pixsig_distill.checkpoint import list_checkpoints
+from test_multiprocess import DIGEST_ENV, ROOT, assert_in_sync, make_text_cache, scale_out_command
+
+FSDP_CONFIG = ROOT / "pixsig_distill" / "conf" / "accelerate" / "cpu_fsdp2_2proc.yaml"
+# Two processes sum the gradient in another order than one (float32 rounding, ~1e-7 relative). AdamW divides by
+# √v, so where a gradient is ~0 (LoRA's A matrices start with zero gradient) that rounding can move a weight by a
+# fraction of one step (lr): measured at most 0.11·lr over 4 steps, 99.9 % of the weights within 5e-8.
+STEP_FRACTION, TYPICAL = 0.2, 1e-6
+LEARNING_RATES = {"dmd": 2e-5, "lcm_lora": 1e-4}  # conf/distill/*.yaml
+
+
+def launch(overrides: list[str], tmp_path: Path, processes: int = 2, **env) -> subprocess.CompletedProcess:
+    if processes == 1:
+        command = [sys.executable, "-m", "pixsig_distill.train", *overrides]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+                   "-m", "pixsig_distill.train", *overrides]
+    full_env = {k: v for k, v in os.environ.items() if k != "PIXSIG_FAULT_AFTER"}
+    full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", DIGEST_ENV: "1", **env})
+    result = subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=900)
+    result.log = result.stdout + result.stderr
+    return result
+
+
+def differences(a: dict, b: dict):
+    assert set(a) == set(b)
+    return torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+
+
+def assert_weights_close(a: dict, b: dict, lr: float, what: str) -> None:
+    diff = differences(a, b)
+    assert diff.max() <= STEP_FRACTION * lr and diff.quantile(0.999) <= TYPICAL, (what, diff.max().item())
+
+
+def assert_moments_close(a: dict, b: dict, what: str) -> None:
+    """Adam's moments (and step counts) equal up to float32 rounding, relative to the scale of that moment over
+    the network (some gradients are exactly 0 in theory, e.g. attention key biases: theirs are pure rounding)."""
+    for kind in ("step", "exp_avg", "exp_avg_sq"):
+        keys = [k for k in a if k.rsplit(".", 1)[1] == kind]
+        scale = max(b[k].float().abs().max().item() for k in keys)
+        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
+        assert worst <= 1e-3 * scale, (what, kind, worst, scale)
+
+
+def checkpoint_files(out: Path, step: int) -> dict:
+    folder = out / "checkpoints" / f"step-{step:07d}"
+    return {f.name: load_file(str(f)) for f in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("method, networks", [
+    ("dmd", ("generator", "fake_score", "generator_ema")),
+    ("lcm_lora", ("lora",)),
+])
+def test_fsdp2_matches_one_process_and_resumes_with_its_optimizer_state(method, networks, tiny_folder,
+                                                                        tiny_train_args, tmp_path):
+    command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
+    extra = [f"distill={method}", "distill.pair_steps=2"] if method != "dmd" else []
+
+    # The reference: one process, the global batch of 4 at once.
+    reference = tmp_path / "one_process"
+    one = launch(command(reference, *extra, "train.batch_size=4"), tmp_path, processes=1)
+    assert one.returncode == 0, one.log[-4000:]
+
+    # FSDP2, 2 processes × 2, both killed (SIGKILL) right after step 3, before its checkpoint.
+    out = tmp_path / "fsdp"
+    crashed = launch(command(out, *extra), tmp_path, PIXSIG_FAULT_AFTER="step:3")
+    assert crashed.returncode != 0, crashed.log[-4000:]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002"]
+    state = json.loads((out / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state["optimizer_states"] is True
+    assert_in_sync(out, 2, networks)  # both processes gathered the same full weights, and rank 0 wrote them
+
+    resumed = launch(command(out, *extra), tmp_path)
+    assert resumed.returncode == 0, resumed.log[-4000:]
+    assert "(step 2)" in resumed.log and "start afresh" not in resumed.log
+    assert_in_sync(out, 4, networks)
+
+    # Weights and optimizer moments at step 4 equal the one-process run's (restarted moments would not: AdamW's
+    # first steps after a restart move every weight by ~lr).
+    ours, theirs = checkpoint_files(out, 4), checkpoint_files(reference, 4)
+    assert set(ours) == set(theirs) and any(name.startswith("optimizer-") for name in ours)
+    for name in ours:
+        if name.startswith("optimizer-"):
+            assert_moments_close(ours[name], theirs[name], name)
+        else:
+            assert_weights_close(ours[name], theirs[name], LEARNING_RATES[method], name)
+
+    # The export was written from the gathered weights (data=cached exports the transformer and scheduler).
+    from diffusers import PixArtTransformer2DModel
+
+    ours, theirs = (PixArtTransformer2DModel.from_pretrained(run / "export" / "transformer").state_dict()
+                    for run in (out, reference))
+    assert_weights_close(ours, theirs, LEARNING_RATES[method], "export")
+
+
+def test_fsdp2_runs_lcm_with_bf16_and_gradient_checkpointing(tiny_folder, tiny_train_args, tmp_path):
+    """The GPU recipe's settings (bf16 autocast + FSDP2's bf16 parameter all-gather, the model's own activation
+    checkpointing) through the same code on CPU: it trains, checkpoints in sync and exports."""
+    command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
+    out = tmp_path / "run"
+    result = launch(command(out, "distill=lcm", "distill.pair_steps=2", "train.max_steps=2",
+                            "train.mixed_precision=bf16", "train.gradient_checkpointing=true"),
+                    tmp_path)
+    assert result.returncode == 0, result.log[-4000:]
+    assert_in_sync(out, 2, ("student", "target"))
+    assert (out / "export" / "pixsig_student.json").is_file()

@@ -300,8 +300,8 @@ HYDRA_CASES = [
     *[(entry, ["model=nope"], "model=nope is not a config option. Available options in 'model': pixart_alpha_1024, "
                               "pixart_alpha_512, pixart_sigma_1024, pixart_sigma_512, toy")
       for entry in ("train", "generate", "cache_text", "make_pairs", "leaderboard")],
-    ("train", ["distill=nope"], "distill=nope is not a config option. Available options in 'distill': dmd, dmd2, lcm, "
-                                "lcm_lora"),
+    ("train", ["distill=nope"], "distill=nope is not a config option. Available options in 'distill': dmd, dmd2, "
+                                "finetune, finetune_lora, lcm, lcm_lora"),
     ("train", ["train.max_step=3"], "unknown key 'train.max_step' for train; did you mean train.max_steps?"),
     ("generate", ["n_image=3"], "unknown key 'n_image' for generate; did you mean n_images?"),
     ("leaderboard", ["num_sample=3"], "unknown key 'num_sample' for leaderboard; did you mean n_samples?"),

@@ -44,7 +44,7 @@ def test_a_released_model_holds_no_t5_and_encodes_new_prompts_from_t5_alone(comp
 def test_compiled_transformer_gives_the_same_images_and_reports_the_first_call_apart(compose_generate, tmp_path):
     generate(compose_generate("prompt='a red circle'", "n_images=2", "steps=2", "batch_size=1",
                               f"out_dir={tmp_path / 'eager'}"))
-    report = generate(compose_generate("prompt='a red circle'", "n_images=2", "steps=2", "batch_size=1", "compile=true",
+    generate(compose_generate("prompt='a red circle'", "n_images=2", "steps=2", "batch_size=1", "compile=true",
                                        f"out_dir={tmp_path / 'compiled'}"))
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(images(tmp_path / "eager"), images(tmp_path / "compiled")))
     saved = json.loads((tmp_path / "compiled" / "latency.json").read_text())

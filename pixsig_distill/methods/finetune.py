@@ -36,7 +36,7 @@ class FineTune:
     method_name = "finetune"
 
     def __init__(self, teacher, lora_rank: int = 0, lora_alpha: float | None = None,
-                 lora_target_modules=DEFAULT_TARGETS, caption_dropout: float = 0.1, ema_decay: float | None = 0.999,
+                 lora_target_modules=DEFAULT_TARGETS, caption_dropout: float = 0.1, ema_decay: float | None = 0.995,
                  optimizer=None, grad_clip: float | None = 1.0, gradient_checkpointing: bool = False,
                  full_pipeline_export: bool = True):
         if not 0 <= caption_dropout < 1:

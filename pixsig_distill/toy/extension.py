@@ -63,7 +63,8 @@ def render(scenes, n: int, seed: int, resolution: int = 32) -> tuple[np.ndarray,
 
 def write_finetune_folder(out: str | Path, n_new: int = 1500, n_old: int = 1500, seed: int = 0) -> Path:
     """The fine-tuning set: `n_new` purple images (train split) and `n_old` images of the world the teacher knows
-    (its train split: replay, so that the fine-tune keeps what the teacher could do), with captions.txt."""
+    (its train split: replay, so that the fine-tune keeps what the teacher could do), with captions.txt; and
+    prompts.txt, every training caption of both (the prompts to distil the fine-tune on)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     new, new_captions = render(extension_scenes("train"), n_new, seed)
@@ -73,6 +74,8 @@ def write_finetune_folder(out: str | Path, n_new: int = 1500, n_old: int = 1500,
     for k, i in enumerate(order):
         Image.fromarray(images[i]).save(out / f"{k:05d}.png")
     (out / "captions.txt").write_text("\n".join(captions[i] for i in order) + "\n")
+    prompts = [sc.caption for sc in split_scenes("train")] + [sc.caption for sc in extension_scenes("train")]
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
     return out
 
 

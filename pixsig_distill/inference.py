@@ -3,7 +3,7 @@
 One place for `generate`, the leaderboard's generation and `scripts/benchmark.py` (config group
 `conf/inference/`, keys at the top level of those commands):
 
-* `text_encoder.quantization=8bit|4bit`: T5 loaded through bitsandbytes (extra `.[quantization]`, CUDA);
+* `text_encoder.quantization=8bit|4bit`: T5 loaded through bitsandbytes (extra `.[8bit]`, CUDA);
 * `text_encoder.release=true`: encode every prompt of the job first, free T5, then run the transformer and
   the VAE — the documentation's "under 8 GB" recipe, batched over a prompt file;
 * `offload=model|sequential`: diffusers' CPU offload hooks (`enable_model_cpu_offload`,
@@ -66,7 +66,7 @@ class InferenceMode:
         if self.quantization != "none":
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise UserError(f"text_encoder.quantization={self.quantization} needs bitsandbytes: "
-                                f"pip install -e '.[quantization]'")
+                                f"pip install -e '.[8bit]'")
             if not torch.cuda.is_available():
                 raise UserError(f"text_encoder.quantization={self.quantization}: bitsandbytes' 8-/4-bit T5 runs on "
                                 f"CUDA here; this machine has no GPU: use text_encoder.quantization=none")

@@ -6,6 +6,8 @@
 2. 20 DMD steps under FSDP2 (`fsdp2_full_shard.yaml`, one GPU) on a real-width, 2-layer PixArt-Σ with random
    weights and a cached-embedding stand-in: it runs, checkpoints and exports, and its wall time.
 3. The latency benchmark at 512 px (scripts/benchmark.py: teacher-20 and one-step student, bf16, compile off/on).
+4. If deepspeed is installed (`pip install -e ".[deepspeed]"`): 10 LCM steps under `deepspeed_zero2.yaml` on one
+   GPU, the same real-width model (DeepSpeed has never run with this code; DMD is refused under it).
 
     python scripts/gpu_check.py --out docs/results/gpu_check
 
@@ -54,8 +56,9 @@ def planner_vs_measured(batch_sizes=(1, 4), checkpointing=("off", "on")) -> list
     return rows
 
 
-def fsdp2_run(steps: int = 20) -> dict:
-    """`accelerate launch` with the shipped FSDP2 config on one GPU, a real-width 2-layer model."""
+def fsdp2_run(steps: int = 20, config: str = "fsdp2_full_shard.yaml", method: str = "dmd") -> dict:
+    """`accelerate launch` with a shipped config (FSDP2, or DeepSpeed for LCM) on one GPU, a real-width 2-layer
+    model."""
     from pixsig_distill.architectures import random_pipeline
     from pixsig_distill.cache_text import cache_text
     from hydra import compose, initialize_config_module
@@ -67,9 +70,9 @@ def fsdp2_run(steps: int = 20) -> dict:
         with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
             cache_text(compose("cache_text", overrides=[*model, "prompts=toy_train", f"out_dir={cache}"]))
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(ROOT / "pixsig_distill/conf/accelerate/fsdp2_full_shard.yaml"), "--num_processes", "1",
+                   str(ROOT / "pixsig_distill/conf/accelerate" / config), "--num_processes", "1",
                    "-m", "pixsig_distill.train", *model, "model.load_text_encoder=false", "data=cached",
-                   f"data.folder={cache}", "distill=dmd", "t_bar=400", "train.mixed_precision=bf16",
+                   f"data.folder={cache}", f"distill={method}", "t_bar=400", "train.mixed_precision=bf16",
                    "train.gradient_checkpointing=true", f"train.max_steps={steps}", "train.batch_size=2",
                    "train.log_every=5", f"train.ckpt_every={steps // 2}", "eval=none", f"out_dir={out}"]
         began = time.time()
@@ -77,7 +80,7 @@ def fsdp2_run(steps: int = 20) -> dict:
         summary = json.loads((out / "train_summary.json").read_text()) if (out / "train_summary.json").is_file() else {}
         return {"returncode": done.returncode, "wall_s": time.time() - began, "steps": summary.get("step"),
                 "last_logs": summary.get("last_logs"), "export": (out / "export" / "pixsig_student.json").is_file(),
-                "optimizer_states_saved": any((out / "checkpoints").glob("*/optimizer-generator.safetensors")),
+                "optimizer_states_saved": any((out / "checkpoints").glob("*/optimizer-*.safetensors")),
                 "log_tail": (done.stdout + done.stderr)[-2000:] if done.returncode else ""}
 
 
@@ -95,6 +98,10 @@ def markdown(result: dict) -> str:
               f"exit code {run['returncode']}, {run['wall_s']:.0f} s, steps {run['steps']}, export written: "
               f"{run['export']}, optimizer states in the checkpoints: {run['optimizer_states_saved']}", "",
               "## Latency", "", f"See `{result['benchmark']}/benchmark.md`."]
+    if "deepspeed_zero2_lcm" in result:
+        ds = result["deepspeed_zero2_lcm"]
+        lines += ["", "## 10 LCM steps under DeepSpeed ZeRO-2 (1 GPU)", "",
+                  f"exit code {ds['returncode']}, {ds['wall_s']:.0f} s, steps {ds['steps']}, export written: {ds['export']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -113,6 +120,10 @@ def main(argv=None) -> dict:
               "predicted_peak_gib comes from the planner (fake tensors), not from a measurement"}
     result["planner_vs_measured"] = planner_vs_measured()
     result["fsdp2"] = fsdp2_run()
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        result["deepspeed_zero2_lcm"] = fsdp2_run(10, "deepspeed_zero2.yaml", "lcm")
     benchmark.main(["--config", "sigma_512", "--skip", "training", "--runs", "10", "--out", str(out / "benchmark")])
     result["benchmark"] = str(out / "benchmark")
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))

@@ -139,7 +139,12 @@ def ImageFolderLatents(teacher, folder: str | Path, cache_dir: str | Path | None
                                      captions]).encode()).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir else folder / ".pixsig-latents" / key
     shards = [cache / f"shard-{i:05d}.safetensors" for i in range(0, (len(paths) + SHARD - 1) // SHARD)]
-    if not all(s.is_file() for s in shards):
+    null = cache / "null.safetensors"  # the empty prompt's embedding: CFG's unconditional branch without T5
+    if not all(s.is_file() for s in (*shards, null)):
+        if teacher.pipe.text_encoder is None:
+            raise UserError(f"the images of '{folder}' are not encoded yet and this teacher was loaded without T5 "
+                            f"(model.load_text_encoder=false), which their captions need; run once with "
+                            f"model.load_text_encoder=true (the encodings are then cached in {cache})")
         cache.mkdir(parents=True, exist_ok=True)
         for number, shard in enumerate(shards):
             if shard.is_file():
@@ -151,8 +156,14 @@ def ImageFolderLatents(teacher, folder: str | Path, cache_dir: str | Path | None
             save_file({"latents": encode_images(teacher, images).contiguous(), "embeds": embeds.contiguous(),
                        "mask": mask.contiguous()}, str(tmp))
             tmp.replace(shard)  # a shard that exists is complete
+        embeds, mask = encode_captions(teacher, [""])
+        tmp = null.with_name(f".{null.name}.tmp{os.getpid()}")
+        save_file({"embeds": embeds.contiguous(), "mask": mask.contiguous()}, str(tmp))
+        tmp.replace(null)
     parts = [load_file(str(s)) for s in shards]
-    return LatentBank(*(torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "mask")))
+    bank = LatentBank(*(torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "mask")))
+    bank.null = load_file(str(null))
+    return bank
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -170,3 +181,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return {"prompt": self.captions[i], "embeds": self.bank.embeds[i], "mask": self.bank.mask[i],
                 "latents": self.bank.latents[i]}
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's embedding (L, D) and mask (L,): caption dropout and CFG without T5."""
+        return self.bank.null["embeds"][0], self.bank.null["mask"][0]

@@ -115,3 +115,17 @@ def test_bad_folders_are_one_line_before_training(case, message, compose_train, 
 def test_finetune_without_images_says_which_data_it_needs(compose_train, tmp_path):
     with pytest.raises(UserError, match="data=images data.folder=DIR"):
         run(compose_train("distill=finetune", "train.max_steps=1"))
+
+
+def test_images_not_yet_encoded_need_t5_and_say_so(compose_train, tmp_path):
+    folder = write_folder(tmp_path / "images")
+    with pytest.raises(UserError, match="not encoded yet and this teacher was loaded without T5"):
+        finetune(compose_train, folder, tmp_path / "run", "model.load_text_encoder=false")
+
+
+def test_once_encoded_the_finetune_runs_without_t5(compose_train, tmp_path):
+    folder = write_folder(tmp_path / "images")
+    finetune(compose_train, folder, tmp_path / "first")  # encodes the folder (and the empty prompt) once
+    summary = finetune(compose_train, folder, tmp_path / "second", "model.load_text_encoder=false",
+                       "train.preview_prompts=[]")
+    assert summary["finished"] and (tmp_path / "second" / "export" / "transformer").is_dir()

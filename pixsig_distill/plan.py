@@ -16,6 +16,7 @@ depth (parameters, gradients, optimizer state, activations and FLOPs of identica
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -60,10 +61,11 @@ INFER_MFU = 0.6
 
 # ---- generation latency ------------------------------------------------------------------------
 
-def generation_flops(cfg: DictConfig) -> dict:
-    """FLOPs and weight bytes of one image: T5 over the prompt, one transformer call, the VAE decode."""
+@contextlib.contextmanager
+def _generation_calls(cfg: DictConfig, transformer_batch: int = 1):
+    """The three calls of one image on fake tensors, as {part: (module, call)}: T5 over the prompt, one transformer
+    call at `transformer_batch` (2 = the CFG batch), the VAE decode; run them inside the context."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     with open_dict(cfg):
         model_cfg = copy.deepcopy(cfg.model)
@@ -74,42 +76,7 @@ def generation_flops(cfg: DictConfig) -> dict:
     parts = {"text_encoder": teacher.pipe.text_encoder, "transformer": teacher.transformer, "vae": teacher.vae}
     for module in parts.values():
         fakes.module(module)
-    out = {}
-    with mode, torch.no_grad():
-        tokens = torch.zeros(1, arch.max_sequence_length, dtype=torch.long)
-        latents = torch.empty(teacher.latent_shape(1), dtype=teacher.dtype)
-        embeds = torch.empty(1, arch.max_sequence_length, arch.transformer["caption_channels"], dtype=teacher.dtype)
-        calls = {"text_encoder": lambda: parts["text_encoder"](tokens),
-                 "transformer": lambda: teacher.eps(latents, torch.tensor([500]), embeds,
-                                                    torch.ones(1, arch.max_sequence_length, dtype=torch.long)),
-                 "vae": lambda: teacher.vae.decode(latents)}
-        for name, call in calls.items():
-            counter = FlopCounterMode(display=False)
-            with counter:
-                call()
-            weight_bytes = sum(p.numel() * p.element_size() for p in parts[name].parameters())
-            out[name] = {"flops": float(counter.get_total_flops()), "weight_bytes": float(weight_bytes)}
-    return out
-
-
-def generation_memory(cfg: DictConfig, guided: bool = True) -> dict:
-    """Weight bytes and peak bytes of one call of each part at batch 1 (the transformer at the CFG batch of 2),
-    on fake tensors under torch's memory tracker: what the inference modes below combine."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .fake_step import _memory_tracker
-
-    with open_dict(cfg):
-        model_cfg = copy.deepcopy(cfg.model)
-        model_cfg.load_text_encoder = True
-    teacher, arch = shape_only_teacher(model_cfg)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fakes = _Fakes(mode)
-    parts = {"text_encoder": teacher.pipe.text_encoder, "transformer": teacher.transformer, "vae": teacher.vae}
-    for module in parts.values():
-        fakes.module(module)
-    batch, tokens = (2 if guided else 1), arch.max_sequence_length
-    out = {}
+    batch, tokens = transformer_batch, arch.max_sequence_length
     with mode, torch.no_grad():
         latents = torch.empty(teacher.latent_shape(batch), dtype=teacher.dtype)
         embeds = torch.empty(batch, tokens, arch.transformer["caption_channels"], dtype=teacher.dtype)
@@ -117,14 +84,41 @@ def generation_memory(cfg: DictConfig, guided: bool = True) -> dict:
                  "transformer": lambda: teacher.eps(latents, torch.tensor([500]), embeds,
                                                     torch.ones(batch, tokens, dtype=torch.long)),
                  "vae": lambda: teacher.vae.decode(latents[:1])}
-        for name, call in calls.items():
+        yield {name: (parts[name], call) for name, call in calls.items()}
+
+
+def _weight_bytes(module: torch.nn.Module) -> float:
+    return float(sum(p.numel() * p.element_size() for p in module.parameters()))
+
+
+def generation_flops(cfg: DictConfig) -> dict:
+    """FLOPs and weight bytes of one image: T5 over the prompt, one transformer call, the VAE decode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    with _generation_calls(cfg) as calls:
+        for name, (module, call) in calls.items():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                call()
+            out[name] = {"flops": float(counter.get_total_flops()), "weight_bytes": _weight_bytes(module)}
+    return out
+
+
+def generation_memory(cfg: DictConfig, guided: bool = True) -> dict:
+    """Weight bytes and peak bytes of one call of each part at batch 1 (the transformer at the CFG batch of 2),
+    on fake tensors under torch's memory tracker: what the inference modes below combine."""
+    from .fake_step import _memory_tracker
+
+    out = {}
+    with _generation_calls(cfg, 2 if guided else 1) as calls:
+        for name, (module, call) in calls.items():
             tracker = _memory_tracker()
-            tracker.track_external(parts[name])
+            tracker.track_external(module)
             with tracker:
                 call()
             peak = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
-            weights = sum(p.numel() * p.element_size() for p in parts[name].parameters())
-            out[name] = {"weight_bytes": float(weights), "peak_bytes": float(peak)}
+            out[name] = {"weight_bytes": _weight_bytes(module), "peak_bytes": float(peak)}
     return out
 
 

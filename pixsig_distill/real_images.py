@@ -162,7 +162,7 @@ def ImageFolderLatents(teacher, folder: str | Path, cache_dir: str | Path | None
         tmp.replace(null)
     parts = [load_file(str(s)) for s in shards]
     bank = LatentBank(*(torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "mask")))
-    bank.null = load_file(str(null))
+    bank.null, bank.captions = load_file(str(null)), captions
     return bank
 
 
@@ -171,9 +171,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     teacher and cached (`ImageFolderLatents`): what `distill=finetune` trains on (`data=images`)."""
 
     def __init__(self, teacher, folder: str | Path, cache_dir: str | Path | None = None):
-        folder = Path(folder).expanduser()
         self.bank = ImageFolderLatents(teacher, folder, cache_dir)
-        self.captions = read_captioned_folder(folder)[1]
+        self.captions = self.bank.captions
 
     def __len__(self) -> int:
         return len(self.bank)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import clip_grad_norm, copy_full_into, full_tensor
-from ..lora import DEFAULT_TARGETS, add_lora
+from ..lora import DEFAULT_TARGETS, add_lora, save_lora
 from ..teacher import pipeline_class, source_folder
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,17 @@ def micro_slices(batch_size: int, micro_batches: int) -> list[slice]:
         raise ValueError(f"a batch of {batch_size} does not split into {micro_batches} equal micro-batches")
     size = batch_size // micro_batches
     return [slice(i * size, (i + 1) * size) for i in range(micro_batches)]
+
+
+def export_network(teacher, network: torch.nn.Module, scheduler, out_dir: Path, card: dict, full_pipeline: bool,
+                   lora: bool = False) -> Path:
+    """`export_pipeline` for a trained network; a LoRA network is merged into a full transformer and its adapter
+    is written beside it in peft format (export/lora), with the card and the teacher it was trained on."""
+    if not lora:
+        return export_pipeline(teacher, network, scheduler, out_dir, card, full_pipeline)
+    lora_card = {**{k: v for k, v in card.items() if k != "lora"}, "base": getattr(teacher.pipe, "name_or_path", None)}
+    return export_pipeline(teacher, merged_copy(network), scheduler, out_dir, card, full_pipeline,
+                           extra=lambda folder: save_lora(network, folder / "lora", lora_card))
 
 
 def export_pipeline(teacher, transformer: torch.nn.Module, scheduler, out_dir: Path, card: dict,

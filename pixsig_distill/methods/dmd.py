@@ -23,11 +23,11 @@ from diffusers import DDPMScheduler
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
-from ..lora import DEFAULT_TARGETS, save_lora
+from ..lora import DEFAULT_TARGETS
 from ..sampling import sample_latents
 from ..schedule import add_noise, scheduler_like, x0_from_eps
-from .common import (EMA, TrainableParameters, accumulated_step, export_pipeline, lora_network, merged_copy,
-                     micro_slices, trainable_copy, trained_network, trained_parameters, weight_sharing_copy)
+from .common import (EMA, TrainableParameters, accumulated_step, export_network, lora_network, micro_slices,
+                     trainable_copy, trained_network, trained_parameters, weight_sharing_copy)
 
 
 def dm_gradient(x0_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -329,12 +329,8 @@ class DMD:
         """A stock diffusers pipeline of the (EMA) generator; a LoRA generator is merged into a full transformer
         and its adapter is written beside it in peft format (export/lora)."""
         card = self.card()
-        with torch.no_grad(), self.sampling_network() as generator:
-            if not self.generator_lora_rank:
-                return export_pipeline(self.teacher, generator, self.scheduler(), out_dir, card,
-                                       self.full_pipeline_export)
+        if self.generator_lora_rank:
             card.update(lora="lora", lora_rank=self.generator_lora_rank)
-            lora_card = {**card, "base": getattr(self.teacher.pipe, "name_or_path", None)}
-            return export_pipeline(self.teacher, merged_copy(generator), self.scheduler(), out_dir, card,
-                                   self.full_pipeline_export,
-                                   extra=lambda folder: save_lora(generator, folder / "lora", lora_card))
+        with torch.no_grad(), self.sampling_network() as generator:
+            return export_network(self.teacher, generator, self.scheduler(), out_dir, card, self.full_pipeline_export,
+                                  lora=bool(self.generator_lora_rank))

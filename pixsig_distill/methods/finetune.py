@@ -25,11 +25,10 @@ import torch.nn.functional as F
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
-from ..lora import DEFAULT_TARGETS, check_rank, save_lora
+from ..lora import DEFAULT_TARGETS, check_rank
 from ..sampling import sample_latents
 from ..schedule import add_noise
-from .common import EMA, TrainableParameters, accumulated_step, export_pipeline, merged_copy, trained_network, \
-    trained_parameters
+from .common import EMA, TrainableParameters, accumulated_step, export_network, trained_network, trained_parameters
 
 
 class FineTune:
@@ -130,12 +129,6 @@ class FineTune:
         return card
 
     def export(self, out_dir: Path) -> Path:
-        card = self.card()
         with torch.no_grad(), self.sampling_network() as network:
-            if not self.lora_rank:
-                return export_pipeline(self.teacher, network, self.teacher.scheduler, out_dir, card,
-                                       self.full_pipeline_export)
-            lora_card = {**card, "base": getattr(self.teacher.pipe, "name_or_path", None)}
-            return export_pipeline(self.teacher, merged_copy(network), self.teacher.scheduler, out_dir, card,
-                                   self.full_pipeline_export,
-                                   extra=lambda folder: save_lora(network, folder / "lora", lora_card))
+            return export_network(self.teacher, network, self.teacher.scheduler, out_dir, self.card(),
+                                  self.full_pipeline_export, lora=bool(self.lora_rank))

@@ -17,8 +17,8 @@ import torch
 
 from ..distributed import zero3
 from ..errors import UserError
-from ..lora import DEFAULT_TARGETS, check_rank, save_lora
-from .common import TrainableParameters, export_pipeline, lora_network, merged_copy
+from ..lora import DEFAULT_TARGETS, check_rank
+from .common import TrainableParameters, export_network, lora_network
 from .lcm import LCM
 
 
@@ -64,9 +64,5 @@ class LCMLoRA(LCM):
         return {**super().card(), "lora": "lora", "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}
 
     def export(self, out_dir: Path) -> Path:
-        model = self._unwrap(self.student)
-        merged = merged_copy(model)
-        lora_card = {**{k: v for k, v in self.card().items() if k != "lora"},
-                     "base": getattr(self.teacher.pipe, "name_or_path", None)}  # the teacher it was trained on
-        return export_pipeline(self.teacher, merged, self.scheduler(), out_dir, self.card(), self.full_pipeline_export,
-                               extra=lambda folder: save_lora(model, folder / "lora", lora_card))
+        return export_network(self.teacher, self._unwrap(self.student), self.scheduler(), out_dir, self.card(),
+                              self.full_pipeline_export, lora=True)

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# pytest-xdist workers (pyproject: -n 2) share the cores: each takes its share, and so do the processes it starts
+# (threads.py: two processes with a thread per core each ran 50× slower than one with one thread).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_threads = max(1, min(2, (os.cpu_count() or 1) // _workers))
+if _workers > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+torch.set_num_threads(min(_threads, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pixsig_distill.checkpoint import load_checkpoint
 from pixsig_distill.config import build
 from pixsig_distill.draws import StepDraws
 from pixsig_distill.errors import UserError
-from pixsig_distill.methods.dmd2 import discriminator_loss, generator_gan_loss
+from pixsig_distill.methods.dmd2 import GANHead, discriminator_loss, generator_gan_loss
 from pixsig_distill.schedule import add_noise
 from pixsig_distill.train import run
 
@@ -37,6 +37,20 @@ def test_gan_losses_push_the_right_way():
     # A perfect discriminator costs ~0; a fooled one log 2 per side at logits 0.
     assert discriminator_loss(torch.full((4,), 20.0), torch.full((4,), -20.0)) < 1e-6
     assert discriminator_loss(torch.zeros(4), torch.zeros(4)) == pytest.approx(2 * np.log(2))
+
+
+def test_gan_head_scores_every_token_or_the_pooled_tokens():
+    tokens = torch.randn(3, 16, 24)
+    per_token, pooled = GANHead(24, 8, per_token=True), GANHead(24, 8, per_token=False)
+    assert per_token(tokens).shape == (3, 16) and pooled(tokens).shape == (3,)
+    # per-token: a token's logit depends on that token alone (a patch discriminator)
+    changed = tokens.clone()
+    changed[:, 5] += torch.randn(24)  # (a constant shift would vanish in the LayerNorm)
+    diff = (per_token(changed) - per_token(tokens)).abs()
+    assert diff[:, 5].min() > 0 and diff[:, :5].max() == 0 and diff[:, 6:].max() == 0
+    # the losses average over tokens: per-token logits and their per-sample means agree at logits 0
+    zeros = torch.zeros(3, 16)
+    assert discriminator_loss(zeros, zeros) == pytest.approx(2 * np.log(2))
 
 
 def _method(compose_train, *overrides):
@@ -98,6 +112,8 @@ def test_dmd2_bad_timesteps_and_missing_real_images(compose_train):
         _method(compose_train, "distill.real_images=null")
     with pytest.raises(UserError, match="distill.gan.block=99"):
         _method(compose_train, "distill.gan.block=99")
+    with pytest.raises(UserError, match="t_min < t_max"):
+        _method(compose_train, "distill.gan.t_min=500", "distill.gan.t_max=100")
 
 
 def test_two_step_run_resumes_exactly(compose_train, tmp_path):

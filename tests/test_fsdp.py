@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from pixsig_distill.checkpoint import list_checkpoints
-from test_multiprocess import DIGEST_ENV, ROOT, assert_in_sync, make_text_cache, scale_out_command
+from test_multiprocess import DIGEST_ENV, ROOT, assert_in_sync, free_port, make_text_cache, scale_out_command
 
 FSDP_CONFIG = ROOT / "pixsig_distill" / "conf" / "accelerate" / "cpu_fsdp2_2proc.yaml"
 # Two processes sum the gradient in another order than one (float32 rounding, ~1e-7 relative). AdamW divides by
@@ -36,7 +36,7 @@ def launch(overrides: list[str], tmp_path: Path, processes: int = 2, **env) -> s
         command = [sys.executable, "-m", "pixsig_distill.train", *overrides]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-                   "-m", "pixsig_distill.train", *overrides]
+                   "--main_process_port", free_port(), "-m", "pixsig_distill.train", *overrides]
     full_env = {k: v for k, v in os.environ.items() if k != "PIXSIG_FAULT_AFTER"}
     full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", DIGEST_ENV: "1", **env})
     result = subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=900)

@@ -8,6 +8,7 @@ config (torchrun launcher) plus device=cpu (gloo).
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,16 @@ def make_text_cache(tiny_folder, out: Path) -> Path:
     return cache_text(cfg)
 
 
+def free_port() -> str:
+    """A free TCP port for the launch's rendezvous (two test workers may launch at once; 29500 would clash)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def launch(overrides: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-               "-m", "pixsig_distill.train", *overrides]
+               "--main_process_port", free_port(), "-m", "pixsig_distill.train", *overrides]
     full_env = {k: v for k, v in os.environ.items() if k != "PIXSIG_FAULT_AFTER"}
     full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", DIGEST_ENV: "1", **env})
     return subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=900)

@@ -32,19 +32,25 @@ TIMESTEP_SCALING = 1e5
 
 
 class GANHead(torch.nn.Module):
-    """Realism logit from the hidden states (B, N, D) of one fake-score block: mean over tokens → MLP → 1."""
+    """Realism logits from the hidden states (B, N, D) of one fake-score block: LayerNorm → MLP → 1.
 
-    def __init__(self, width: int, hidden: int = 256):
+    `per_token=True` scores every token (a patch discriminator, like DMD2's conv head that keeps a small spatial map):
+    logits (B, N). `per_token=False` scores the mean-pooled tokens: logits (B,)."""
+
+    def __init__(self, width: int, hidden: int = 256, per_token: bool = True):
         super().__init__()
+        self.per_token = per_token
         self.net = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, hidden), torch.nn.SiLU(),
                                        torch.nn.Linear(hidden, 1))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.net(tokens.float().mean(dim=1)).squeeze(-1)
+        tokens = tokens.float()
+        return self.net(tokens if self.per_token else tokens.mean(dim=1)).squeeze(-1)
 
 
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Non-saturating GAN, discriminator side: softplus(−D(real)) + softplus(D(fake)) (DMD2 eq. 5)."""
+    """Non-saturating GAN, discriminator side: softplus(−D(real)) + softplus(D(fake)) (DMD2 eq. 5), averaged over
+    samples (and tokens, for a per-token head)."""
     return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
 
 
@@ -68,7 +74,9 @@ def frozen(module: torch.nn.Module):
 
 
 class DMD2(DMD):
-    def __init__(self, teacher, timesteps=(400,), real_images=None, gan: dict | None = None, **dmd):
+    def __init__(self, teacher, timesteps, gan: dict, real_images=None, **dmd):
+        """`gan`: generator_weight, discriminator_weight, block, hidden, per_token, t_min, t_max, head_lr (their
+        defaults and meaning: conf/distill/dmd2.yaml)."""
         dmd.pop("t_bar", None)  # DMD2 starts at timesteps[0]
         timesteps = [int(t) for t in timesteps]
         if not timesteps or any(not 1 <= t <= 999 for t in timesteps) or timesteps != sorted(set(timesteps))[::-1]:
@@ -76,8 +84,6 @@ class DMD2(DMD):
                             f"e.g. [400] (one step) or [999, 749, 499, 249] (four)")
         super().__init__(teacher, t_bar=timesteps[0], **dmd)
         self.timesteps = timesteps
-        gan = {"generator_weight": 0.05, "discriminator_weight": 0.01, "block": None, "hidden": 256, "head_lr": 1e-3,
-               **(gan or {})}
         self.gan_generator_weight = float(gan["generator_weight"])
         self.gan_discriminator_weight = float(gan["discriminator_weight"])
         self.gan_on = self.gan_generator_weight > 0 or self.gan_discriminator_weight > 0
@@ -95,7 +101,12 @@ class DMD2(DMD):
             self.gan_block = block % len(blocks)
             width = self.fake_score.config.num_attention_heads * self.fake_score.config.attention_head_dim
             # The head is part of the fake score: trained by its optimizer, saved in its checkpoint.
-            self.fake_score.gan_head = GANHead(width, int(gan["hidden"])).to(teacher.device)
+            self.fake_score.gan_head = GANHead(width, int(gan["hidden"]), bool(gan["per_token"])).to(teacher.device)
+            # The head sees real and generated latents noised to t ~ U[t_min, t_max] (default: the DM loss's range).
+            self.gan_t_range = (self.dm_t_range[0] if gan["t_min"] is None else int(gan["t_min"]),
+                                self.dm_t_range[1] if gan["t_max"] is None else int(gan["t_max"]))
+            if not 0 <= self.gan_t_range[0] < self.gan_t_range[1] <= 999:
+                raise UserError(f"distill.gan.t_min/t_max={list(self.gan_t_range)}; give 0 <= t_min < t_max <= 999")
             # A fresh head at the fake score's lr (2e-5) would not learn in a few hundred steps: its own lr.
             self.optimizers["fake_score"].add_param_group({"params": list(self.fake_score.gan_head.parameters()),
                                                            "lr": float(gan["head_lr"])})
@@ -142,7 +153,7 @@ class DMD2(DMD):
     def draw_extra(self, batch_size: int, gen: StepDraws) -> dict:
         if not self.gan_on:
             return {}
-        t = lambda: self._timesteps(batch_size, *self.dm_t_range, gen)  # noqa: E731
+        t = lambda: self._timesteps(batch_size, *self.gan_t_range, gen)  # noqa: E731
         real = [self.real.sample(batch_size, gen, self.teacher.device, self.teacher.dtype)
                 for _ in range(self.fake_updates_per_step)]
         return {"t_gen": t(), "noise_gen": self._noise(batch_size, gen), "real": real,
@@ -189,4 +200,4 @@ class DMD2(DMD):
                 "scheduler": "LCMScheduler", "eval_steps": [len(self.timesteps)],
                 "gan": {"generator_weight": self.gan_generator_weight,
                         "discriminator_weight": self.gan_discriminator_weight,
-                        "block": getattr(self, "gan_block", None)}}
+                        "block": getattr(self, "gan_block", None), "t_range": list(getattr(self, "gan_t_range", []))}}

@@ -75,7 +75,8 @@ def test_backward_simulation_feeds_each_step_the_chains_own_noise_level(compose_
         chain = add_noise(x0, draws["renoise"][j], torch.full((8,), [749, 499, 249][j]), ab)
         inputs.append(chain)
     for i, k in enumerate(draws["step"].tolist()):
-        assert torch.allclose(x[i], inputs[k][i], atol=1e-6)
+        rel = ((x[i] - inputs[k][i]).abs().max() / inputs[k][i].abs().max()).item()
+        assert rel < 1e-5  # a sub-batch rounds differently (measured 2e-7)
     # ... and the noise level is right: the part of step k's input that is noise has std √(1 − ᾱ_{t_k}).
     for i in (1, 2, 3):
         x0 = method.generate(method.generator, embeds[:1], mask[:1], inputs[i - 1][i:i + 1],

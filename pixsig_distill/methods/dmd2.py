@@ -123,14 +123,15 @@ class DMD2(DMD):
     @torch.no_grad()
     def simulate(self, generator, embeds, mask, z, steps: torch.Tensor, renoise: list) -> torch.Tensor:
         """The input of step `steps[i]` for each sample: its own chain from z, x̂0 re-noised to the next timestep."""
-        x, inputs = z, z.clone()
+        x = z.clone()
         for j in range(int(steps.max()) if len(steps) else 0):
-            t = torch.full((x.shape[0],), self.timesteps[j], device=x.device, dtype=torch.long)
-            x0 = self.generate(generator, embeds, mask, x, t)
+            rows = steps > j  # only the samples whose chain goes on past step j (about half, for 4 steps)
+            t = torch.full((int(rows.sum()),), self.timesteps[j], device=x.device, dtype=torch.long)
+            x0 = self.generate(generator, embeds[rows], mask[rows], x[rows], t)
             t_next = torch.full_like(t, self.timesteps[j + 1])
-            x = add_noise(x0, renoise[j], t_next, self.teacher.alphas_cumprod)  # ≡ LCMScheduler.step's re-noise
-            inputs[steps == j + 1] = x[steps == j + 1].to(inputs.dtype)
-        return inputs
+            # ≡ LCMScheduler.step's re-noise
+            x[rows] = add_noise(x0, renoise[j][rows], t_next, self.teacher.alphas_cumprod).to(x.dtype)
+        return x
 
     def generator_input(self, draws: dict, rows: slice, embeds, mask):
         steps = draws["step"][rows]

@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -46,11 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from evaluation.latency import device_name, device_sync, measure_latency, summarize, time_runs, versions  # noqa: E402
 
-CONFIGS = {  # name → (resolution, text tokens); "toy" uses pixsig_distill/toy/components.py
-    "sigma_512": (512, 300),
-    "sigma_1024": (1024, 300),
-    "toy": (32, 16),
-}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "a large red circle in the center on a white background"
 GIB = 1024**3
@@ -106,29 +103,55 @@ def sdxl_vae():
                          scaling_factor=0.13025, force_upcast=True)
 
 
+def sigma_parts(resolution: int, tokens: int):
+    """Builds the published PixArt-Σ parts at `resolution` (random weights)."""
+    def build(text_encoder: bool) -> dict:
+        from pixsig_distill.tokenizer import build_t5_tokenizer
+
+        return {"transformer": sigma_transformer(resolution), "vae": sdxl_vae(),
+                "text_encoder": t5_xxl_encoder() if text_encoder else None,
+                "tokenizer": build_t5_tokenizer(PROMPT.split(), model_max_length=tokens)}
+    return build
+
+
+def toy_parts(text_encoder: bool) -> dict:
+    """The toy world's parts (pixsig_distill/toy/components.py), random weights."""
+    from pixsig_distill.toy import components as toy
+
+    tokenizer = toy.toy_tokenizer()
+    return {"transformer": toy.toy_transformer(), "vae": toy.toy_vae(), "tokenizer": tokenizer,
+            "text_encoder": toy.toy_text_encoder(len(tokenizer)) if text_encoder else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    resolution: int
+    tokens: int                 # text tokens
+    build: Callable[[bool], dict]   # text_encoder? → transformer, vae, text_encoder, tokenizer
+    gpu_dtypes: tuple = ("bf16", "fp16")   # default dtypes on a GPU (a CPU measures fp32)
+    measures_training: bool = False        # DMD training is measured at 512 px (and on the toy)
+
+
+CONFIGS = {
+    "sigma_512": BenchConfig(512, 300, sigma_parts(512, 300), measures_training=True),
+    "sigma_1024": BenchConfig(1024, 300, sigma_parts(1024, 300)),
+    "toy": BenchConfig(32, 16, toy_parts, gpu_dtypes=("fp32",), measures_training=True),
+}
+
+
 def components(config: str, device: torch.device, dtype: torch.dtype, text_encoder: bool = True) -> dict:
     """Random-weight parts of the pipeline of `config`, built on `device` in `dtype`."""
     from pixsig_distill.testing import PIXART_SCHEDULER
-    from pixsig_distill.tokenizer import build_t5_tokenizer
     from diffusers import DPMSolverMultistepScheduler
 
-    resolution, tokens = CONFIGS[config]
     with built_on(device, dtype):
-        if config == "toy":
-            from pixsig_distill.toy import components as toy
-
-            tokenizer = toy.toy_tokenizer()
-            parts = {"transformer": toy.toy_transformer(), "vae": toy.toy_vae(),
-                     "text_encoder": toy.toy_text_encoder(len(tokenizer)) if text_encoder else None}
-        else:
-            tokenizer = build_t5_tokenizer(PROMPT.split(), model_max_length=tokens)
-            parts = {"transformer": sigma_transformer(resolution), "vae": sdxl_vae(),
-                     "text_encoder": t5_xxl_encoder() if text_encoder else None}
+        parts = CONFIGS[config].build(text_encoder)
     for module in parts.values():
         if module is not None:
             module.to(device, dtype).eval().requires_grad_(False)
-    parts.update(tokenizer=tokenizer if text_encoder else None,
-                 scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER))
+    if not text_encoder:
+        parts["tokenizer"] = None
+    parts["scheduler"] = DPMSolverMultistepScheduler(**PIXART_SCHEDULER)
     return parts
 
 
@@ -139,7 +162,7 @@ def samplers(parts: dict, config: str, device: torch.device):
     from pixsig_distill.schedule import scheduler_like
     from pixsig_distill.teacher import Teacher
 
-    resolution, tokens = CONFIGS[config]
+    resolution, tokens = CONFIGS[config].resolution, CONFIGS[config].tokens
     teacher = Teacher(PixArtSigmaPipeline(**parts), max_sequence_length=tokens, guidance_scale=4.5,
                       num_inference_steps=20, resolution=resolution, device=str(device))
     one_step = scheduler_like(DDPMScheduler, parts["scheduler"].config, clip_sample=False, thresholding=False,
@@ -215,7 +238,7 @@ def dmd_training(config: str, batch_sizes: list[int], checkpointing: list[str], 
 
     mixed = "bf16" if device.type == "cuda" else "no"
     teacher_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
-    resolution, tokens = CONFIGS[config]
+    resolution, tokens = CONFIGS[config].resolution, CONFIGS[config].tokens
     parts = components(config, device, teacher_dtype, text_encoder=False)  # cached embeddings: T5 not resident
     teacher = Teacher(PixArtSigmaPipeline(**parts), max_sequence_length=tokens, resolution=resolution,
                       device=str(device))
@@ -364,12 +387,12 @@ def main(argv: list[str] | None = None) -> dict:
     latencies, training = [], []
     for config in configs:
         dtypes = parse_list(args.dtypes) if args.dtypes else (
-            ["fp32"] if config == "toy" or device.type == "cpu" else ["bf16", "fp16"])
+            ["fp32"] if device.type == "cpu" else list(CONFIGS[config].gpu_dtypes))
         if "latency" not in skip:
             for dtype_name in dtypes:
                 latencies += latency(config, dtype_name, compile_modes, args.attention, device, args.warmup,
                                      args.runs, args.teacher_steps, args.offload)
-        if "training" not in skip and config in ("sigma_512", "toy"):  # DMD training is measured at 512 px
+        if "training" not in skip and CONFIGS[config].measures_training:
             training += dmd_training(config, [int(b) for b in parse_list(args.batch_sizes)],
                                      parse_list(args.gradient_checkpointing), device, args.train_warmup,
                                      args.train_runs)

@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -123,8 +122,7 @@ def toy_parts(text_encoder: bool) -> dict:
             "text_encoder": toy.toy_text_encoder(len(tokenizer)) if text_encoder else None}
 
 
-@dataclasses.dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(NamedTuple):
     resolution: int
     tokens: int                 # text tokens
     build: Callable[[bool], dict]   # text_encoder? → transformer, vae, text_encoder, tokenizer
@@ -147,7 +145,7 @@ def components(config: str, device: torch.device, dtype: torch.dtype, text_encod
     with built_on(device, dtype):
         parts = CONFIGS[config].build(text_encoder)
     for module in parts.values():
-        if module is not None:
+        if isinstance(module, torch.nn.Module):  # (the tokenizer is not one)
             module.to(device, dtype).eval().requires_grad_(False)
     if not text_encoder:
         parts["tokenizer"] = None

@@ -5,14 +5,9 @@
 
 Nothing is downloaded: every network is built from its published configuration with random weights,
 directly on the device and in the dtype it is measured in (time and memory do not depend on the
-values). The components:
-
-- transformer: PixArt-Σ XL/2 (28 blocks, 16 heads × 72, adaLN-single, 4 → 8 channels with learned σ,
-  T5 captions 4096-d); sample size 64 (512 px) or 128 (1024 px);
-- text encoder: the T5 v1.1 XXL encoder (d_model 4096, 24 layers, 64 heads, d_ff 10240, gated GELU,
-  vocabulary 32128), 300 tokens as in Σ; the tokenizer is a local word-level T5 tokenizer (tokenising
-  costs the same order of time; the encoder always sees 300 padded tokens);
-- VAE: the SDXL VAE configuration (block_out_channels 128/256/512/512, scaling 0.13025).
+values). The components are the published configurations in pixsig_distill/architectures.py: the
+PixArt-Σ XL/2 transformer (sample size 64 at 512 px, 128 at 1024 px), the T5 v1.1 XXL encoder at 300
+tokens (with a local word-level tokenizer: the encoder always sees 300 padded tokens) and the SDXL VAE.
 
 Measured per configuration (`--config toy` runs the same on the toy components, fp32 on CPU):
 
@@ -34,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import sys
@@ -46,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from evaluation.latency import device_name, device_sync, measure_latency, summarize, time_runs, versions  # noqa: E402
+from pixsig_distill.architectures import KNOWN, T5_XXL  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "a large red circle in the center on a white background"
@@ -72,45 +69,35 @@ def built_on(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+SIGMA = {512: "PixArt-alpha/PixArt-Sigma-XL-2-512-MS", 1024: "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"}
+
+
 def sigma_transformer(resolution: int):
+    """PixArt-Σ XL/2 at `resolution`, from the published config (pixsig_distill/architectures.py)."""
     from diffusers import PixArtTransformer2DModel
 
-    sample_size = resolution // 8
-    return PixArtTransformer2DModel(
-        sample_size=sample_size, num_layers=28, attention_head_dim=72, num_attention_heads=16, in_channels=4,
-        out_channels=8, patch_size=2, caption_channels=4096, cross_attention_dim=1152, norm_type="ada_norm_single",
-        num_embeds_ada_norm=1000, activation_fn="gelu-approximate", attention_bias=True,
-        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
-        interpolation_scale=max(sample_size // 64, 1))
+    return PixArtTransformer2DModel(**KNOWN[SIGMA[resolution]].transformer)
 
 
 def t5_xxl_encoder():
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(
-        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, layer_norm_epsilon=1e-6, tie_word_embeddings=False, decoder_start_token_id=0))
+    return T5EncoderModel(T5Config(decoder_start_token_id=0, **T5_XXL))
 
 
 def sdxl_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                         layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=1024,
-                         scaling_factor=0.13025, force_upcast=True)
+    return AutoencoderKL(**KNOWN[SIGMA[1024]].vae)
 
 
-def sigma_parts(resolution: int, tokens: int):
-    """Builds the published PixArt-Σ parts at `resolution` (random weights)."""
-    def build(text_encoder: bool) -> dict:
-        from pixsig_distill.tokenizer import build_t5_tokenizer
+def sigma_parts(resolution: int, tokens: int, text_encoder: bool) -> dict:
+    """The published PixArt-Σ parts at `resolution` (random weights)."""
+    from pixsig_distill.tokenizer import build_t5_tokenizer
 
-        return {"transformer": sigma_transformer(resolution), "vae": sdxl_vae(),
-                "text_encoder": t5_xxl_encoder() if text_encoder else None,
-                "tokenizer": build_t5_tokenizer(PROMPT.split(), model_max_length=tokens)}
-    return build
+    return {"transformer": sigma_transformer(resolution), "vae": sdxl_vae(),
+            "text_encoder": t5_xxl_encoder() if text_encoder else None,
+            "tokenizer": build_t5_tokenizer(PROMPT.split(), model_max_length=tokens)}
 
 
 def toy_parts(text_encoder: bool) -> dict:
@@ -131,8 +118,8 @@ class BenchConfig(NamedTuple):
 
 
 CONFIGS = {
-    "sigma_512": BenchConfig(512, 300, sigma_parts(512, 300), measures_training=True),
-    "sigma_1024": BenchConfig(1024, 300, sigma_parts(1024, 300)),
+    "sigma_512": BenchConfig(512, 300, functools.partial(sigma_parts, 512, 300), measures_training=True),
+    "sigma_1024": BenchConfig(1024, 300, functools.partial(sigma_parts, 1024, 300)),
     "toy": BenchConfig(32, 16, toy_parts, gpu_dtypes=("fp32",), measures_training=True),
 }
 

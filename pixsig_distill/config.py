@@ -178,6 +178,11 @@ def compose_error(config_name: str, argv: list[str]) -> str | None:
         return _one_line(err)
     except (HydraException, OmegaConfBaseException) as err:
         return _one_line(err)
+    missing = [key for key in cfg if key != "hydra" and OmegaConf.is_missing(cfg, key)]
+    missing += [full_key for key in cfg if key != "hydra" and isinstance(cfg._get_node(key), DictConfig)
+                for full_key in sorted(OmegaConf.missing_keys(cfg._get_node(key)))]
+    if missing:  # a `???` the chosen options need (e.g. data=images's folder): Hydra would fail deep in instantiate
+        return f"{missing[0]} has no value and the chosen options need one; set it: {missing[0]}=..."
     return output_folder_error(cfg)
 
 

@@ -307,6 +307,10 @@ HYDRA_CASES = [
     ("leaderboard", ["num_sample=3"], "unknown key 'num_sample' for leaderboard; did you mean n_samples?"),
     ("train", ["t_bar=["], "cannot parse the override 't_bar=['"),
     ("merge_lora", ["model=toy"], "Could not override 'model'"),
+    # a `???` the chosen options need, unset: named before anything is built
+    ("train", ["distill=dmd2", "distill/real_images=folder"],
+     "distill.real_images.folder has no value and the chosen options need one; set it: distill.real_images.folder=..."),
+    ("train", ["distill=finetune", "data=images"], "data.folder has no value"),
 ]
 
 

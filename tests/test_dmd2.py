@@ -105,6 +105,34 @@ def test_training_chain_equals_the_exported_scheduler(compose_train):
     assert (final - x).abs().max() < 1e-4
 
 
+def test_discriminator_reads_the_generated_side_off_the_denoising_forward(compose_train):
+    """On the default GAN range the head's fake logits come from the fake score's ε-MSE forward (no forward of
+    their own), and the loss equals the one of a separate forward at the same t and noise."""
+    method, teacher = _method(compose_train)
+    assert method.gan_shares_forward and method.gan_t_range == method.fake_t_range
+    embeds, mask = teacher.encode_prompts(["a red circle", "a blue square"])
+    gen = StepDraws(torch.Generator().manual_seed(0))
+    x0, t, noise = torch.randn(teacher.latent_shape(2)), torch.tensor([100, 700]), torch.randn(teacher.latent_shape(2))
+    extra = method.draw_extra(2, gen)
+    assert "t_fake" not in extra
+    forwards = []
+    hook = method.fake_score.register_forward_pre_hook(lambda *_: forwards.append(1))
+    method.fake_score_loss(x0, embeds, mask, t, noise)
+    (_, loss_d, _), _ = method.fake_extra_losses(x0, embeds, mask, extra, slice(None), 0)
+    hook.remove()
+    assert len(forwards) == 2  # ε-MSE + the real branch
+    real_x0, real_embeds, real_mask = extra["real"][0]
+    separate = discriminator_loss(
+        method.realism(real_x0, real_embeds, real_mask, extra["t_real"][0], extra["noise_real"][0], method.fake_score),
+        method.realism(x0, embeds, mask, t, noise, method.fake_score))
+    assert torch.allclose(loss_d, separate, atol=1e-6)
+    loss_d.backward()  # the shared forward carries the GAN gradient into the head
+    assert method.fake_score.gan_head.net[1].weight.grad.abs().sum() > 0
+    # another range (here t <= 400) gives the generated side a forward of its own
+    other, _ = _method(compose_train, "distill.gan.t_max=400")
+    assert not other.gan_shares_forward and "t_fake" in other.draw_extra(2, gen)
+
+
 def test_dmd2_bad_timesteps_and_missing_real_images(compose_train):
     for bad in ("distill.timesteps=[249,999]", "distill.timesteps=[0]", "distill.timesteps=[]"):
         with pytest.raises(UserError, match="decreasing order"):

@@ -126,3 +126,35 @@ def test_fsdp2_runs_lcm_with_bf16_and_gradient_checkpointing(tiny_folder, tiny_t
     assert result.returncode == 0, result.log[-4000:]
     assert_in_sync(out, 2, ("student", "target"))
     assert (out / "export" / "pixsig_student.json").is_file()
+
+
+def test_fsdp2_runs_dmd2_as_one_process_does(tiny_folder, tiny_train_args, compose_train, tmp_path):
+    """DMD2 sharded: 2-step backward simulation, the GAN head on a hooked fake-score block, its real images from a
+    captioned folder (encoded once, here beforehand: the launched runs load no T5) — the same weights as one
+    process with the global batch."""
+    from hydra.utils import instantiate
+
+    from pixsig_distill.real_images import ImageFolderLatents
+    from test_finetune import write_folder
+
+    folder, bank = write_folder(tmp_path / "images", n=8), tmp_path / "bank"
+    ImageFolderLatents(instantiate(compose_train().model), folder, cache_dir=bank)
+    command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
+    extra = ["distill=dmd2", "distill.timesteps=[999,499]", "train.max_steps=2", "distill/real_images=folder",
+             f"distill.real_images.folder={folder}", f"distill.real_images.cache_dir={bank}"]
+    reference, out = tmp_path / "one_process", tmp_path / "fsdp"
+    one = launch(command(reference, *extra, "train.batch_size=4"), tmp_path, processes=1)
+    assert one.returncode == 0, one.log[-4000:]
+    two = launch(command(out, *extra), tmp_path)
+    assert two.returncode == 0, two.log[-4000:]
+    networks = ("generator", "fake_score", "generator_ema")
+    assert_in_sync(out, 2, networks)
+    ours, theirs = checkpoint_files(out, 2), checkpoint_files(reference, 2)
+    assert any(k.startswith("gan_head.") for k in ours["fake_score.safetensors"])
+    # DMD2 has more paths on which float32 rounding differs (the chain's sub-batches, the GAN terms), so a weight whose
+    # gradient is rounding noise moves by up to one Adam step (measured 0.5·lr); a real mismatch (other real images,
+    # other noise per process) would move most weights by ~lr.
+    lr = LEARNING_RATES["dmd"]
+    for name in networks:
+        diff = differences(ours[f"{name}.safetensors"], theirs[f"{name}.safetensors"])
+        assert diff.max() <= lr and diff.quantile(0.99) <= 0.02 * lr, (name, diff.max().item())

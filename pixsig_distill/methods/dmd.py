@@ -57,6 +57,8 @@ def _lora_spec(spec, name: str) -> tuple[int, float | None]:
 
 
 class DMD:
+    fake_t_range = (0, 999)  # the fake score's ε-MSE timesteps: every noise level
+
     def __init__(self, teacher, t_bar: int = 400, real_guidance_scale: float = 3.0, fake_updates_per_step: int = 1,
                  dm_t_min: int = 20, dm_t_max: int = 980, generator_optimizer=None, fake_optimizer=None,
                  grad_clip: float | None = 10.0, ema_decay: float | None = 0.9999, ema_device: str = "same",
@@ -157,7 +159,7 @@ class DMD:
         t_dm, noise_dm = self._timesteps(b, *self.dm_t_range, gen), self._noise(b, gen)
         extra = self.draw_extra(b, gen)
         reg_rows = self._regression_rows(gen) if self.regression_weight > 0 else None
-        fake_draws = [(self.draw_inputs(b, gen) if i > 0 else None, self._timesteps(b, 0, 999, gen),
+        fake_draws = [(self.draw_inputs(b, gen) if i > 0 else None, self._timesteps(b, *self.fake_t_range, gen),
                        self._noise(b, gen)) for i in range(self.fake_updates_per_step)]
         parts = micro_slices(b, micro_batches)
         logs = {}

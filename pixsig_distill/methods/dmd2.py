@@ -1,9 +1,10 @@
 """DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis"): DMD without the
 regression loss, plus
 
-- a GAN (§4.2): a small classifier head on the fake score's features (the mean-pooled hidden states of one
-  transformer block, `gan.block`) tells noised real latents from noised generator samples; the head and the
-  fake score's trunk learn it with the fake score's update, the generator gets the non-saturating term;
+- a GAN (§4.2): a small classifier head on the fake score's features (the hidden states of one transformer
+  block, `gan.block`) tells noised real latents from noised generator samples; the head and the fake score's
+  trunk learn it with the fake score's update (the generated side read off the fake score's own denoising
+  forward), the generator gets the non-saturating term;
 - the two time-scale rule (§4.1): several fake-score updates per generator update (`fake_updates_per_step`);
 - few-step generation with backward simulation (§4.4): the generator runs over `timesteps` (e.g. [999, 749, 499,
   249]); step 1 denoises pure noise, every later step re-noises the previous x̂0 to the next timestep with fresh
@@ -90,9 +91,9 @@ class DMD2(DMD):
         self.real = None
         if self.gan_on:
             if real_images is None:
-                raise UserError("distill=dmd2 with a GAN needs real images: set distill.real_images to "
-                                "{_target_: pixsig_distill.real_images.ImageFolderLatents, _partial_: true, folder: DIR} "
-                                "(docs/dmd2.md), or distill.gan.generator_weight=0 distill.gan.discriminator_weight=0")
+                raise UserError("distill=dmd2 with a GAN needs real images: give a captioned image folder with "
+                                "distill/real_images=folder distill.real_images.folder=DIR (docs/dmd2.md), or set "
+                                "distill.gan.generator_weight=0 distill.gan.discriminator_weight=0")
             self.real = real_images(teacher)
             blocks = self.fake_score.transformer_blocks
             block = len(blocks) // 2 if gan["block"] is None else int(gan["block"])
@@ -102,15 +103,18 @@ class DMD2(DMD):
             width = self.fake_score.config.num_attention_heads * self.fake_score.config.attention_head_dim
             # The head is part of the fake score: trained by its optimizer, saved in its checkpoint.
             self.fake_score.gan_head = GANHead(width, int(gan["hidden"]), bool(gan["per_token"])).to(teacher.device)
-            # The head sees real and generated latents noised to t ~ U[t_min, t_max] (default: the DM loss's range).
-            self.gan_t_range = (self.dm_t_range[0] if gan["t_min"] is None else int(gan["t_min"]),
-                                self.dm_t_range[1] if gan["t_max"] is None else int(gan["t_max"]))
+            # The head sees real and generated latents noised to t ~ U[t_min, t_max] (default: the fake score's ε-MSE
+            # range). On that range the head reads the generated side off the fake score's own denoising forward
+            # (one fake-score forward and backward fewer per update); another range costs a forward of its own.
+            self.gan_t_range = (self.fake_t_range[0] if gan["t_min"] is None else int(gan["t_min"]),
+                                self.fake_t_range[1] if gan["t_max"] is None else int(gan["t_max"]))
             if not 0 <= self.gan_t_range[0] < self.gan_t_range[1] <= 999:
                 raise UserError(f"distill.gan.t_min/t_max={list(self.gan_t_range)}; give 0 <= t_min < t_max <= 999")
+            self.gan_shares_forward = self.gan_t_range == tuple(self.fake_t_range)
             # A fresh head at the fake score's lr (2e-5) would not learn in a few hundred steps: its own lr.
             self.optimizers["fake_score"].add_param_group({"params": list(self.fake_score.gan_head.parameters()),
                                                            "lr": float(gan["head_lr"])})
-            self._features = None
+            self._features = self._denoising_features = None  # the hooked block's output: last forward, ε-MSE's
             blocks[self.gan_block].register_forward_hook(self._keep_features)
 
     # ---- backward simulation (DMD2 §4.4) --------------------------------------------------------
@@ -124,14 +128,24 @@ class DMD2(DMD):
     def simulate(self, generator, embeds, mask, z, steps: torch.Tensor, renoise: list) -> torch.Tensor:
         """The input of step `steps[i]` for each sample: its own chain from z, x̂0 re-noised to the next timestep."""
         x = z.clone()
-        for j in range(int(steps.max()) if len(steps) else 0):
+        for j in range(self._chain_length(steps)):
             rows = steps > j  # only the samples whose chain goes on past step j (about half, for 4 steps)
+            if not rows.any():  # another process's samples still need step j: a throwaway row keeps the processes'
+                self.generate(generator, embeds[:1], mask[:1], x[:1], None)  # forwards (FSDP gathers in each) in step
+                continue
             t = torch.full((int(rows.sum()),), self.timesteps[j], device=x.device, dtype=torch.long)
             x0 = self.generate(generator, embeds[rows], mask[rows], x[rows], t)
             t_next = torch.full_like(t, self.timesteps[j + 1])
             # ≡ LCMScheduler.step's re-noise
             x[rows] = add_noise(x0, renoise[j][rows], t_next, self.teacher.alphas_cumprod).to(x.dtype)
         return x
+
+    def _chain_length(self, steps: torch.Tensor) -> int:
+        """How many chain steps to run: this batch's deepest, or every process's when sharded (they must match)."""
+        deepest = torch.tensor([int(steps.max()) if len(steps) else 0], device=steps.device)
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            deepest = self.accelerator.gather(deepest)
+        return int(deepest.max())
 
     def generator_input(self, draws: dict, rows: slice, embeds, mask):
         steps = draws["step"][rows]
@@ -157,9 +171,11 @@ class DMD2(DMD):
         t = lambda: self._timesteps(batch_size, *self.gan_t_range, gen)  # noqa: E731
         real = [self.real.sample(batch_size, gen, self.teacher.device, self.teacher.dtype)
                 for _ in range(self.fake_updates_per_step)]
-        return {"t_gen": t(), "noise_gen": self._noise(batch_size, gen), "real": real,
-                "t_fake": [t() for _ in real], "noise_fake": [self._noise(batch_size, gen) for _ in real],
-                "t_real": [t() for _ in real], "noise_real": [self._noise(batch_size, gen) for _ in real]}
+        extra = {"t_gen": t(), "noise_gen": self._noise(batch_size, gen), "real": real,
+                 "t_real": [t() for _ in real], "noise_real": [self._noise(batch_size, gen) for _ in real]}
+        if not self.gan_shares_forward:
+            extra.update(t_fake=[t() for _ in real], noise_fake=[self._noise(batch_size, gen) for _ in real])
+        return extra
 
     def generator_extra_losses(self, x0_hat, embeds, mask, extra: dict, rows: slice) -> list:
         if not self.gan_generator_weight:
@@ -168,12 +184,20 @@ class DMD2(DMD):
             logits = self.realism(x0_hat, embeds, mask, extra["t_gen"][rows], extra["noise_gen"][rows], fake)
         return [("loss_gan_g", generator_gan_loss(logits), self.gan_generator_weight)]
 
+    def fake_score_loss(self, samples, embeds, mask, t, noise) -> torch.Tensor:
+        loss = super().fake_score_loss(samples, embeds, mask, t, noise)
+        self._denoising_features = self._features if self.gan_on else None  # the generated side of the GAN
+        return loss
+
     def fake_extra_losses(self, x0, embeds, mask, extra: dict, rows: slice, update: int) -> list:
         if not self.gan_discriminator_weight:
             return []
         real_x0, real_embeds, real_mask = (r[rows] for r in extra["real"][update])
-        logits_fake = self.realism(x0.detach(), embeds, mask, extra["t_fake"][update][rows],
-                                   extra["noise_fake"][update][rows], self.fake_score)
+        if self.gan_shares_forward:  # the ε-MSE forward just run: x0 noised to t ~ U[fake_t_range]
+            logits_fake = self._unwrapped_fake().gan_head(self._denoising_features)
+        else:
+            logits_fake = self.realism(x0.detach(), embeds, mask, extra["t_fake"][update][rows],
+                                       extra["noise_fake"][update][rows], self.fake_score)
         logits_real = self.realism(real_x0, real_embeds, real_mask, extra["t_real"][update][rows],
                                    extra["noise_real"][update][rows], self.fake_score)
         return [("loss_gan_d", discriminator_loss(logits_real, logits_fake), self.gan_discriminator_weight),

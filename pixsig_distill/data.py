@@ -9,6 +9,7 @@ Shards store the valid tokens only, back to back (`embeds` (N_tokens, D), `lengt
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -107,14 +108,14 @@ def write_text_cache(out_dir: str | Path, prompts: list[str], encode, null: tupl
     _atomic_save(save_file, {"embeds": null_embeds[0, :n].cpu().contiguous()}, out / "null.safetensors", {})
     index = {"count": len(prompts), "dim": int(dim), "dtype": str(dtype), "max_length": longest, "shards": shards,
              **(meta or {})}
-    tmp = out / (INDEX + ".tmp")
+    tmp = out / f"{INDEX}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(index, indent=2))
     tmp.replace(out / INDEX)
     return out
 
 
 def _atomic_save(save_file, tensors, path: Path, metadata):
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # processes encoding the same folder at once do not collide
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
 

@@ -245,6 +245,20 @@ class _StateSizedAdam(torch.optim.Optimizer):
                 p.add_(p.grad, alpha=-group["lr"])
 
 
+class ShapeOnlyRealImages:
+    """A real-image bank (`real_images.LatentBank`) that hands out rows of the right shapes, made inside the fake
+    mode: latents and a caption of the teacher's full token length per row."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def sample(self, batch_size: int, gen, device, dtype) -> tuple[torch.Tensor, ...]:
+        length, width = self.teacher.max_sequence_length, self.teacher.transformer.config.caption_channels
+        return (torch.empty(self.teacher.latent_shape(batch_size), dtype=torch.float32).to(device),
+                torch.empty(batch_size, length, width, dtype=dtype).to(device),
+                torch.ones(batch_size, length, dtype=torch.long).to(device))
+
+
 def _fake_batch(cfg: DictConfig, teacher, arch, mode) -> dict:
     batch_size = cfg.train.batch_size * cfg.train.grad_accum
     width = arch.transformer["caption_channels"]
@@ -273,6 +287,10 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
         if "regression_weight" in cfg.distill:
             cfg.distill.regression_weight = 0.0
             cfg.distill.pairs = None
+        if len(cfg.distill.get("timesteps") or []) > 1:  # a few-step chain branches on its draws: plan one step
+            cfg.distill.timesteps = cfg.distill.timesteps[:1]
+        if cfg.distill.get("real_images") is not None:  # DMD2's real images: their shapes, nothing read or encoded
+            cfg.distill.real_images = {"_target_": f"{__name__}.ShapeOnlyRealImages", "_partial_": True}
         for key in ("generator_optimizer", "fake_optimizer", "optimizer"):
             node = cfg.distill.get(key)
             if node is not None and str(node.get("_target_", "")).endswith("adamw_8bit"):

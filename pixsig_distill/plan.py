@@ -177,6 +177,11 @@ def plan(cfg: DictConfig) -> dict:
     if OmegaConf.select(cfg, "distill.regression_weight", default=0):
         report["notes"].append("the regression loss is not modelled (one more generator pass on "
                                "distill.regression_batch_size pairs, plus LPIPS' VGG if chosen)")
+    chain = len(OmegaConf.select(cfg, "distill.timesteps", default=None) or [])
+    if chain > 1:
+        report["notes"].append(f"the {chain}-step generator's chain (backward simulation) is not simulated: it runs "
+                               f"without gradients (below the step's memory peak) and adds {(chain - 1) / 2:g} "
+                               f"generator forwards per sample on average to the FLOPs")
     if gpu_name is not None:
         gpu = GPUS[gpu_name]
         parts = generation_flops(cfg)

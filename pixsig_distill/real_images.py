@@ -1,10 +1,14 @@
 """Real images as latents with their caption embeddings: what a GAN (DMD2) or a fine-tune compares against.
 
-`LatentBank` holds (latents, T5 embeddings, masks) and hands out random rows. `ImageFolderLatents` makes one
-from a folder of captioned images, encoded once by the teacher's VAE and T5 and kept as safetensors shards
-under `<folder>/.pixsig-latents/<key>/` (the key covers the teacher, the resolution and the file list), so
-later runs neither re-encode nor keep the encoders busy. Captions: `metadata.jsonl` ({"file_name", "text"}
-per line, the Hugging Face image-folder convention) or `captions.txt` (one line per image, in name order).
+`LatentBank` hands out random rows (VAE latents, T5 embeddings, masks) of any indexable dataset: the toy world's
+renders held in memory, or an encoded image folder. `encode_image_folder` encodes a folder of captioned images
+once, by the teacher's VAE and T5, in the text cache's format (`data.write_text_cache`: safetensors shards with
+the valid tokens only and the latents as a per-row tensor) under `<folder>/.pixsig-latents/<key>/` (the key
+covers the teacher, the resolution and the file list). It is read back memory-mapped (`data.CachedTextDataset`),
+so later runs neither re-encode nor keep the encoders busy, and a folder of any size costs no RAM: padded to
+300 tokens in memory, PixArt's T5 features alone would take 4.9 MB per image in float32.
+Captions: `metadata.jsonl` ({"file_name", "text"} per line, the Hugging Face image-folder convention) or
+`captions.txt` (one line per image, in name order).
 """
 
 from __future__ import annotations
@@ -12,33 +16,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+from .data import INDEX, CachedTextDataset, write_text_cache
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SHARD = 1024
 
 
 class LatentBank:
-    def __init__(self, latents: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor):
-        self.latents, self.embeds, self.mask = latents, embeds, mask
+    """Random rows of a dataset whose items hold "latents", "embeds" and "mask"."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.latents)
+        return len(self.dataset)
 
     def sample(self, batch_size: int, gen, device, dtype) -> tuple[torch.Tensor, ...]:
         """`batch_size` random rows; `gen` is the step's draws.StepDraws."""
-        rows = gen.randint(0, len(self), batch_size)
-        return (self.latents[rows].to(device, torch.float32), self.embeds[rows].to(device, dtype),
-                self.mask[rows].to(device))
+        items = [self.dataset[i] for i in gen.randint(0, len(self), batch_size).tolist()]
+        latents, embeds, mask = (torch.stack([item[key] for item in items]) for key in ("latents", "embeds", "mask"))
+        return latents.to(device, torch.float32), embeds.to(device, dtype), mask.to(device)
 
 
 @torch.no_grad()
@@ -128,59 +134,42 @@ def _load_resized(path: Path, size: int) -> np.ndarray:
         return np.asarray(image.resize((size, size), Image.BICUBIC) if side != size else image)
 
 
-def ImageFolderLatents(teacher, folder: str | Path, cache_dir: str | Path | None = None) -> LatentBank:
-    """The images of a captioned folder as a `LatentBank`, encoded once and cached as safetensors shards."""
-    from safetensors.torch import load_file, save_file
-
+def encode_image_folder(teacher, folder: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Encode a captioned folder once (VAE latents + T5 embeddings, text-cache shards); returns the cache folder."""
     folder = Path(folder).expanduser()
     paths, captions = read_captioned_folder(folder)
     key = hashlib.sha256(json.dumps([str(getattr(teacher.pipe, "name_or_path", "")), teacher.resolution,
                                      teacher.max_sequence_length, [(p.name, p.stat().st_size) for p in paths],
                                      captions]).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) if cache_dir else folder / ".pixsig-latents" / key
-    shards = [cache / f"shard-{i:05d}.safetensors" for i in range(0, (len(paths) + SHARD - 1) // SHARD)]
-    null = cache / "null.safetensors"  # the empty prompt's embedding: CFG's unconditional branch without T5
-    if not all(s.is_file() for s in (*shards, null)):
-        if teacher.pipe.text_encoder is None:
-            raise UserError(f"the images of '{folder}' are not encoded yet and this teacher was loaded without T5 "
-                            f"(model.load_text_encoder=false), which their captions need; run once with "
-                            f"model.load_text_encoder=true (the encodings are then cached in {cache})")
-        cache.mkdir(parents=True, exist_ok=True)
-        for number, shard in enumerate(shards):
-            if shard.is_file():
-                continue
-            rows = range(number * SHARD, min((number + 1) * SHARD, len(paths)))
-            images = np.stack([_load_resized(paths[i], teacher.resolution) for i in rows])
-            embeds, mask = encode_captions(teacher, [captions[i] for i in rows])
-            tmp = shard.with_name(f".{shard.name}.tmp{os.getpid()}")
-            save_file({"latents": encode_images(teacher, images).contiguous(), "embeds": embeds.contiguous(),
-                       "mask": mask.contiguous()}, str(tmp))
-            tmp.replace(shard)  # a shard that exists is complete
-        embeds, mask = encode_captions(teacher, [""])
-        tmp = null.with_name(f".{null.name}.tmp{os.getpid()}")
-        save_file({"embeds": embeds.contiguous(), "mask": mask.contiguous()}, str(tmp))
-        tmp.replace(null)
-    parts = [load_file(str(s)) for s in shards]
-    bank = LatentBank(*(torch.cat([p[k] for p in parts]) for k in ("latents", "embeds", "mask")))
-    bank.null, bank.captions = load_file(str(null)), captions
-    return bank
+    cache = Path(cache_dir).expanduser() if cache_dir else folder / ".pixsig-latents" / key
+    if (cache / INDEX).is_file():  # written last: the cache is complete
+        if json.loads((cache / INDEX).read_text()).get("images_key") == key:
+            return cache
+        raise UserError(f"cache folder '{cache}' holds the encodings of other images or of another teacher; give "
+                        f"an empty folder as the cache, or delete it to re-encode")
+    if teacher.pipe.text_encoder is None:
+        raise UserError(f"the images of '{folder}' are not encoded yet and this teacher was loaded without T5 "
+                        f"(model.load_text_encoder=false), which their captions need; run once with "
+                        f"model.load_text_encoder=true (the encodings are then cached in {cache})")
+
+    def latents(embeds, mask, first: int) -> dict:  # the images of the captions just encoded, in the same rows
+        rows = range(first, first + len(embeds))
+        return {"latents": encode_images(teacher, np.stack([_load_resized(paths[i], teacher.resolution)
+                                                            for i in rows]))}
+
+    with tqdm(total=len(paths), desc=f"encoding {folder.name}") as bar:
+        write_text_cache(cache, captions, teacher.encode_prompts, teacher.null_embedding(1), extras=latents,
+                         meta={"images_key": key, "images": str(folder), "resolution": teacher.resolution},
+                         progress=bar)
+    return cache
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """A captioned image folder as training items (prompt, T5 embedding, mask, VAE latents), encoded once by the
-    teacher and cached (`ImageFolderLatents`): what `distill=finetune` trains on (`data=images`)."""
+def image_folder_latents(teacher, folder: str | Path, cache_dir: str | Path | None = None) -> LatentBank:
+    """DMD2's real data for a real model: random rows of the encoded folder (`distill/real_images=folder`)."""
+    return LatentBank(CachedTextDataset(encode_image_folder(teacher, folder, cache_dir)))
 
-    def __init__(self, teacher, folder: str | Path, cache_dir: str | Path | None = None):
-        self.bank = ImageFolderLatents(teacher, folder, cache_dir)
-        self.captions = self.bank.captions
 
-    def __len__(self) -> int:
-        return len(self.bank)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"prompt": self.captions[i], "embeds": self.bank.embeds[i], "mask": self.bank.mask[i],
-                "latents": self.bank.latents[i]}
-
-    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty prompt's embedding (L, D) and mask (L,): caption dropout and CFG without T5."""
-        return self.bank.null["embeds"][0], self.bank.null["mask"][0]
+def image_folder_dataset(teacher, folder: str | Path, cache_dir: str | Path | None = None) -> CachedTextDataset:
+    """A captioned folder as training items (prompt, T5 embedding, mask, VAE latents): what `distill=finetune` trains
+    on (`data=images`)."""
+    return CachedTextDataset(encode_image_folder(teacher, folder, cache_dir))

@@ -134,11 +134,11 @@ def test_fsdp2_runs_dmd2_as_one_process_does(tiny_folder, tiny_train_args, compo
     process with the global batch."""
     from hydra.utils import instantiate
 
-    from pixsig_distill.real_images import ImageFolderLatents
+    from pixsig_distill.real_images import encode_image_folder
     from test_finetune import write_folder
 
     folder, bank = write_folder(tmp_path / "images", n=8), tmp_path / "bank"
-    ImageFolderLatents(instantiate(compose_train().model), folder, cache_dir=bank)
+    encode_image_folder(instantiate(compose_train().model), folder, cache_dir=bank)
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
     extra = ["distill=dmd2", "distill.timesteps=[999,499]", "train.max_steps=2", "distill/real_images=folder",
              f"distill.real_images.folder={folder}", f"distill.real_images.cache_dir={bank}"]

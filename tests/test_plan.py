@@ -55,8 +55,9 @@ def _real_tracked_peak(cfg):
 
 
 @pytest.mark.parametrize("overrides", [["train.gradient_checkpointing=true"], ["distill=lcm"],
-                                       ["distill.fake_score.lora_rank=4", "distill.generator.lora_rank=4"]],
-                         ids=["dmd_checkpointing", "lcm", "dmd_lora"])
+                                       ["distill.fake_score.lora_rank=4", "distill.generator.lora_rank=4"],
+                                       ["distill=dmd2", "distill.fake_updates_per_step=1", "distill.real_images.n=8"]],
+                         ids=["dmd_checkpointing", "lcm", "dmd_lora", "dmd2_gan"])
 def test_fake_step_predicts_the_real_steps_peak(overrides, compose_plan):
     cfg = compose_plan(*overrides)
     predicted = simulate_step(cfg).peak
@@ -119,3 +120,14 @@ def test_threads_share_the_cores():
     assert share_of_cores(2, 1, 1.0) == 1          # another job keeps one core busy
     assert share_of_cores(2, 1, 3.0) == 1          # never fewer than one
     assert share_of_cores(16, 4, 0.0) == 4         # a launch of 4 processes
+
+
+def test_dmd2_plans_with_a_folder_it_never_reads_and_names_what_it_leaves_out(compose_plan, capsys):
+    """DMD2's real images are shapes to the planner (the folder need not exist); the few-step chain, which branches
+    on its draws, is planned as one step and said so."""
+    one = plan(compose_plan("distill=dmd2", "distill/real_images=folder", "distill.real_images.folder=/nowhere"))
+    four = plan(compose_plan("distill=dmd2", "distill.timesteps=[999,749,499,249]"))
+    assert not one["notes"] and "4-step generator's chain (backward simulation) is not simulated" in four["notes"][0]
+    dmd = plan(compose_plan("distill.fake_updates_per_step=3"))
+    # the GAN head's parameters and its real-image forwards cost more than DMD's step at the same settings
+    assert one["step"]["params"] > dmd["step"]["params"] and one["step"]["flops"] > dmd["step"]["flops"]

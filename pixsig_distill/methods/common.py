@@ -78,6 +78,21 @@ class TrainableParameters(torch.nn.Module):
             self.register_parameter(name.replace(".", "__"), param)
 
 
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """`module`'s trained tensors get no gradient for the duration: a network another one's loss reads (DMD's fake
+    score while the generator learns) neither collects gradients nor, checkpointed, recomputes its forward in the
+    backward under another requires_grad state than it ran with."""
+    params = [p for _, p in trained_parameters(module)]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _float32_copy(p: torch.Tensor, device) -> torch.Tensor:
     if p.device.type == "meta":  # a network without weights (the planner) gets an EMA without weights
         return torch.empty(p.shape, dtype=torch.float32, device="meta")

@@ -26,8 +26,8 @@ from ..errors import UserError
 from ..lora import DEFAULT_TARGETS
 from ..sampling import sample_latents
 from ..schedule import add_noise, scheduler_like, x0_from_eps
-from .common import (EMA, TrainableParameters, accumulated_step, export_network, lora_network, micro_slices,
-                     trainable_copy, trained_network, trained_parameters, weight_sharing_copy)
+from .common import (EMA, TrainableParameters, accumulated_step, export_network, frozen, lora_network,
+                     micro_slices, trainable_copy, trained_network, trained_parameters, weight_sharing_copy)
 
 
 def dm_gradient(x0_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -186,9 +186,12 @@ class DMD:
                 loss = loss + self.regression_weight * loss_reg
             return loss
 
-        _, logs["grad_norm_generator"] = accumulated_step(
-            acc, self.generator, self.optimizers["generator"],
-            [partial(generator_loss, i, rows) for i, rows in enumerate(parts)], self.grad_clip)
+        # The fake score is frozen while the generator learns (DMD2's GAN term reads through it): no gradient for it,
+        # and, checkpointed, its forward is recomputed in the backward under the requires_grad state it ran with.
+        with frozen(self._unwrap(self.fake_score)):
+            _, logs["grad_norm_generator"] = accumulated_step(
+                acc, self.generator, self.optimizers["generator"],
+                [partial(generator_loss, i, rows) for i, rows in enumerate(parts)], self.grad_clip)
         if self.generator_ema is not None:
             with full_parameters(acc, self.generator) as generator:  # gathered if sharded (FSDP, ZeRO-3)
                 self.generator_ema.update(generator)

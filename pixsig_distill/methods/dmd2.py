@@ -15,8 +15,6 @@ regression loss, plus
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from diffusers import LCMScheduler
@@ -24,7 +22,6 @@ from diffusers import LCMScheduler
 from ..draws import StepDraws
 from ..errors import UserError
 from ..schedule import add_noise, scheduler_like
-from .common import trained_parameters
 from .dmd import DMD
 
 # LCMScheduler returns c_skip·x_t + c_out·x̂0 with c_skip = σ²/((t·s)² + σ²); at s = 1e5 that is x̂0 to ~1e-14,
@@ -58,20 +55,6 @@ def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> 
 def generator_gan_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Non-saturating GAN, generator side: softplus(−D(G(z))) (DMD2 eq. 4)."""
     return F.softplus(-logits_fake).mean()
-
-
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module):
-    """`module`'s trained tensors get no gradient for the duration (the generator's GAN term reaches back through the
-    fake score, whose own optimizer must not see those gradients)."""
-    params = [p for _, p in trained_parameters(module)]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 class DMD2(DMD):
@@ -142,6 +125,8 @@ class DMD2(DMD):
 
     def _chain_length(self, steps: torch.Tensor) -> int:
         """How many chain steps to run: this batch's deepest, or every process's when sharded (they must match)."""
+        if len(self.timesteps) == 1:
+            return 0  # one step: no chain
         deepest = torch.tensor([int(steps.max()) if len(steps) else 0], device=steps.device)
         if self.accelerator is not None and self.accelerator.num_processes > 1:
             deepest = self.accelerator.gather(deepest)
@@ -180,8 +165,10 @@ class DMD2(DMD):
     def generator_extra_losses(self, x0_hat, embeds, mask, extra: dict, rows: slice) -> list:
         if not self.gan_generator_weight:
             return []
-        with frozen(self._unwrapped_fake()) as fake:  # the unwrapped network: no DDP gradient sync for it
-            logits = self.realism(x0_hat, embeds, mask, extra["t_gen"][rows], extra["noise_gen"][rows], fake)
+        # Through the fake score, frozen for the generator's update (DMD.train_step); the unwrapped network: no DDP
+        # gradient sync for it.
+        logits = self.realism(x0_hat, embeds, mask, extra["t_gen"][rows], extra["noise_gen"][rows],
+                              self._unwrapped_fake())
         return [("loss_gan_g", generator_gan_loss(logits), self.gan_generator_weight)]
 
     def fake_score_loss(self, samples, embeds, mask, t, noise) -> torch.Tensor:

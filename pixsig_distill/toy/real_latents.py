@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from torch.utils.data import StackDataset
 
 from ..real_images import LatentBank, encode_captions, encode_images
 from .world import ToyWorldDataset
@@ -14,4 +15,5 @@ def toy_real_latents(teacher, n: int = 2000, seed: int = 7) -> LatentBank:
     items = [dataset[i] for i in range(n)]
     images = np.stack([((it["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
                        for it in items])
-    return LatentBank(encode_images(teacher, images), *encode_captions(teacher, [it["caption"] for it in items]))
+    embeds, mask = encode_captions(teacher, [it["caption"] for it in items])
+    return LatentBank(StackDataset(latents=encode_images(teacher, images), embeds=embeds, mask=mask))

@@ -1,4 +1,5 @@
-"""`python -m pixsig_distill.cache_text prompts=FILE out_dir=DIR [model=...]`: T5 embeddings → safetensors shards."""
+"""`python -m pixsig_distill.cache_text prompts=FILE out_dir=DIR [model=...]`: T5 embeddings → safetensors shards;
+`images=FOLDER` instead: a captioned image folder's VAE latents and caption embeddings, in the same format."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .config import build, check_int, one_line_config_errors  # importing config
 from .data import check_prompts, write_text_cache
 from .errors import exit_on_user_error
 from .prompts import load_prompts
+from .real_images import encode_image_folder
 from .console import start_process
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,11 @@ log = logging.getLogger(__name__)
 def cache_text(cfg: DictConfig) -> Path:
     for key in ("shard_size", "batch_size"):
         check_int(cfg, key, 1)
+    if cfg.images is not None:
+        out = encode_image_folder(build(cfg.model), cfg.images, cache_dir=cfg.out_dir)
+        print(f"wrote the VAE latents and caption embeddings of {cfg.images} to {out}; train with "
+              f"distill.real_images.cache_dir={out} (DMD2) or data.cache_dir={out} (data=images)")
+        return out
     prompts = check_prompts(load_prompts(cfg.prompts))
     teacher = build(cfg.model)
     meta = {"model": str(cfg.model.pretrained), "max_sequence_length": int(cfg.model.max_sequence_length),

@@ -71,7 +71,7 @@ ALIASES = {"prompt_file": "prompts", "num_images": "n_images", "num_samples": "n
            "output_dir": "out_dir"}
 
 
-def one_line_config_errors(config_name: str):
+def one_line_config_errors(config_name: str, needs_values: bool = True):
     """Outermost decorator of a Hydra `main`: a command line Hydra cannot compose (an unknown `model=`
     option, a key that does not exist, an override it cannot parse) ends in one line on stderr and
     exit code 2, like a UserError, instead of Hydra's multi-line report; so does an output folder that
@@ -79,14 +79,15 @@ def one_line_config_errors(config_name: str):
 
     It composes the config once from the command line before handing over to Hydra; flags (`--help`,
     `-m`, `--cfg job`, ...) and `hydra.*` overrides are left to Hydra itself. Old key spellings
-    (`ALIASES`) are rewritten to the current ones first, with a deprecation line."""
+    (`ALIASES`) are rewritten to the current ones first, with a deprecation line. `needs_values=False`: the command
+    reads no data, so `???` placeholders (folders) may stay unset."""
 
     def decorate(hydra_main):
         @functools.wraps(hydra_main)
         def wrapper(*args, **kwargs):
             if not args and not kwargs:  # called as a command, not with a config
                 sys.argv[1:] = rewrite_aliases(config_name, sys.argv[1:])
-                message = compose_error(config_name, sys.argv[1:])
+                message = compose_error(config_name, sys.argv[1:], needs_values)
                 if message:
                     print(f"error: {message}", file=sys.stderr)
                     sys.exit(2)
@@ -144,7 +145,7 @@ def closest_keys(cfg: DictConfig, key: str) -> list[str]:
     return difflib.get_close_matches(key, flat, n=1, cutoff=0.6)
 
 
-def compose_error(config_name: str, argv: list[str]) -> str | None:
+def compose_error(config_name: str, argv: list[str], needs_values: bool = True) -> str | None:
     """Why Hydra would refuse these overrides, in one line (None if it would not, or if unsure)."""
     if any(arg.startswith("-") for arg in argv):
         return None
@@ -178,11 +179,12 @@ def compose_error(config_name: str, argv: list[str]) -> str | None:
         return _one_line(err)
     except (HydraException, OmegaConfBaseException) as err:
         return _one_line(err)
-    missing = [key for key in cfg if key != "hydra" and OmegaConf.is_missing(cfg, key)]
-    missing += [full_key for key in cfg if key != "hydra" and isinstance(cfg._get_node(key), DictConfig)
-                for full_key in sorted(OmegaConf.missing_keys(cfg._get_node(key)))]
-    if missing:  # a `???` the chosen options need (e.g. data=images's folder): Hydra would fail deep in instantiate
-        return f"{missing[0]} has no value and the chosen options need one; set it: {missing[0]}=..."
+    if needs_values:  # a `???` the chosen options need (data=images's folder): Hydra would fail deep in instantiate
+        missing = [key for key in cfg if key != "hydra" and OmegaConf.is_missing(cfg, key)]
+        missing += [full_key for key in cfg if key != "hydra" and isinstance(cfg._get_node(key), DictConfig)
+                    for full_key in sorted(OmegaConf.missing_keys(cfg._get_node(key)))]
+        if missing:
+            return f"{missing[0]} has no value and the chosen options need one; set it: {missing[0]}=..."
     return output_folder_error(cfg)
 
 

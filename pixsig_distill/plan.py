@@ -180,8 +180,9 @@ def plan(cfg: DictConfig) -> dict:
     chain = len(OmegaConf.select(cfg, "distill.timesteps", default=None) or [])
     if chain > 1:
         report["notes"].append(f"the {chain}-step generator's chain (backward simulation) is not simulated: it runs "
-                               f"without gradients (below the step's memory peak) and adds {(chain - 1) / 2:g} "
-                               f"generator forwards per sample on average to the FLOPs")
+                               f"without gradients (below the step's memory peak) and adds to the FLOPs "
+                               f"{(chain - 1) / 2:g} generator forwards per sample on average for each draw of "
+                               f"generator inputs (the generator's update, every fake-score update after the first)")
     if gpu_name is not None:
         gpu = GPUS[gpu_name]
         parts = generation_flops(cfg)
@@ -234,7 +235,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-@one_line_config_errors("plan")
+@one_line_config_errors("plan", needs_values=False)  # a plan reads no data: folders may stay unset
 @hydra.main(version_base="1.3", config_path="conf", config_name="plan")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -1,6 +1,6 @@
 """The planning table of docs/real_scale.md: predicted peak memory of PixArt-Σ 512 / 1024 runs (fake tensors).
 
-    python scripts/plan_table.py [--out docs/results/real_scale/plan_table.json]
+    python scripts/plan_table.py [--out docs/results/real_scale/plan_table.json] [--only dmd2]
 
 Every row is `python -m pixsig_distill.plan` for one configuration: bf16 teacher and mixed precision, T5
 embeddings from the cache (model.load_text_encoder=false, as experiment=pixart_sigma_512_dmd), one fake-score
@@ -22,6 +22,9 @@ VARIANTS = {
         "distill.fake_score.lora_rank=64", "distill.ema_device=cpu",
         "distill.generator_optimizer._target_=pixsig_distill.optim.adamw_8bit",
         "distill.fake_optimizer._target_=pixsig_distill.optim.adamw_8bit"],
+    "dmd2: full G + full fake, GAN head": ["distill=dmd2", "distill.fake_updates_per_step=1"],
+    "dmd2: full G + LoRA fake, GAN head": ["distill=dmd2", "distill.fake_updates_per_step=1",
+                                           "distill.fake_score.lora_rank=64"],
     "lcm (full)": ["distill=lcm"],
     "lcm_lora (r 32)": ["distill=lcm_lora"],
 }
@@ -79,6 +82,8 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results/real_scale/plan_table.json")
     parser.add_argument("--markdown-only", action="store_true", help="re-render the .md from the existing .json")
     parser.add_argument("--latency", action="store_true", help="write the generation-latency table instead")
+    parser.add_argument("--only", help="plan only the variants whose name contains this text; the other rows of "
+                                        "--out are kept")
     args = parser.parse_args()
     if args.latency:
         Path(args.out).with_name("plan_latency.md").write_text(latency_table())
@@ -88,8 +93,9 @@ def main() -> None:
         Path(args.out).with_suffix(".md").write_text(markdown(json.loads(Path(args.out).read_text())) + "\n")
         return
     rows, began = [], time.time()
+    variants = {name: o for name, o in VARIANTS.items() if args.only is None or args.only in name}
     for model_name, model in MODELS.items():
-        for variant, overrides in VARIANTS.items():
+        for variant, overrides in variants.items():
             for checkpointing in (False, True):
                 for batch in BATCHES:
                     extra = [] if any(o.startswith("distill=") for o in overrides) else [
@@ -106,6 +112,10 @@ def main() -> None:
                     rows.append(row)
                     print(f"{model_name} | {variant} | ckpt {checkpointing} | b{batch}: {step.peak / 2**30:.1f} GiB",
                           flush=True)
+    if args.only is not None:  # the rows of the other variants, as last planned
+        rows += [r for r in json.loads(Path(args.out).read_text())["rows"] if r["variant"] not in variants]
+        rows.sort(key=lambda r: (list(MODELS).index(r["model"]), list(VARIANTS).index(r["variant"]),
+                                 r["checkpointing"], r["batch"]))
     table = {"prediction": True, "minutes": (time.time() - began) / 60,
              "gpus": {g: KNOWN_GPUS[g].__dict__ for g in GPUS}, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,22 @@ def test_pixart_dmd_experiment_holds_the_reference_recipe_and_command_line_wins(
     assert _compose().distill.real_guidance_scale == 1.0  # the toy default is untouched
 
 
+def test_pixart_dmd2_experiment_needs_its_folders_to_train_but_not_to_plan():
+    from omegaconf import OmegaConf
+
+    from pixsig_distill.config import compose_error
+
+    cfg = _compose("experiment=pixart_sigma_512_dmd2")
+    assert cfg.distill._target_ == "pixsig_distill.methods.dmd2.DMD2"
+    assert list(cfg.distill.timesteps) == [999, 749, 499, 249]
+    assert cfg.distill.real_images._target_ == "pixsig_distill.real_images.image_folder_latents"
+    assert cfg.distill.fake_score.lora_rank == 64 and cfg.train.gradient_checkpointing
+    assert OmegaConf.is_missing(cfg.distill.real_images, "folder") and OmegaConf.is_missing(cfg.data, "folder")
+    for experiment in ("pixart_sigma_512_dmd2", "pixart_sigma_512_dmd", "pixart_sigma_1024_dmd"):
+        assert "has no value" in compose_error("train", [f"experiment={experiment}"])
+        assert compose_error("plan", [f"experiment={experiment}"], needs_values=False) is None  # reads no data
+
+
 def test_real_model_configs_point_at_the_hub():
     assert _compose("model=pixart_sigma_512").model.pretrained == "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
     assert _compose("model=pixart_sigma_1024").model.pretrained == "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"

@@ -90,3 +90,21 @@ def test_cache_text_command(tiny_folder, tmp_path):
     result = subprocess.run([sys.executable, "-m", "pixsig_distill.cache_text", f"prompts={tmp_path / 'nope.txt'}",
                              f"out_dir={out}"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cache_text_encodes_an_image_folder_that_training_then_reads_without_t5(tiny_folder, compose_train, tmp_path):
+    from hydra.utils import instantiate
+    from test_finetune import write_folder
+
+    from pixsig_distill.real_images import image_folder_latents
+
+    folder, out = write_folder(tmp_path / "images", n=4), tmp_path / "image_cache"
+    result = subprocess.run([sys.executable, "-m", "pixsig_distill.cache_text", "model=pixart_sigma_512",
+                             f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
+                             "model.max_sequence_length=16", "model.resolution=16", f"images={folder}",
+                             f"out_dir={out}", "device=cpu"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cached = CachedTextDataset(out)
+    without_t5 = instantiate(compose_train("model.load_text_encoder=false").model)
+    assert len(cached) == 4 and cached[0]["latents"].shape == without_t5.latent_shape(1)[1:]
+    assert len(image_folder_latents(without_t5, folder, cache_dir=out)) == 4  # found, not encoded again

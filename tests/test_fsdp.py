@@ -130,8 +130,9 @@ def test_fsdp2_runs_lcm_with_bf16_and_gradient_checkpointing(tiny_folder, tiny_t
 
 def test_fsdp2_runs_dmd2_as_one_process_does(tiny_folder, tiny_train_args, compose_train, tmp_path):
     """DMD2 sharded: 2-step backward simulation, the GAN head on a hooked fake-score block, its real images from a
-    captioned folder (encoded once, here beforehand: the launched runs load no T5) — the same weights as one
-    process with the global batch."""
+    captioned folder (encoded once, here beforehand: the launched runs load no T5), checkpointed activations (the
+    generator's GAN term reads through the fake score, frozen for that update) — the same weights as one process
+    with the global batch."""
     from hydra.utils import instantiate
 
     from pixsig_distill.real_images import encode_image_folder
@@ -140,7 +141,8 @@ def test_fsdp2_runs_dmd2_as_one_process_does(tiny_folder, tiny_train_args, compo
     folder, bank = write_folder(tmp_path / "images", n=8), tmp_path / "bank"
     encode_image_folder(instantiate(compose_train().model), folder, cache_dir=bank)
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
-    extra = ["distill=dmd2", "distill.timesteps=[999,499]", "train.max_steps=2", "distill/real_images=folder",
+    extra = ["distill=dmd2", "distill.timesteps=[999,499]", "train.max_steps=2", "train.gradient_checkpointing=true",
+             "distill/real_images=folder",
              f"distill.real_images.folder={folder}", f"distill.real_images.cache_dir={bank}"]
     reference, out = tmp_path / "one_process", tmp_path / "fsdp"
     one = launch(command(reference, *extra, "train.batch_size=4"), tmp_path, processes=1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import clip_grad_norm, copy_full_into, full_tensor
+from ..distributed import clip_grad_norm, copy_full_into, full_tensor, resharded
 from ..lora import DEFAULT_TARGETS, add_lora, save_lora
 from ..teacher import pipeline_class, source_folder
 
@@ -82,13 +82,16 @@ class TrainableParameters(torch.nn.Module):
 def frozen(module: torch.nn.Module):
     """`module`'s trained tensors get no gradient for the duration: a network another one's loss reads (DMD's fake
     score while the generator learns) neither collects gradients nor, checkpointed, recomputes its forward in the
-    backward under another requires_grad state than it ran with."""
-    params = [p for _, p in trained_parameters(module)]
+    backward under another requires_grad state than it ran with.
+    Under FSDP2 the flag is set on the sharded parameters, which pass it on when they are next gathered; a forward
+    without backward leaves the gathered ones registered (and the flag with them), so both ends reshard first."""
+    params = [p for _, p in trained_parameters(resharded(module))]
     for p in params:
         p.requires_grad_(False)
     try:
         yield module
     finally:
+        resharded(module)
         for p in params:
             p.requires_grad_(True)
 

@@ -97,3 +97,23 @@ def test_alpha_1024_size_conditions_train_and_export_to_the_alpha_pipeline(real_
     assert json.loads((export / "model_index.json").read_text())["_class_name"] == "PixArtAlphaPipeline"
     card, latents = _stock_sample(export, PixArtAlphaPipeline)
     assert latents.shape == (1, 4, 128, 128) and torch.isfinite(latents).all()
+
+
+@pytest.mark.slow
+def test_sigma_512_dmd2_with_an_image_folder_lora_fake_score_and_checkpointing(real_width_folder, tmp_path):
+    """2-step DMD2 at real width: the GAN head on the LoRA fake score, real images from a captioned folder encoded
+    by the real VAE, checkpointed activations (the generator's GAN term reads through the frozen fake score).
+    The toy world's shapes, the default real images, are refused for a 512-px model."""
+    from pixsig_distill.errors import UserError
+    from test_finetune import write_folder
+
+    folder, images = real_width_folder(SIGMA_512, 2), write_folder(tmp_path / "images", n=2, size=512)
+    common = ["distill=dmd2", "distill.timesteps=[999,499]", "distill.fake_updates_per_step=1",
+              "distill.fake_score.lora_rank=8", "train.gradient_checkpointing=true"]
+    with pytest.raises(UserError, match="toy world's shapes .* not a 512-px model"):
+        _train(folder, "pixart_sigma_512", tmp_path / "toy_images", *common)
+    summary = _train(folder, "pixart_sigma_512", tmp_path / "run", *common, "distill/real_images=folder",
+                     f"distill.real_images.folder={images}")
+    assert summary["finished"] and {"loss_gan_g", "loss_gan_d"} <= set(summary["last_logs"])
+    card, latents = _stock_sample(tmp_path / "run" / "export", PixArtSigmaPipeline)
+    assert card["timesteps"] == [999, 499] and latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()

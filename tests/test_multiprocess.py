@@ -161,3 +161,24 @@ def test_state_digest_sees_every_bit():
     assert state_digest(a) == state_digest(b)
     b["w"][1] = torch.finfo(torch.float32).tiny
     assert state_digest(a) != state_digest(b)
+
+
+def test_dmd2_under_ddp_matches_one_process(tiny_folder, tiny_train_args, compose_train, tmp_path):
+    """DMD2 under DDP: the fake score's update runs it on generated and real latents (the GAN's two sides) before
+    one backward, and the generator's GAN term reads through it; both processes end with the same weights.
+    (test_fsdp.py compares sharded DMD2 with one process.)"""
+    from hydra.utils import instantiate
+
+    from pixsig_distill.real_images import encode_image_folder
+    from test_finetune import write_folder
+
+    folder, bank = write_folder(tmp_path / "images", n=8), tmp_path / "bank"
+    encode_image_folder(instantiate(compose_train().model), folder, cache_dir=bank)  # the launched runs load no T5
+    command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
+    extra = ["distill=dmd2", "distill.timesteps=[999,499]", "train.max_steps=2", "distill/real_images=folder",
+             f"distill.real_images.folder={folder}", f"distill.real_images.cache_dir={bank}"]
+    result = launch(command(tmp_path / "ddp", *extra), tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert_in_sync(tmp_path / "ddp", 2, NETWORKS)
+    fake = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-0000002" / "fake_score.safetensors"))
+    assert any(k.startswith("gan_head.") for k in fake)

@@ -245,17 +245,18 @@ class _StateSizedAdam(torch.optim.Optimizer):
                 p.add_(p.grad, alpha=-group["lr"])
 
 
-class ShapeOnlyRealImages:
-    """A real-image bank (`real_images.LatentBank`) that hands out rows of the right shapes, made inside the fake
-    mode: latents and a caption of the teacher's full token length per row."""
+class BlankRealImages:
+    """A real-image bank (`real_images.LatentBank`) whose rows are zeros of the right shapes, latents and a caption
+    of the teacher's full token length: what a plan needs (made inside the fake mode, they are fake tensors too)
+    and what its validation trains on (scripts/validate_plan.py), with no folder read or encoded."""
 
     def __init__(self, teacher):
         self.teacher = teacher
 
     def sample(self, batch_size: int, gen, device, dtype) -> tuple[torch.Tensor, ...]:
         length, width = self.teacher.max_sequence_length, self.teacher.transformer.config.caption_channels
-        return (torch.empty(self.teacher.latent_shape(batch_size), dtype=torch.float32).to(device),
-                torch.empty(batch_size, length, width, dtype=dtype).to(device),
+        return (torch.zeros(self.teacher.latent_shape(batch_size), dtype=torch.float32).to(device),
+                torch.zeros(batch_size, length, width, dtype=dtype).to(device),
                 torch.ones(batch_size, length, dtype=torch.long).to(device))
 
 
@@ -290,7 +291,7 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
         if len(cfg.distill.get("timesteps") or []) > 1:  # a few-step chain branches on its draws: plan one step
             cfg.distill.timesteps = cfg.distill.timesteps[:1]
         if cfg.distill.get("real_images") is not None:  # DMD2's real images: their shapes, nothing read or encoded
-            cfg.distill.real_images = {"_target_": f"{__name__}.ShapeOnlyRealImages", "_partial_": True}
+            cfg.distill.real_images = {"_target_": f"{__name__}.BlankRealImages", "_partial_": True}
         for key in ("generator_optimizer", "fake_optimizer", "optimizer"):
             node = cfg.distill.get(key)
             if node is not None and str(node.get("_target_", "")).endswith("adamw_8bit"):

@@ -164,6 +164,10 @@ def compose_error(config_name: str, argv: list[str], needs_values: bool = True) 
                     f"{', '.join(err.options)}")
         return _one_line(err)
     except OverrideParseException as err:
+        key, _, value = str(err.override).partition("=")
+        if any(c in value for c in "=[]{}, "):  # e.g. a run folder named after its overrides: a path to quote
+            return (f"cannot parse the override '{err.override}': its value has characters Hydra reads as syntax; "
+                    f"quote it: '{key}=\"{value}\"'")
         return f"cannot parse the override '{err.override}': {_one_line(err)}"
     except ConfigCompositionException as err:
         match = re.search(r"Could not override '([^']+)'", str(err))

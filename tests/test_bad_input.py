@@ -306,6 +306,10 @@ HYDRA_CASES = [
     ("generate", ["n_image=3"], "unknown key 'n_image' for generate; did you mean n_images?"),
     ("leaderboard", ["num_sample=3"], "unknown key 'num_sample' for leaderboard; did you mean n_samples?"),
     ("train", ["t_bar=["], "cannot parse the override 't_bar=['"),
+    # a run folder named after its overrides, pasted as a value: the fix is to quote it
+    ("generate", ["student=outputs/train/dmd2_toy/distill.timesteps=[999,499]/export"],
+     "cannot parse the override 'student=outputs/train/dmd2_toy/distill.timesteps=[999,499]/export': its value has "
+     "characters Hydra reads as syntax; quote it: 'student=\"outputs/train/dmd2_toy/distill.timesteps=[999,499]/export\"'"),
     ("merge_lora", ["model=toy"], "Could not override 'model'"),
     # a `???` the chosen options need, unset: named before anything is built
     ("train", ["distill=dmd2", "distill/real_images=folder"],

@@ -26,7 +26,7 @@ def cache_text(cfg: DictConfig) -> Path:
     if cfg.images is not None:
         out = encode_image_folder(build(cfg.model), cfg.images, cache_dir=cfg.out_dir)
         print(f"wrote the VAE latents and caption embeddings of {cfg.images} to {out}; train with "
-              f"distill.real_images.cache_dir={out} (DMD2) or data.cache_dir={out} (data=images)")
+              f"distill.gan.real_images.cache_dir={out} (DMD2) or data.cache_dir={out} (data=images)")
         return out
     prompts = check_prompts(load_prompts(cfg.prompts))
     teacher = build(cfg.model)

@@ -21,8 +21,17 @@ def _toy_asset(name: str) -> str:
     return str(TOY_WEIGHTS / name)
 
 
+def _lora_targets() -> list[str]:
+    """`${lora_targets:}`: the linears LoRA adapts by default (pixsig_distill/lora.py keeps the one list)."""
+    from .lora import DEFAULT_TARGETS
+
+    return list(DEFAULT_TARGETS)
+
+
 if not OmegaConf.has_resolver("toy_asset"):
     OmegaConf.register_new_resolver("toy_asset", _toy_asset)
+if not OmegaConf.has_resolver("lora_targets"):
+    OmegaConf.register_new_resolver("lora_targets", _lora_targets)
 
 
 def check_int(cfg: DictConfig, key: str, low: int, high: int | None = None, hint: str = "") -> int:

@@ -13,7 +13,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import build
 
@@ -285,13 +285,12 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         # What a plan cannot model: the regression loss reads teacher pairs from disk (noted in the report).
-        if "regression_weight" in cfg.distill:
-            cfg.distill.regression_weight = 0.0
-            cfg.distill.pairs = None
+        if cfg.distill.get("regression") is not None:
+            cfg.distill.regression = None
         if len(cfg.distill.get("timesteps") or []) > 1:  # a few-step chain branches on its draws: plan one step
             cfg.distill.timesteps = cfg.distill.timesteps[:1]
-        if cfg.distill.get("real_images") is not None:  # DMD2's real images: their shapes, nothing read or encoded
-            cfg.distill.real_images = {"_target_": f"{__name__}.BlankRealImages", "_partial_": True}
+        if OmegaConf.select(cfg, "distill.gan.real_images") is not None:  # their shapes, nothing read or encoded
+            cfg.distill.gan.real_images = {"_target_": f"{__name__}.BlankRealImages", "_partial_": True}
         for key in ("generator_optimizer", "fake_optimizer", "optimizer"):
             node = cfg.distill.get(key)
             if node is not None and str(node.get("_target_", "")).endswith("adamw_8bit"):

@@ -174,9 +174,9 @@ def plan(cfg: DictConfig) -> dict:
               "mixed_precision": cfg.train.mixed_precision, "gradient_checkpointing": cfg.train.gradient_checkpointing,
               "step": {k: v for k, v in asdict(step).items()}, "simulated_exactly": bool(options.exact),
               "notes": []}
-    if OmegaConf.select(cfg, "distill.regression_weight", default=0):
+    if OmegaConf.select(cfg, "distill.regression", default=None) is not None:
         report["notes"].append("the regression loss is not modelled (one more generator pass on "
-                               "distill.regression_batch_size pairs, plus LPIPS' VGG if chosen)")
+                               "distill.regression.batch_size pairs, plus LPIPS' VGG if chosen)")
     chain = len(OmegaConf.select(cfg, "distill.timesteps", default=None) or [])
     if chain > 1:
         report["notes"].append(f"the {chain}-step generator's chain (backward simulation) is not simulated: it runs "

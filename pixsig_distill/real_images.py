@@ -165,7 +165,7 @@ def encode_image_folder(teacher, folder: str | Path, cache_dir: str | Path | Non
 
 
 def image_folder_latents(teacher, folder: str | Path, cache_dir: str | Path | None = None) -> LatentBank:
-    """DMD2's real data for a real model: random rows of the encoded folder (`distill/real_images=folder`)."""
+    """DMD2's real data for a real model: random rows of the encoded folder (`distill/gan/real_images=folder`)."""
     return LatentBank(CachedTextDataset(encode_image_folder(teacher, folder, cache_dir)))
 
 

@@ -64,7 +64,8 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
         embeds, mask = dataset.null_embedding()
         teacher.set_null_embedding(embeds[None].to(teacher.device, teacher.dtype), mask[None].to(teacher.device))
     method = build(cfg.distill, teacher=teacher)
-    accelerator.print(f"pixsig-distill train: {cfg.distill._target_.rsplit('.', 1)[-1]} on {cfg.model.pretrained} "
+    label = str(cfg.distill.get("name") or cfg.distill._target_.rsplit(".", 1)[-1]).upper()
+    accelerator.print(f"pixsig-distill train: {label} on {cfg.model.pretrained} "
                       f"({teacher.resolution} px) → {out_dir}; {accelerator.num_processes} process(es) on "
                       f"{accelerator.device}, {cfg.train.max_steps} steps of {cfg.train.batch_size} × "
                       f"{cfg.train.grad_accum}")

@@ -218,7 +218,9 @@ def dmd_training(config: str, batch_sizes: list[int], checkpointing: list[str], 
     from diffusers import PixArtSigmaPipeline
 
     from pixsig_distill.loop import step_generator
-    from pixsig_distill.methods.dmd import DMD
+    from hydra import compose, initialize_config_module
+
+    from pixsig_distill.config import build
     from pixsig_distill.teacher import Teacher
 
     mixed = "bf16" if device.type == "cuda" else "no"
@@ -239,7 +241,11 @@ def dmd_training(config: str, batch_sizes: list[int], checkpointing: list[str], 
             method = None
             try:
                 reset_peak(device)
-                method = DMD(teacher, t_bar=400, gradient_checkpointing=ckpt == "on")
+                # DMD exactly as `distill=dmd t_bar=400` builds it (conf/distill/dmd.yaml holds the defaults)
+                with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+                    cfg = compose("train", overrides=["distill=dmd", "t_bar=400",
+                                                      f"train.gradient_checkpointing={ckpt == 'on'}"])
+                method = build(cfg.distill, teacher=teacher)
                 method.prepare(accelerator)
                 batch = {"embeds": torch.randn(batch_size, tokens, dim, device=device, dtype=teacher_dtype),
                          "mask": torch.ones(batch_size, tokens, dtype=torch.long, device=device)}

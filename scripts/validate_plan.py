@@ -23,8 +23,8 @@ from pathlib import Path
 REAL = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
 WIDE = ["model=pixart_sigma_512", "model.torch_dtype=float32", "train.batch_size=1"]
 # DMD2's real images: zeros of the right shapes (the planner's own stand-in), so no folder is encoded
-DMD2 = ["distill=dmd2", "distill.fake_updates_per_step=1", "~distill.real_images.n",
-        "distill.real_images._target_=pixsig_distill.fake_step.BlankRealImages"]
+DMD2 = ["distill=dmd2", "distill.fake_updates_per_step=1", "~distill.gan.real_images.n",
+        "distill.gan.real_images._target_=pixsig_distill.fake_step.BlankRealImages"]
 CASES = {
     "toy dmd (batch 32)": ["model=toy"],
     "toy lcm (batch 32)": ["model=toy", "distill=lcm"],

@@ -312,8 +312,9 @@ HYDRA_CASES = [
      "characters Hydra reads as syntax; quote it: 'student=\"outputs/train/dmd2_toy/distill.timesteps=[999,499]/export\"'"),
     ("merge_lora", ["model=toy"], "Could not override 'model'"),
     # a `???` the chosen options need, unset: named before anything is built
-    ("train", ["distill=dmd2", "distill/real_images=folder"],
-     "distill.real_images.folder has no value and the chosen options need one; set it: distill.real_images.folder=..."),
+    ("train", ["distill=dmd2", "distill/gan/real_images=folder"],
+     "distill.gan.real_images.folder has no value and the chosen options need one; set it: "
+     "distill.gan.real_images.folder=..."),
     ("train", ["distill=finetune", "data=images"], "data.folder has no value"),
 ]
 

@@ -28,7 +28,7 @@ def test_every_model_config_composes(model):
 def test_common_keys_exist_with_documented_defaults():
     cfg = _compose("distill=dmd", "t_bar=400")
     assert cfg.t_bar == 400 and cfg.seed == 0 and cfg.resume == "auto"
-    assert cfg.distill.t_bar == 400  # DMD reads the top-level key
+    assert cfg.distill.timesteps == [400]  # DMD reads the top-level key
     assert cfg.train.max_steps > 0
     assert cfg.model.pretrained.endswith("toy/weights/teacher")  # the embedded default
 
@@ -40,9 +40,9 @@ def test_pixart_dmd_experiment_holds_the_reference_recipe_and_command_line_wins(
     assert cfg.model.pretrained == "PixArt-alpha/PixArt-Sigma-XL-2-512-MS" and not cfg.model.load_text_encoder
     assert cfg.distill.real_guidance_scale == 3.0 and cfg.distill.fake_updates_per_step == 1
     assert cfg.distill.generator_optimizer.lr == cfg.distill.fake_optimizer.lr == 1e-6
-    assert cfg.distill.ema_decay == 0.9999 and cfg.distill.regression_weight == 0.25
-    assert OmegaConf.is_missing(cfg.distill.pairs, "folder")  # the user's teacher pairs
-    assert cfg.distill.t_bar == 600 and cfg.data.folder == "/cache"
+    assert cfg.distill.ema_decay == 0.9999 and cfg.distill.regression.weight == 0.25
+    assert OmegaConf.is_missing(cfg.distill.regression.pairs, "folder")  # the user's teacher pairs
+    assert cfg.distill.timesteps == [600] and cfg.data.folder == "/cache"
     assert _compose().distill.real_guidance_scale == 1.0  # the toy default is untouched
 
 
@@ -52,11 +52,11 @@ def test_pixart_dmd2_experiment_needs_its_folders_to_train_but_not_to_plan():
     from pixsig_distill.config import compose_error
 
     cfg = _compose("experiment=pixart_sigma_512_dmd2")
-    assert cfg.distill._target_ == "pixsig_distill.methods.dmd2.DMD2"
+    assert cfg.distill._target_ == "pixsig_distill.methods.dmd.DMD" and cfg.distill.name == "dmd2"
     assert list(cfg.distill.timesteps) == [999, 749, 499, 249]
-    assert cfg.distill.real_images._target_ == "pixsig_distill.real_images.image_folder_latents"
+    assert cfg.distill.gan.real_images._target_ == "pixsig_distill.real_images.image_folder_latents"
     assert cfg.distill.fake_score.lora_rank == 64 and cfg.train.gradient_checkpointing
-    assert OmegaConf.is_missing(cfg.distill.real_images, "folder") and OmegaConf.is_missing(cfg.data, "folder")
+    assert OmegaConf.is_missing(cfg.distill.gan.real_images, "folder") and OmegaConf.is_missing(cfg.data, "folder")
     for experiment in ("pixart_sigma_512_dmd2", "pixart_sigma_512_dmd", "pixart_sigma_1024_dmd"):
         assert "has no value" in compose_error("train", [f"experiment={experiment}"])
         assert compose_error("plan", [f"experiment={experiment}"], needs_values=False) is None  # reads no data

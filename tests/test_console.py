@@ -12,7 +12,7 @@ CHATTER = ("Loading pipeline components", "Loading weights", "FutureWarning", "d
 
 def test_console_shows_our_lines_and_the_log_file_keeps_the_rest(tiny_train_args, tmp_path):
     out = tmp_path / "run"
-    args = [*tiny_train_args(out), "distill=dmd2", "distill.timesteps=[999,499]", "distill.real_images.n=8",
+    args = [*tiny_train_args(out), "distill=dmd2", "distill.timesteps=[999,499]", "distill.gan.real_images.n=8",
             "train.max_steps=2", "eval=toy", "eval.n_samples=4", "eval.batch_size=4",
             "eval.scorers.diversity.prompts=2", "eval.scorers.diversity.seeds=2", "eval.bootstrap.resamples=10"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}

@@ -132,14 +132,14 @@ def test_export_round_trips_through_stock_diffusers(compose_train, tmp_path):
     assert (direct - ours).abs().max() < 1e-4
 
 
-def test_bad_t_bar_in_the_method_itself(compose_train):
+def test_bad_start_timestep_in_the_method_itself(compose_train):
     from pixsig_distill.config import build
 
     cfg = compose_train()
     teacher = build(cfg.model)
-    for bad in (0, 1000, 4.5, "400"):
-        with pytest.raises(UserError, match="t_bar"):
-            build(cfg.distill, teacher=teacher, t_bar=bad)
+    for bad in (0, 1000, 4.5, "400", [400.7]):
+        with pytest.raises(UserError, match="distill.timesteps"):
+            build(cfg.distill, teacher=teacher, timesteps=bad)
 
 
 def test_pairs_command_and_regression_loss(tiny_folder, compose_train, tmp_path):
@@ -164,15 +164,14 @@ def test_pairs_command_and_regression_loss(tiny_folder, compose_train, tmp_path)
                            num_inference_steps=3, guidance_scale=4.5)
     # (the random tiny model's latents reach ~300; batch 1 vs 4 differs only by float rounding)
     assert (again[0] - item["latents"]).abs().max() <= 1e-5 * item["latents"].abs().max()
-    summary = run(compose_train("distill.regression_weight=0.25", "+distill.pairs._target_="
-                                "pixsig_distill.data.CachedTextDataset", f"+distill.pairs.folder={tmp_path / 'pairs'}",
+    summary = run(compose_train("+distill/regression=pairs", f"distill.regression.pairs.folder={tmp_path / 'pairs'}",
                                 out_dir=tmp_path / "reg"))
     assert summary["finished"] and "loss_reg" in summary["last_logs"]
 
 
 def test_regression_without_pairs_is_refused(compose_train):
     with pytest.raises(UserError, match="needs teacher pairs"):
-        run(compose_train("distill.regression_weight=0.25"))
+        run(compose_train("+distill/regression=pairs", "distill.regression.pairs=null"))
 
 
 def test_resume_with_a_new_learning_rate_uses_it_and_says_so(compose_train, tmp_path, caplog):

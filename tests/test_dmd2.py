@@ -12,12 +12,12 @@ from pixsig_distill.checkpoint import load_checkpoint
 from pixsig_distill.config import build
 from pixsig_distill.draws import StepDraws
 from pixsig_distill.errors import UserError
-from pixsig_distill.methods.dmd2 import GANHead, discriminator_loss, generator_gan_loss
+from pixsig_distill.methods.gan import GANHead, discriminator_loss, generator_gan_loss
 from pixsig_distill.schedule import add_noise
 from pixsig_distill.train import run
 
 FOUR = "distill.timesteps=[999,749,499,249]"
-FAST = ["distill.real_images.n=16", "distill.generator_optimizer.lr=1e-3", "distill.fake_optimizer.lr=1e-3"]
+FAST = ["distill.gan.real_images.n=16", "distill.generator_optimizer.lr=1e-3", "distill.fake_optimizer.lr=1e-3"]
 
 
 def _ckpt(run_dir, step, name):
@@ -61,10 +61,10 @@ def _method(compose_train, *overrides):
 
 def test_backward_simulation_feeds_each_step_the_chains_own_noise_level(compose_train):
     method, teacher = _method(compose_train, FOUR)
-    draws = method.draw_inputs(8, StepDraws(torch.Generator().manual_seed(0)))
+    draws = method.chain.draw(method, 8, StepDraws(torch.Generator().manual_seed(0)))
     draws["step"] = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     embeds, mask = teacher.encode_prompts(["a red circle"] * 8)
-    x, t = method.generator_input(draws, slice(None), embeds, mask)
+    x, t = method.chain.input(method, draws, slice(None), embeds, mask)
     assert t.tolist() == [999, 749, 499, 249] * 2
     assert torch.equal(x[0], draws["z"][0])  # step 1: pure noise
     # Step k's input is the chain's x̂0 of step k−1 re-noised to t_k with that step's noise: replay it by hand.
@@ -91,7 +91,7 @@ def test_training_chain_equals_the_exported_scheduler(compose_train):
     embeds, mask = teacher.encode_prompts(["a red circle", "a blue square"])
     z = torch.randn(teacher.latent_shape(2), generator=torch.Generator().manual_seed(1))
     scheduler = method.scheduler()
-    scheduler.set_timesteps(timesteps=method.timesteps)
+    scheduler.set_timesteps(timesteps=method.chain.timesteps)
     noises, x = [], z
     for j, t in enumerate(scheduler.timesteps):
         eps = teacher.eps(x, t.reshape(1), embeds, mask, transformer=method.generator)
@@ -99,7 +99,7 @@ def test_training_chain_equals_the_exported_scheduler(compose_train):
         if j < 3:
             noises.append(torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + j)))
         x = scheduler.step(eps, t, x, generator=gen).prev_sample
-    ours = method.simulate(method.generator, embeds, mask, z, torch.tensor([3, 3]), noises)
+    ours = method.chain.simulate(method, embeds, mask, z, torch.tensor([3, 3]), noises)
     # ours is the input of step 4; one more generator step gives the sample
     final = method.generate(method.generator, embeds, mask, ours, torch.tensor([249, 249]))
     assert (final - x).abs().max() < 1e-4
@@ -109,36 +109,39 @@ def test_discriminator_reads_the_generated_side_off_the_denoising_forward(compos
     """On the default GAN range the head's fake logits come from the fake score's ε-MSE forward (no forward of
     their own), and the loss equals the one of a separate forward at the same t and noise."""
     method, teacher = _method(compose_train)
-    assert method.gan_shares_forward and method.gan_t_range == method.fake_t_range
+    gan = method.terms[0]
+    assert gan.shares_forward and gan.t_range == method.fake_t_range
     embeds, mask = teacher.encode_prompts(["a red circle", "a blue square"])
     gen = StepDraws(torch.Generator().manual_seed(0))
     x0, t, noise = torch.randn(teacher.latent_shape(2)), torch.tensor([100, 700]), torch.randn(teacher.latent_shape(2))
-    extra = method.draw_extra(2, gen)
+    extra = gan.draw(method, 2, gen)
     assert "t_fake" not in extra
     forwards = []
     hook = method.fake_score.register_forward_pre_hook(lambda *_: forwards.append(1))
     method.fake_score_loss(x0, embeds, mask, t, noise)
-    (_, loss_d, _), _ = method.fake_extra_losses(x0, embeds, mask, extra, slice(None), 0)
+    (_, loss_d, _), *_ = gan.fake_score_losses(method, x0, embeds, mask, extra, slice(None), 0)
     hook.remove()
     assert len(forwards) == 2  # ε-MSE + the real branch
     real_x0, real_embeds, real_mask = extra["real"][0]
     separate = discriminator_loss(
-        method.realism(real_x0, real_embeds, real_mask, extra["t_real"][0], extra["noise_real"][0], method.fake_score),
-        method.realism(x0, embeds, mask, t, noise, method.fake_score))
+        gan.realism(method, real_x0, real_embeds, real_mask, extra["t_real"][0], extra["noise_real"][0],
+                    method.fake_score),
+        gan.realism(method, x0, embeds, mask, t, noise, method.fake_score))
     assert torch.allclose(loss_d, separate, atol=1e-6)
     loss_d.backward()  # the shared forward carries the GAN gradient into the head
     assert method.fake_score.gan_head.net[1].weight.grad.abs().sum() > 0
     # another range (here t <= 400) gives the generated side a forward of its own
     other, _ = _method(compose_train, "distill.gan.t_max=400")
-    assert not other.gan_shares_forward and "t_fake" in other.draw_extra(2, gen)
+    assert not other.terms[0].shares_forward and "t_fake" in other.terms[0].draw(other, 2, gen)
 
 
 def test_dmd2_bad_timesteps_and_missing_real_images(compose_train):
-    for bad in ("distill.timesteps=[249,999]", "distill.timesteps=[0]", "distill.timesteps=[]"):
+    for bad in ("distill.timesteps=[249,999]", "distill.timesteps=[0]", "distill.timesteps=[]",
+                "distill.timesteps=[400.7,200]", "distill.timesteps=abc"):
         with pytest.raises(UserError, match="decreasing order"):
             _method(compose_train, bad)
     with pytest.raises(UserError, match="needs real images"):
-        _method(compose_train, "distill.real_images=null")
+        _method(compose_train, "distill.gan.real_images=null")
     with pytest.raises(UserError, match="distill.gan.block=99"):
         _method(compose_train, "distill.gan.block=99")
     with pytest.raises(UserError, match="t_min < t_max"):

@@ -142,8 +142,8 @@ def test_fsdp2_runs_dmd2_as_one_process_does(tiny_folder, tiny_train_args, compo
     encode_image_folder(instantiate(compose_train().model), folder, cache_dir=bank)
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
     extra = ["distill=dmd2", "distill.timesteps=[999,499]", "train.max_steps=2", "train.gradient_checkpointing=true",
-             "distill/real_images=folder",
-             f"distill.real_images.folder={folder}", f"distill.real_images.cache_dir={bank}"]
+             "distill/gan/real_images=folder",
+             f"distill.gan.real_images.folder={folder}", f"distill.gan.real_images.cache_dir={bank}"]
     reference, out = tmp_path / "one_process", tmp_path / "fsdp"
     one = launch(command(reference, *extra, "train.batch_size=4"), tmp_path, processes=1)
     assert one.returncode == 0, one.log[-4000:]

@@ -19,7 +19,7 @@ SGD["dmd_lora"] = SGD["dmd"] + ["distill.generator.lora_rank=4", "distill.fake_s
 NETWORKS = {"dmd": ["generator", "fake_score", "generator_ema"], "lcm": ["student", "target"], "lcm_lora": ["lora"]}
 NETWORKS["dmd_lora"] = NETWORKS["dmd"]
 # DMD2 at 4 steps with a LoRA fake score: backward simulation and the GAN terms split into micro-batches too.
-SGD["dmd2"] = SGD["dmd"] + ["distill.timesteps=[999,749,499,249]", "distill.real_images.n=16",
+SGD["dmd2"] = SGD["dmd"] + ["distill.timesteps=[999,749,499,249]", "distill.gan.real_images.n=16",
                             "distill.fake_score.lora_rank=4", "distill.gan.generator_weight=0.5",
                             "distill.gan.discriminator_weight=0.5"]
 NETWORKS["dmd2"] = NETWORKS["dmd"]
@@ -63,7 +63,7 @@ def test_a_network_that_does_not_train_stops_the_run(compose_train, tmp_path):
 def test_reference_recipe_moves_its_generator_with_accumulation(compose_train, tiny_folder, tmp_path):
     """experiment=pixart_sigma_512_dmd (grad_accum 2, bf16, checkpointing, EMA 0.9999) on the tiny model: the
     generator and its export leave the teacher."""
-    cfg = compose_train("distill.regression_weight=0", "distill.pairs=null", "data=toy", "model.load_text_encoder=true",
+    cfg = compose_train("distill.regression=null", "data=toy", "model.load_text_encoder=true",
                         "train.log_every=1", "train.sample_every=100",
                         "train.ckpt_every=2", "train.max_steps=2", "distill.generator_optimizer.lr=1e-3",
                         "distill.fake_optimizer.lr=1e-3", "experiment=pixart_sigma_512_dmd")

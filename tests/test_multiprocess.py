@@ -175,8 +175,8 @@ def test_dmd2_under_ddp_matches_one_process(tiny_folder, tiny_train_args, compos
     folder, bank = write_folder(tmp_path / "images", n=8), tmp_path / "bank"
     encode_image_folder(instantiate(compose_train().model), folder, cache_dir=bank)  # the launched runs load no T5
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
-    extra = ["distill=dmd2", "distill.timesteps=[999,499]", "train.max_steps=2", "distill/real_images=folder",
-             f"distill.real_images.folder={folder}", f"distill.real_images.cache_dir={bank}"]
+    extra = ["distill=dmd2", "distill.timesteps=[999,499]", "train.max_steps=2", "distill/gan/real_images=folder",
+             f"distill.gan.real_images.folder={folder}", f"distill.gan.real_images.cache_dir={bank}"]
     result = launch(command(tmp_path / "ddp", *extra), tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert_in_sync(tmp_path / "ddp", 2, NETWORKS)

@@ -56,7 +56,7 @@ def _real_tracked_peak(cfg):
 
 @pytest.mark.parametrize("overrides", [["train.gradient_checkpointing=true"], ["distill=lcm"],
                                        ["distill.fake_score.lora_rank=4", "distill.generator.lora_rank=4"],
-                                       ["distill=dmd2", "distill.fake_updates_per_step=1", "distill.real_images.n=8"]],
+                                       ["distill=dmd2", "distill.fake_updates_per_step=1", "distill.gan.real_images.n=8"]],
                          ids=["dmd_checkpointing", "lcm", "dmd_lora", "dmd2_gan"])
 def test_fake_step_predicts_the_real_steps_peak(overrides, compose_plan):
     cfg = compose_plan(*overrides)
@@ -125,7 +125,7 @@ def test_threads_share_the_cores():
 def test_dmd2_plans_with_a_folder_it_never_reads_and_names_what_it_leaves_out(compose_plan, capsys):
     """DMD2's real images are shapes to the planner (the folder need not exist); the few-step chain, which branches
     on its draws, is planned as one step and said so."""
-    one = plan(compose_plan("distill=dmd2", "distill/real_images=folder", "distill.real_images.folder=/nowhere"))
+    one = plan(compose_plan("distill=dmd2", "distill/gan/real_images=folder", "distill.gan.real_images.folder=/nowhere"))
     four = plan(compose_plan("distill=dmd2", "distill.timesteps=[999,749,499,249]"))
     assert not one["notes"] and "4-step generator's chain (backward simulation) is not simulated" in four["notes"][0]
     dmd = plan(compose_plan("distill.fake_updates_per_step=3"))

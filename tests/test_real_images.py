@@ -1,5 +1,5 @@
 """Captioned image folders encoded once (VAE latents + T5 embeddings) in the text cache's format and read back
-memory-mapped: what DMD2's GAN (`distill/real_images=folder`) and the fine-tune (`data=images`) read."""
+memory-mapped: what DMD2's GAN (`distill/gan/real_images=folder`) and the fine-tune (`data=images`) read."""
 
 import numpy as np
 import pytest

@@ -112,8 +112,8 @@ def test_sigma_512_dmd2_with_an_image_folder_lora_fake_score_and_checkpointing(r
               "distill.fake_score.lora_rank=8", "train.gradient_checkpointing=true"]
     with pytest.raises(UserError, match="toy world's shapes .* not a 512-px model"):
         _train(folder, "pixart_sigma_512", tmp_path / "toy_images", *common)
-    summary = _train(folder, "pixart_sigma_512", tmp_path / "run", *common, "distill/real_images=folder",
-                     f"distill.real_images.folder={images}")
+    summary = _train(folder, "pixart_sigma_512", tmp_path / "run", *common, "distill/gan/real_images=folder",
+                     f"distill.gan.real_images.folder={images}")
     assert summary["finished"] and {"loss_gan_g", "loss_gan_d"} <= set(summary["last_logs"])
     card, latents = _stock_sample(tmp_path / "run" / "export", PixArtSigmaPipeline)
     assert card["timesteps"] == [999, 499] and latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()

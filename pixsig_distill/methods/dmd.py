@@ -1,12 +1,16 @@
-"""DMD: distribution matching distillation into a one-step generator G(z, T̄, text).
+"""DMD: distribution matching distillation into a one- or few-step generator G(z, T̄, text).
 
 Follows the PixArt-Σ DMD recipe (DMD1 + regression; Yin et al. 2024, "One-step Diffusion with
-Distribution Matching Distillation"), with DMD2's two time-scale rule as an option:
-- generator G, initialised from the teacher and fed the fixed timestep label T̄;
+Distribution Matching Distillation"), with DMD2's pieces as parts it takes ("Improved Distribution Matching
+Distillation for Fast Image Synthesis"):
+- generator G, initialised from the teacher; its input is pure noise labelled T̄, or its own chain over a few
+  timesteps (backward simulation, methods/backward_simulation.py);
 - real score: the frozen teacher with classifier-free guidance;
-- fake score: a trainable copy of the teacher fitted (ε-MSE) to G's current samples;
+- fake score: a trainable copy of the teacher fitted (ε-MSE) to G's current samples, several updates per generator
+  update (DMD2's two time-scale rule, §4.1);
 - the distribution-matching gradient ∇ = x̂0_fake − x̂0_real, normalised per sample;
-- an optional regression loss on teacher noise→image pairs.
+- extra loss terms, each a plain object (methods/terms.py): the regression loss on teacher pairs (DMD eq. 9),
+  DMD2's GAN (methods/gan.py), rewards.
 """
 
 from __future__ import annotations
@@ -18,14 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
-from diffusers import DDPMScheduler
 
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
-from ..lora import DEFAULT_TARGETS
 from ..sampling import sample_latents
-from ..schedule import add_noise, scheduler_like, x0_from_eps
+from ..schedule import add_noise, x0_from_eps
+from .backward_simulation import BackwardSimulation
 from .common import (EMA, TrainableParameters, accumulated_step, export_network, frozen, lora_network,
                      micro_slices, trainable_copy, trained_network, trained_parameters, weight_sharing_copy)
 
@@ -57,45 +60,33 @@ def _lora_spec(spec, name: str) -> tuple[int, float | None]:
 
 
 class DMD:
+    """Every setting is required: conf/distill/dmd.yaml is the one home of the defaults, with what each means."""
+
     fake_t_range = (0, 999)  # the fake score's ε-MSE timesteps: every noise level
 
-    def __init__(self, teacher, t_bar: int = 400, real_guidance_scale: float = 3.0, fake_updates_per_step: int = 1,
-                 dm_t_min: int = 20, dm_t_max: int = 980, generator_optimizer=None, fake_optimizer=None,
-                 grad_clip: float | None = 10.0, ema_decay: float | None = 0.9999, ema_device: str = "same",
-                 generator=None, fake_score=None, lora_target_modules=DEFAULT_TARGETS,
-                 regression_weight: float = 0.0, regression_distance: str = "latent_mse", pairs=None,
-                 regression_batch_size: int = 8, gradient_checkpointing: bool = False,
-                 full_pipeline_export: bool = True):
-        if isinstance(t_bar, bool) or not isinstance(t_bar, int) or not 1 <= t_bar <= 999:
-            raise UserError(f"t_bar={t_bar!r} is out of range; DMD's start timestep must be an integer in 1..999 "
-                            f"(the PixArt-Σ recipe uses 400)")
-        if fake_updates_per_step < 1:
-            raise UserError(f"distill.fake_updates_per_step={fake_updates_per_step}; use an integer >= 1")
+    def __init__(self, teacher, *, timesteps, real_guidance_scale: float, fake_updates_per_step: int, dm_t_min: int,
+                 dm_t_max: int, generator_optimizer, fake_optimizer, grad_clip: float | None, ema_decay: float | None,
+                 ema_device: str, generator, fake_score, lora_target_modules, gradient_checkpointing: bool,
+                 full_pipeline_export: bool, regression=None, gan=None, rewards=None, name: str = "dmd"):
+        if isinstance(fake_updates_per_step, bool) or not isinstance(fake_updates_per_step, int) \
+                or fake_updates_per_step < 1:
+            raise UserError(f"distill.fake_updates_per_step={fake_updates_per_step!r}; use an integer >= 1")
         if not 0 <= dm_t_min < dm_t_max <= 999:
             raise UserError(f"distill.dm_t_min/dm_t_max = {dm_t_min}/{dm_t_max}; need 0 <= min < max <= 999")
-        if regression_weight > 0 and pairs is None:
-            raise UserError("distill.regression_weight > 0 needs teacher pairs; make them with "
-                            "python -m pixsig_distill.make_pairs and set distill.pairs.folder=..., or set "
-                            "distill.regression_weight=0")
-        if regression_distance not in ("latent_mse", "lpips"):
-            raise UserError(f"distill.regression_distance={regression_distance!r}; use latent_mse or lpips")
         if ema_decay is not None and not 0 <= ema_decay < 1:
             raise UserError(f"distill.ema_decay={ema_decay}; use a number in [0, 1), or null for no EMA")
         if ema_device not in ("same", "cpu"):
             raise UserError(f"distill.ema_device={ema_device!r}; use same (the generator's device) or cpu")
         self.teacher = teacher
-        self.t_bar = t_bar
+        self.name = name
+        self.chain = BackwardSimulation(timesteps)  # the generator's input: noise at T̄, or its own few-step chain
+        self.t_bar = self.chain.timesteps[0]
         self.real_guidance_scale = real_guidance_scale
         self.fake_updates_per_step = fake_updates_per_step
         self.dm_t_range = (dm_t_min, dm_t_max)
         self.grad_clip = grad_clip
         self.ema_decay = ema_decay
-        self.regression_weight = regression_weight
-        self.regression_distance = regression_distance
-        self.pairs = pairs
-        self.regression_batch_size = regression_batch_size
         self.full_pipeline_export = full_pipeline_export
-        self._lpips = None
 
         # Memory-lean options (docs/real_scale.md): the generator and the fake score are each a full float32 copy
         # of the teacher or LoRA adapters. A LoRA fake score sits on the frozen teacher's own weights (the real score
@@ -112,21 +103,24 @@ class DMD:
             self.fake_score = trainable_copy(teacher.transformer, gradient_checkpointing)
         self.generator_ema = (None if ema_decay is None else
                               EMA(self.generator, ema_decay, "cpu" if ema_device == "cpu" else None))
-        make_opt = generator_optimizer or partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.01)
         self.models = {"generator": self.generator, "fake_score": self.fake_score}
-        self.optimizers = {"generator": make_opt([p for _, p in trained_parameters(self.generator)]),
-                           "fake_score": (fake_optimizer or make_opt)([p for _, p in trained_parameters(self.fake_score)])}
+        self.optimizers = {"generator": generator_optimizer([p for _, p in trained_parameters(self.generator)]),
+                           "fake_score": fake_optimizer([p for _, p in trained_parameters(self.fake_score)])}
         self.accelerator = None
+        # Extra loss terms, in a fixed order (their draws come in this order): regression, GAN, rewards by name.
+        self.terms = [t for t in (regression, gan) if t is not None] + [rewards[k] for k in sorted(rewards or {})]
+        for term in self.terms:
+            term.attach(self)
 
     # ---- loop interface ---------------------------------------------------------------------
-    def _unwrap(self, model):
+    def unwrap(self, model):
         return self.accelerator.unwrap_model(model) if self.accelerator else model
 
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         """Full networks as state dicts of the transformer; LoRA networks as their adapters only."""
         modules = {}
         for name, lora_rank in (("generator", self.generator_lora_rank), ("fake_score", self.fake_lora_rank)):
-            network = self._unwrap(self.models[name])
+            network = self.unwrap(self.models[name])
             modules[name] = TrainableParameters(network) if lora_rank else network
         if self.generator_ema is not None:
             modules["generator_ema"] = self.generator_ema
@@ -155,40 +149,36 @@ class DMD:
         b = embeds.shape[0]
         # Every random draw of the step is made for the whole batch first and then sliced, so that n micro-batches
         # see the very numbers that one batch of n× the size sees.
-        draws = self.draw_inputs(b, gen)
-        t_dm, noise_dm = self._timesteps(b, *self.dm_t_range, gen), self._noise(b, gen)
-        extra = self.draw_extra(b, gen)
-        reg_rows = self._regression_rows(gen) if self.regression_weight > 0 else None
-        fake_draws = [(self.draw_inputs(b, gen) if i > 0 else None, self._timesteps(b, *self.fake_t_range, gen),
-                       self._noise(b, gen)) for i in range(self.fake_updates_per_step)]
+        inputs = self.chain.draw(self, b, gen)
+        t_dm, noise_dm = self.draw_timesteps(b, *self.dm_t_range, gen), self.draw_noise(b, gen)
+        term_draws = [term.draw(self, b, gen) for term in self.terms]
+        fake_draws = [(self.chain.draw(self, b, gen) if i > 0 else None, self.draw_timesteps(b, *self.fake_t_range, gen),
+                       self.draw_noise(b, gen)) for i in range(self.fake_updates_per_step)]
         parts = micro_slices(b, micro_batches)
         logs = {}
 
         def log(name: str, value: torch.Tensor) -> None:
             logs[name] = logs.get(name, 0.0) + value.detach() / len(parts)
 
-        # Generator update: the distribution-matching loss (+ the regression loss on its own batch, once per step).
+        # Generator update: the distribution-matching loss and the terms' generator losses.
         samples = [None] * len(parts)
 
         def generator_loss(i: int, rows: slice):
-            x_in, t_in = self.generator_input(draws, rows, embeds[rows], mask[rows])
+            x_in, t_in = self.chain.input(self, inputs, rows, embeds[rows], mask[rows])
             x0_hat = self.generate(self.generator, embeds[rows], mask[rows], x_in, t_in)
             samples[i] = x0_hat.detach()
             loss = self.distribution_matching_loss(x0_hat, embeds[rows], mask[rows], t_dm[rows], noise_dm[rows])
             log("loss_dm", loss)
-            for name, term, weight in self.generator_extra_losses(x0_hat, embeds[rows], mask[rows], extra, rows):
-                log(name, term)
-                loss = loss + weight * term
-            loss = loss / len(parts)
-            if reg_rows is not None and i == 0:
-                loss_reg = self.regression_loss(reg_rows)
-                logs["loss_reg"] = loss_reg.detach()
-                loss = loss + self.regression_weight * loss_reg
-            return loss
+            for term, draws in zip(self.terms, term_draws):
+                for name, value, weight in term.generator_losses(self, x0_hat, embeds[rows], mask[rows], draws, rows,
+                                                                 (i, len(parts))):
+                    log(name, value)
+                    loss = loss + weight * value
+            return loss / len(parts)
 
-        # The fake score is frozen while the generator learns (DMD2's GAN term reads through it): no gradient for it,
+        # The fake score is frozen while the generator learns (the GAN term reads through it): no gradient for it,
         # and, checkpointed, its forward is recomputed in the backward under the requires_grad state it ran with.
-        with frozen(self._unwrap(self.fake_score)):
+        with frozen(self.unwrap(self.fake_score)):
             _, logs["grad_norm_generator"] = accumulated_step(
                 acc, self.generator, self.optimizers["generator"],
                 [partial(generator_loss, i, rows) for i, rows in enumerate(parts)], self.grad_clip)
@@ -203,12 +193,14 @@ class DMD:
             x0 = samples[i]
             if fresh is not None:
                 with torch.no_grad():
-                    x_in, t_in = self.generator_input(fresh, rows, embeds[rows], mask[rows])
+                    x_in, t_in = self.chain.input(self, fresh, rows, embeds[rows], mask[rows])
                     x0 = self.generate(self.generator, embeds[rows], mask[rows], x_in, t_in)
             loss = self.fake_score_loss(x0, embeds[rows], mask[rows], t[rows], noise[rows])
-            for name, term, weight in self.fake_extra_losses(x0, embeds[rows], mask[rows], extra, rows, update):
-                logs[name] = term.detach()
-                loss = loss + weight * term
+            for term, draws in zip(self.terms, term_draws):  # right after the ε-MSE forward (the GAN reads it)
+                for name, value, weight in term.fake_score_losses(self, x0, embeds[rows], mask[rows], draws, rows,
+                                                                  update):
+                    logs[name] = value.detach()
+                    loss = loss + weight * value
             return loss / len(parts)
 
         for update in range(self.fake_updates_per_step):
@@ -217,35 +209,16 @@ class DMD:
                 [partial(fake_loss, update, i, rows) for i, rows in enumerate(parts)], self.grad_clip)
         return logs
 
-    # ---- what a subclass changes (DMD2: backward simulation, the GAN) ----------------------------
-    def draw_inputs(self, batch_size: int, gen: StepDraws) -> dict:
-        """The randomness behind the generator's inputs: pure noise z (PixArt DMD: fed unscaled at label T̄)."""
-        return {"z": self._noise(batch_size, gen)}
-
-    def generator_input(self, draws: dict, rows: slice, embeds, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x, t) the generator denoises for these rows; t None: T̄."""
-        return draws["z"][rows], None
-
-    def draw_extra(self, batch_size: int, gen: StepDraws) -> dict:
-        return {}
-
-    def generator_extra_losses(self, x0_hat, embeds, mask, extra: dict, rows: slice) -> list:
-        """[(log name, loss, weight)] added to the generator's loss."""
-        return []
-
-    def fake_extra_losses(self, x0, embeds, mask, extra: dict, rows: slice, update: int) -> list:
-        """[(log name, loss, weight)] added to the fake score's loss."""
-        return []
-
     # ---- the method -------------------------------------------------------------------------
-    def _noise(self, batch_size: int, gen: StepDraws) -> torch.Tensor:
+    def draw_noise(self, batch_size: int, gen: StepDraws) -> torch.Tensor:
         return gen.randn(self.teacher.latent_shape(batch_size)).to(self.teacher.device)
 
-    def _timesteps(self, batch_size: int, low: int, high: int, gen: StepDraws) -> torch.Tensor:
+    def draw_timesteps(self, batch_size: int, low: int, high: int, gen: StepDraws) -> torch.Tensor:
         return gen.randint(low, high + 1, batch_size).to(self.teacher.device)
 
     def generate(self, generator, embeds, mask, z: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        """One step: x̂0 = (z − √(1−ᾱ_t)·ε_G(z, t)) / √ᾱ_t at t = T̄, with z ~ N(0, I) unscaled (PixArt DMD)."""
+        """One step: x̂0 = (z − √(1−ᾱ_t)·ε_G(z, t)) / √ᾱ_t, by default at t = T̄ with z ~ N(0, I) unscaled (PixArt
+        DMD)."""
         if t is None:
             t = torch.full((z.shape[0],), self.t_bar, device=z.device, dtype=torch.long)
         eps = self.teacher.eps(z, t, embeds, mask, transformer=generator).float()
@@ -273,62 +246,30 @@ class DMD:
         eps = self.teacher.eps(x_t.to(self.teacher.dtype), t, embeds, mask, transformer=self.fake_score).float()
         return F.mse_loss(eps, noise)
 
-    def _regression_rows(self, gen: StepDraws) -> list[int]:
-        return gen.randint(0, len(self.pairs), self.regression_batch_size).tolist()  # per process, like batch_size
-
-    def regression_loss(self, rows: list[int]) -> torch.Tensor:
-        """Distance between G(z_i) and the teacher's multi-step sample y_i from the same noise (DMD eq. 9)."""
-        items = [self.pairs[i] for i in rows]
-        device = self.teacher.device
-        z = torch.stack([it["noise"] for it in items]).to(device)
-        target = torch.stack([it["latents"] for it in items]).to(device).float()
-        embeds = torch.stack([it["embeds"] for it in items]).to(device, self.teacher.dtype)
-        mask = torch.stack([it["mask"] for it in items]).to(device)
-        x0 = self.generate(self.generator, embeds, mask, z)
-        if self.regression_distance == "latent_mse":
-            return F.mse_loss(x0, target)
-        return self._lpips_distance(x0, target)
-
-    def _lpips_distance(self, x0, target) -> torch.Tensor:
-        if self._lpips is None:
-            try:
-                from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-                self._lpips = LearnedPerceptualImagePatchSimilarity(net_type="vgg").to(x0.device).eval()
-            except Exception as err:
-                raise UserError(f"LPIPS needs VGG weights that could not be loaded ({err}); download them "
-                                f"where there is internet or use distill.regression_distance=latent_mse") from None
-        decode = self.teacher.vae.decode
-        scale = self.teacher.vae.config.scaling_factor
-        images = decode(x0 / scale).sample.clamp(-1, 1)
-        with torch.no_grad():
-            targets = decode(target / scale).sample.clamp(-1, 1)
-        return self._lpips(images.float(), targets.float())
-
     # ---- inference and export -----------------------------------------------------------------
-    def scheduler(self) -> DDPMScheduler:
-        """One DDPM step from T̄ to the end of the chain returns x̂0: the released DMD model's inference."""
-        return scheduler_like(DDPMScheduler, self.teacher.scheduler.config, clip_sample=False, thresholding=False,
-                              variance_type="fixed_small")
+    def scheduler(self):
+        return self.chain.scheduler(self.teacher.scheduler.config)
 
     def sampling_network(self):
         """The generator the student is: its EMA weights when it has an EMA (a context manager)."""
-        generator = self._unwrap(self.generator)
+        generator = self.unwrap(self.generator)
         return self.generator_ema.applied(generator) if self.generator_ema is not None else contextlib.nullcontext(generator)
 
     @torch.no_grad()
     def sample(self, embeds, mask, noise) -> torch.Tensor:
-        """The (EMA) generator's one-step sample, through the same scheduler the exported pipeline uses."""
+        """The (EMA) generator's sample, through the same scheduler and timesteps the exported pipeline uses."""
         with self.sampling_network() as generator:
             def eps_fn(x, t):
                 return self.teacher.eps(x, t, embeds, mask, transformer=generator)
 
-            return sample_latents(eps_fn, self.scheduler(), noise, timesteps=[self.t_bar])
+            return sample_latents(eps_fn, self.scheduler(), noise, timesteps=self.chain.timesteps)
 
     def card(self) -> dict:
-        """The sampling recipe the export carries (pixsig_student.json): one DDPM step at T̄."""
-        return {"method": "dmd", "t_bar": self.t_bar, "num_inference_steps": 1, "timesteps": [self.t_bar],
-                "guidance_scale": 1.0, "scheduler": "DDPMScheduler", "eval_steps": [1]}
+        """The sampling recipe the export carries (pixsig_student.json), and what the terms add to it."""
+        card = {"method": self.name, **self.chain.card()}
+        for term in self.terms:
+            card.update(term.card())
+        return card
 
     def export(self, out_dir: Path) -> Path:
         """A stock diffusers pipeline of the (EMA) generator; a LoRA generator is merged into a full transformer

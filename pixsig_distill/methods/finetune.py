@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
-from ..lora import DEFAULT_TARGETS, check_rank
+from ..lora import check_rank
 from ..sampling import sample_latents
 from ..schedule import add_noise
 from .common import EMA, TrainableParameters, accumulated_step, export_network, trained_network, trained_parameters
@@ -34,10 +34,10 @@ from .common import EMA, TrainableParameters, accumulated_step, export_network, 
 class FineTune:
     method_name = "finetune"
 
-    def __init__(self, teacher, lora_rank: int = 0, lora_alpha: float | None = None,
-                 lora_target_modules=DEFAULT_TARGETS, caption_dropout: float = 0.1, ema_decay: float | None = 0.995,
-                 optimizer=None, grad_clip: float | None = 1.0, gradient_checkpointing: bool = False,
-                 full_pipeline_export: bool = True):
+    def __init__(self, teacher, *, lora_rank: int, lora_alpha: float | None, lora_target_modules,
+                 caption_dropout: float, ema_decay: float | None, optimizer, grad_clip: float | None,
+                 gradient_checkpointing: bool, full_pipeline_export: bool):
+        """Every setting is required: conf/distill/finetune.yaml is the one home of the defaults."""
         if not 0 <= caption_dropout < 1:
             raise UserError(f"distill.caption_dropout={caption_dropout}; use a fraction in [0, 1) (0.1 keeps CFG)")
         if ema_decay is not None and not 0 <= ema_decay < 1:
@@ -51,9 +51,8 @@ class FineTune:
         self.transformer = trained_network(teacher.transformer, self.lora_rank, self.lora_alpha,
                                            list(lora_target_modules), gradient_checkpointing)
         self.ema = None if ema_decay is None else EMA(self.transformer, ema_decay)
-        make_opt = optimizer or partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0)
         self.models = {"transformer": self.transformer}
-        self.optimizers = {"transformer": make_opt([p for _, p in trained_parameters(self.transformer)])}
+        self.optimizers = {"transformer": optimizer([p for _, p in trained_parameters(self.transformer)])}
         self.accelerator = None
 
     # ---- loop interface ---------------------------------------------------------------------

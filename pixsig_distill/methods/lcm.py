@@ -78,13 +78,12 @@ def _int_in(name: str, value, low: int, high: int, hint: str) -> int:
 class LCM:
     method_name = "lcm"
 
-    def __init__(self, teacher, num_ddim_timesteps: int = 50, num_inference_steps: int = 4, guidance_w: float = 4.5,
-                 w_embedding: bool = False, w_min: float = 3.0, w_max: float = 15.0, export_w: float | None = None,
-                 ema_decay: float = 0.95, loss: str = "huber", huber_c: float = 0.001,
-                 timestep_scaling: float = 10.0, optimizer=None, grad_clip: float | None = 1.0,
-                 pair_steps: int | None = None, pair_guidance_scale: float | None = None,
-                 pair_cache_size: int = 4096, seed: int = 0, gradient_checkpointing: bool = False,
-                 full_pipeline_export: bool = True):
+    def __init__(self, teacher, *, num_ddim_timesteps: int, num_inference_steps: int, guidance_w: float,
+                 w_embedding: bool, w_min: float, w_max: float, export_w: float | None, ema_decay: float, loss: str,
+                 huber_c: float, timestep_scaling: float, optimizer, grad_clip: float | None, pair_steps: int | None,
+                 pair_guidance_scale: float | None, pair_cache_size: int, seed: int, gradient_checkpointing: bool,
+                 full_pipeline_export: bool):
+        """Every setting is required: conf/distill/lcm.yaml is the one home of the defaults, with what each means."""
         n_train = teacher.scheduler.config.num_train_timesteps
         _int_in("num_ddim_timesteps", num_ddim_timesteps, 1, n_train, "LCM and PixArt-δ use 50")
         _int_in("num_inference_steps", num_inference_steps, 1, num_ddim_timesteps, "at most num_ddim_timesteps")
@@ -124,9 +123,8 @@ class LCM:
         self.accelerator = None
 
         self.student, self.target = self._build_networks(gradient_checkpointing)
-        make_opt = optimizer or partial(torch.optim.AdamW, lr=2e-5, weight_decay=0.0)
         self.models = {"student": self.student}
-        self.optimizers = {"student": make_opt([p for p in self.student.parameters() if p.requires_grad])}
+        self.optimizers = {"student": optimizer([p for p in self.student.parameters() if p.requires_grad])}
 
     def _build_networks(self, gradient_checkpointing: bool):
         """Student = trainable teacher copy (+ w-embedding); target = its EMA."""

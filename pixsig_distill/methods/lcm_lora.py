@@ -17,7 +17,7 @@ import torch
 
 from ..distributed import zero3
 from ..errors import UserError
-from ..lora import DEFAULT_TARGETS, check_rank
+from ..lora import check_rank
 from .common import TrainableParameters, export_network, lora_network
 from .lcm import LCM
 
@@ -25,8 +25,7 @@ from .lcm import LCM
 class LCMLoRA(LCM):
     method_name = "lcm_lora"
 
-    def __init__(self, teacher, lora_rank: int = 32, lora_alpha: float | None = None,
-                 lora_target_modules=DEFAULT_TARGETS, **kwargs):
+    def __init__(self, teacher, *, lora_rank: int, lora_alpha: float | None, lora_target_modules, **kwargs):
         if kwargs.get("w_embedding"):
             raise UserError("distill=lcm_lora does not support w_embedding (a peft adapter has no place for the "
                             "w-embedding); use distill=lcm distill.w_embedding=true, or a fixed distill.guidance_w")

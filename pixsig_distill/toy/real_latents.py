@@ -13,9 +13,9 @@ from .world import ToyWorldDataset
 def toy_real_latents(teacher, n: int = 2000, seed: int = 7) -> LatentBank:
     """`n` captioned images of the training split (never the held-out captions the evaluation uses)."""
     if teacher.resolution > 64:  # the toy world is flat shapes at 32 px: no real data for a real model's GAN
-        raise UserError(f"the GAN's real images are the toy world's shapes (distill/real_images=toy, the default), "
+        raise UserError(f"the GAN's real images are the toy world's shapes (distill/gan/real_images=toy, the default), "
                         f"made for model=toy, not a {teacher.resolution}-px model; give yours: "
-                        f"distill/real_images=folder distill.real_images.folder=DIR (docs/dmd2.md)")
+                        f"distill/gan/real_images=folder distill.gan.real_images.folder=DIR (docs/dmd2.md)")
     dataset = ToyWorldDataset("train", size=n, seed=seed, resolution=teacher.resolution)
     items = [dataset[i] for i in range(n)]
     images = np.stack([((it["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)

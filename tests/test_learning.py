@@ -1,0 +1,268 @@
+"""Each method, on a problem whose answer is known exactly (tests/known_answer.py), moves its student toward that
+answer within a few dozen steps; the same test with a sign flipped or two scores swapped on purpose moves it away.
+
+The suite's other end-to-end tests compare two runs of the same code or check that values are finite: a flipped
+sign would pass them all. These would not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from hydra import compose, initialize_config_module
+
+import known_answer as ka
+import pixsig_distill
+import pixsig_distill.methods.dmd as dmd_module
+import pixsig_distill.methods.finetune as finetune_module
+import pixsig_distill.methods.gan as gan_module
+import pixsig_distill.methods.lcm as lcm_module
+from pixsig_distill.config import build
+from pixsig_distill.schedule import add_noise
+
+
+def method_from_yaml(teacher, distill: str, *overrides: str, edit=None):
+    """The method exactly as `distill=<name>` builds it (its YAML defaults), with the given overrides."""
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"distill={distill}", "model=pixart_sigma_512", *overrides])
+    if edit is not None:
+        edit(cfg)
+    torch.manual_seed(0)  # LoRA adapters start from torch's global generator
+    method = build(cfg.distill, teacher=teacher)
+    method.prepare(Accelerator(cpu=True))
+    return method
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return ka.known_teacher()
+
+
+def shift_generator(network, offset: float) -> None:
+    """Start the student away from the teacher: every caption's mean moved by `offset`."""
+    bias = next(p for name, p in network.named_parameters() if name.endswith(("caption_proj.bias",
+                                                                             "caption_proj.base_layer.bias")))
+    with torch.no_grad():
+        bias.add_(offset)
+
+
+def train(method, teacher, steps: int, batch_size: int = 16, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        method.train_step(ka.batch(teacher, batch_size, gen), gen)
+
+
+# ---- DMD: the generator's distribution → the (guided) teacher's, N(μ_g, s²) -------------------------------------
+LORA = [f"distill.lora_target_modules=[{','.join(ka.TARGETS)}]"]  # the known world's linears
+DMD_FAST = ["distill.generator_optimizer.lr=0.02", "distill.fake_optimizer.lr=0.05", "distill.ema_decay=null", *LORA]
+
+
+def dmd_distance(method, teacher, scale: float) -> float:
+    probe = ka.fixed_eval(teacher)
+    samples = method.sample(probe.embeds, probe.mask, probe.noise)  # its exported recipe: 1 step, or its chain
+    return ka.gaussian_distance(samples, ka.guided_mean(teacher, probe.prompts, scale), 0.2)
+
+
+def dmd_learns(teacher, *overrides: str, scale: float = 1.0, steps: int = 60, distill: str = "dmd", edit=None):
+    """(distance before, after) for a generator started away from the teacher (every mean moved by 0.5)."""
+    method = method_from_yaml(teacher, distill, *DMD_FAST, f"distill.real_guidance_scale={scale}", *overrides,
+                              edit=edit)
+    shift_generator(method.generator, 0.5)
+    before = dmd_distance(method, teacher, scale)
+    train(method, teacher, steps)
+    return before, dmd_distance(method, teacher, scale)
+
+
+def dmd_converges(before: float, after: float) -> bool:
+    """Most of the way to the target (the DM gradient's own noise keeps a generator at lr 0.02 jittering about it;
+    a wrong direction ends hundreds of times farther away than it started)."""
+    return after < 0.4 * before
+
+
+@pytest.mark.parametrize("variant", [[], ["distill.generator.lora_rank=4"], ["distill.fake_score.lora_rank=4"],
+                                     ["distill.timesteps=[400,200]"]],
+                         ids=["full", "lora_generator", "lora_fake_score", "two_steps"])
+def test_dmd_moves_the_generator_to_the_teacher_distribution(teacher, variant):
+    assert dmd_converges(*dmd_learns(teacher, *variant))
+
+
+def test_dmd_with_a_guided_real_score_matches_the_guided_distribution(teacher):
+    assert dmd_converges(*dmd_learns(teacher, scale=3.0))  # μ_g = μ_u + 3(μ_c − μ_u), far from μ_c
+
+
+# ---- DMD2: its GAN's discriminator learns, and its generator term pulls toward the real images ---------------
+def dmd2_method(teacher, *overrides: str):
+    def real_images_of_this_world(cfg):
+        cfg.distill.gan.real_images = {"_target_": "known_answer.KnownRealImages", "_partial_": True}
+
+    return method_from_yaml(teacher, "dmd2", *DMD_FAST, "distill.gan.head_lr=0.01", *overrides,
+                            edit=real_images_of_this_world)
+
+
+def test_dmd2_moves_the_generator_to_the_teacher_distribution(teacher):
+    method = dmd2_method(teacher)
+    shift_generator(method.generator, 0.5)
+    before = dmd_distance(method, teacher, 1.0)
+    train(method, teacher, 60)
+    assert dmd_converges(before, dmd_distance(method, teacher, 1.0))
+
+
+def mean_offset(method, teacher) -> float:
+    """|mean of the generator's samples − mean of the real images|, averaged over prompts and channels."""
+    probe = ka.fixed_eval(teacher)
+    samples = method.sample(probe.embeds, probe.mask, probe.noise)
+    return float((samples.mean(dim=(2, 3)) - ka.guided_mean(teacher, probe.prompts, 1.0)).abs().mean())
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def gan_learns(teacher):
+    """Phase 1, the generator held still: the discriminator learns to tell real images from its samples (returns
+    its accuracy over the last 10 updates). Phase 2, the discriminator held still and the DM loss off: a few
+    generator updates on the GAN term alone (returns the mean offset to the real images before and after)."""
+    method = dmd2_method(teacher, "distill.gan.generator_weight=1.0", "distill.gan.discriminator_weight=1.0",
+                         "distill.fake_updates_per_step=1", "distill.gan.t_max=300")  # low noise: visible offsets
+    shift_generator(method.generator, 0.5)
+    method.distribution_matching_loss = lambda x0_hat, *args: 0.0 * x0_hat.sum()
+    gen = torch.Generator().manual_seed(0)
+    set_lr(method.optimizers["generator"], 0.0)
+    accuracy = []
+    for _ in range(40):
+        logs = method.train_step(ka.batch(teacher, 16, gen), gen)
+        accuracy.append((float(logs["d_real_acc"]) + float(logs["d_fake_acc"])) / 2)
+    set_lr(method.optimizers["generator"], 0.005)
+    set_lr(method.optimizers["fake_score"], 0.0)
+    before = mean_offset(method, teacher)
+    train(method, teacher, 3, seed=1)
+    return sum(accuracy[-10:]) / 10, before, mean_offset(method, teacher)
+
+
+def test_gan_discriminator_learns_and_its_generator_term_pulls_toward_real_images(teacher):
+    accuracy, before, after = gan_learns(teacher)
+    assert accuracy > 0.75
+    assert after < 0.5 * before, (before, after)
+
+
+# ---- LCM: the student's one-step sample → the teacher's guided ODE solution from the same noise ---------------
+# a coarse DDIM grid (10 steps): the boundary condition at t = 0 reaches t = 999 in fewer updates
+LCM_FAST = ["distill.optimizer.lr=0.05", "distill.ema_decay=0.5", "distill.num_ddim_timesteps=10"]
+
+
+def lcm_distance(method, teacher) -> float:
+    probe = ka.fixed_eval(teacher)
+    samples = method.sample(probe.embeds, probe.mask, probe.noise, num_inference_steps=1)
+    mu = ka.guided_mean(teacher, probe.prompts, method.guidance_w + 1)  # LCM's w is CFG scale − 1
+    return float(((samples - ka.ode_solution(teacher, probe.noise, 999, mu)) ** 2).mean())
+
+
+def lcm_learns(teacher, distill: str = "lcm", steps: int = 100):
+    method = method_from_yaml(teacher, distill, *LCM_FAST, *(LORA if "lora" in distill else []))
+    before = lcm_distance(method, teacher)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):  # x0 for q(x_t | x0): draws of the guided distribution
+        batch = ka.batch(teacher, 16, gen)
+        mu = ka.guided_mean(teacher, batch["prompt"], method.guidance_w + 1)
+        batch["latents"] = mu[..., None, None] + 0.2 * torch.randn(teacher.latent_shape(16), generator=gen)
+        method.train_step(batch, gen)
+    return before, lcm_distance(method, teacher)
+
+
+@pytest.mark.parametrize("distill", ["lcm", "lcm_lora"])
+def test_lcm_moves_the_student_to_the_teachers_ode_solution(teacher, distill):
+    before, after = lcm_learns(teacher, distill)
+    assert after < 0.1 * before, (before, after)
+
+
+# ---- fine-tuning: the model's distribution → new data ------------------------------------------------------
+NEW_MEANS = ((2.0, 0.0, 0.0, 0.0), (-2.0, 0.0, 0.0, 0.0), (0.0, 2.0, 0.0, 0.0))
+
+
+def finetune_distance(method, teacher) -> float:
+    probe = ka.fixed_eval(teacher)
+    samples = method.sample(probe.embeds, probe.mask, probe.noise)  # the teacher's sampler, unguided here
+    target = torch.tensor([NEW_MEANS[ka.PROMPTS.index(p)] for p in probe.prompts])
+    return ka.gaussian_distance(samples, target, 0.3)
+
+
+def finetune_learns(distill: str = "finetune", steps: int = 60):
+    teacher = ka.known_teacher(guidance_scale=1.0)  # its sampler without CFG: samples are N(μ(text), s²)
+    method = method_from_yaml(teacher, distill, "distill.optimizer.lr=0.02", "distill.ema_decay=null", *LORA)
+    before = finetune_distance(method, teacher)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = ka.batch(teacher, 16, gen)
+        means = torch.tensor([NEW_MEANS[ka.PROMPTS.index(p)] for p in batch["prompt"]])
+        batch["latents"] = means[..., None, None] + 0.3 * torch.randn(teacher.latent_shape(16), generator=gen)
+        method.train_step(batch, gen)
+    return before, finetune_distance(method, teacher)
+
+
+@pytest.mark.parametrize("distill", ["finetune", "finetune_lora"])
+def test_finetune_moves_the_model_to_the_new_data(distill):
+    before, after = finetune_learns(distill)
+    assert after < 0.2 * before, (before, after)
+
+
+# ---- every method has a learning test, and each test catches a wrong direction ------------------------------
+LEARNING_TESTS = {"dmd", "dmd2", "lcm", "lcm_lora", "finetune", "finetune_lora"}
+
+
+def test_every_method_has_a_learning_test():
+    shipped = {p.stem for p in (Path(pixsig_distill.__file__).parent / "conf" / "distill").glob("*.yaml")}
+    assert shipped == LEARNING_TESTS, f"give {sorted(shipped - LEARNING_TESTS)} a test on the known-answer world"
+
+
+def _negate(fn):
+    return lambda *args, **kwargs: -fn(*args, **kwargs)
+
+
+SABOTAGE = {
+    # name: (what breaks, the learning run that must then fail, its pass condition)
+    "dm_gradient_negated": (lambda mp: mp.setattr(dmd_module, "dm_gradient", _negate(dmd_module.dm_gradient)),
+                            lambda t: dmd_learns(t), dmd_converges),
+    "real_and_fake_swapped": (lambda mp: mp.setattr(dmd_module.DMD, "distribution_matching_loss",
+                                                    _swapped_dm_loss),
+                              lambda t: dmd_learns(t), dmd_converges),
+    "real_score_unguided": (lambda mp: mp.setattr(dmd_module.DMD, "real_x0", lambda self, x_t, t, e, m:
+                                                  self.teacher.x0(x_t, t, e, m, guidance_scale=1.0)),
+                            lambda t: dmd_learns(t, scale=3.0), dmd_converges),
+    "gan_generator_term_negated": (lambda mp: mp.setattr(gan_module, "generator_gan_loss",
+                                                         lambda logits: F.softplus(logits).mean()),
+                                   lambda t: gan_learns(t)[1:], lambda before, after: after < 0.5 * before),
+    "gan_generator_term_detached": (lambda mp: mp.setattr(gan_module, "generator_gan_loss",
+                                                          lambda logits: F.softplus(-logits.detach()).mean()),
+                                    lambda t: gan_learns(t)[1:], lambda before, after: after < 0.5 * before),
+    "lcm_loss_negated": (lambda mp: mp.setattr(lcm_module, "consistency_distance",
+                                               _negate(lcm_module.consistency_distance)),
+                         lambda t: lcm_learns(t), lambda before, after: after < 0.1 * before),
+    "lcm_target_is_the_teacher_not_its_ema_student": (lambda mp: mp.setattr(lcm_module.LCM, "target_network",
+                                                               lambda self: self.teacher.transformer),
+                                         lambda t: lcm_learns(t), lambda before, after: after < 0.1 * before),
+    "finetune_loss_negated": (lambda mp: mp.setattr(finetune_module.F, "mse_loss", _negate(F.mse_loss)),
+                              lambda t: finetune_learns(), lambda before, after: after < 0.2 * before),
+}
+
+
+def _swapped_dm_loss(self, x0_hat, embeds, mask, t, noise):
+    """DMD's loss with the real and the fake score's estimates in each other's place."""
+    with torch.no_grad():
+        x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.alphas_cumprod)
+        grad = dmd_module.dm_gradient(x0_hat.detach(), self.fake_x0(x_t, t, embeds, mask),
+                                      self.real_x0(x_t, t, embeds, mask))
+    return dmd_module.dm_loss(x0_hat, grad)
+
+
+@pytest.mark.parametrize("name", sorted(SABOTAGE))
+def test_a_wrong_direction_fails_its_learning_test(name, teacher, monkeypatch):
+    """The learning tests above can fail: with this defect on purpose, the same run misses its target."""
+    sabotage, learn, passes = SABOTAGE[name]
+    sabotage(monkeypatch)
+    before, after = learn(teacher)
+    assert not passes(before, after), (before, after)

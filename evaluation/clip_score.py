@@ -96,7 +96,7 @@ class CLIPScorer(Scorer):
 
     def score(self, images, prompts: list[str]) -> dict:
         cos = self.cosines(images, prompts)
-        result = self.mean_with_interval("clip", cos)
+        result = {**self.mean_with_interval("clip", cos), "paired": {"clip": cos}}
         if self.also_100:
             result["clip_100"] = float((100 * np.maximum(cos, 0)).mean())
         return result

@@ -77,6 +77,8 @@ class DiversityScorer(Scorer):
         result = self.mean_with_interval("diversity_abs", per_prompt)
         if self.reference:
             result.update({k.replace("_abs", ""): v / self.reference for k, v in result.items()})
+        # paired over prompts (the same prompts and seeds in every row)
+        result["paired"] = {"diversity": per_prompt / (self.reference or 1.0), "diversity_abs": per_prompt}
         return result
 
     def score_real(self, prompt_set) -> dict | None:

@@ -22,7 +22,7 @@ from pixsig_distill.inference import InferenceMode, add_prompts, load_for_infere
 
 from .cache import ImageCache, entry_key, generate_cached, weights_fingerprint
 from .prompts import PromptSet, load_prompt_set
-from .scorer import Scorer, ScorerSet, ScoringContext
+from .scorer import Scorer, ScorerSet, ScoringContext, paired_difference
 
 log = logging.getLogger(__name__)
 SEED_SET_STRIDE = 1_000_000  # seed set k starts at seed + k * stride; a scorer's own images at the next stride
@@ -159,6 +159,7 @@ class Evaluation:
     latency: dict | None = None  # {modes, warmup, runs, batch_size}, timed on the main process
     teacher: object = None  # an already loaded teacher (a training run's)
     progress: bool = True  # a bar per row's generation (the end of a training run logs a line per row instead)
+    compare_to: dict | None = None  # {name, steps}: the reference row of the paired comparisons (the teacher)
 
     def meta(self, teacher: str) -> dict:
         """What every report says about its figures: prompts, seeds, columns, scorers, bootstrap, date."""
@@ -166,7 +167,7 @@ class Evaluation:
 
         boot = self.scorers.context
         return {"prompts": self.prompt_set.source, "n_samples": len(self.prompt_set.prompts), "seed": self.seed,
-                "seed_sets": self.seed_sets, "teacher": teacher,
+                "seed_sets": self.seed_sets, "teacher": teacher, "compare_to": self.compare_to,
                 "columns": [vars(c) for c in self.scorers.columns], "scorers": self.scorers.settings(),
                 "bootstrap": {"resamples": boot.resamples, "confidence": boot.confidence, "seed": boot.seed,
                               "method": "percentile bootstrap over images"} if boot else None,
@@ -215,7 +216,7 @@ def _merge_seed_sets(result: dict, per_set: list[dict], scorers: ScorerSet) -> N
 def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
     """Every row's figures (on the main process; [] elsewhere) and the first images of each row for grids."""
     models = Models(ev.model_cfg, ev.device, ev.mode, ev.teacher)
-    results, grids = [], []
+    results, grids, paired = [], [], []  # paired: per row, {scorer name: its per-item values}
     main = ev.accelerator.is_main_process
     for row in rows:  # rows of one model are adjacent, so each model loads once
         result = {"name": row.name, "method": row.method, "kind": row.kind, "steps": row.steps, "t_bar": row.t_bar,
@@ -228,6 +229,7 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
                 draw = ev.prompt_set.real_draw()
                 grids.append(draw)
             results.append(result)
+            paired.append({})
             continue
         args = sampler_args(row, ev.model_cfg)
         result["guidance_scale"] = args["guidance_scale"]
@@ -237,14 +239,21 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
         lat = _latency(ev, models.get(row, ev.prompt_set.prompts[:1]), args) if ev.latency and main else {}
         if main:
             n = len(ev.prompt_set.prompts)
-            per_set = [{} for _ in main_sets]
+            per_set, row_paired = [{} for _ in main_sets], {}
             for scorer in ev.scorers.scorers:
                 if scorer.name in own:
                     prompts = scorer.own_prompts()
-                    per_set[0].update(scorer.score(own[scorer.name].files(len(prompts)), prompts))
+                    figures = scorer.score(own[scorer.name].files(len(prompts)), prompts)
+                    row_paired[scorer.name] = figures.pop("paired", {})
+                    per_set[0].update(figures)
                     continue
                 for k, cache in enumerate(main_sets):
-                    per_set[k].update(scorer.score(cache.files(n), ev.prompt_set.prompts))
+                    figures = scorer.score(cache.files(n), ev.prompt_set.prompts)
+                    values = figures.pop("paired", {})
+                    if k == 0:  # pairs are image for image: the first seed set
+                        row_paired[scorer.name] = values
+                    per_set[k].update(figures)
+            paired.append(row_paired)
             result.update(per_set[0])
             _merge_seed_sets(result, per_set, ev.scorers)
             for mode, key in (("end_to_end", "latency_ms"), ("transformer", "latency_transformer_ms")):
@@ -255,9 +264,34 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
             log.info("evaluated %s: %s", row.label, "  ".join(
                 f"{c.key} {result[c.key]:.{c.digits}f}" for c in ev.scorers.columns if result.get(c.key) is not None))
         results.append(result)
+    if main:
+        add_paired_differences(ev, results, paired)
     models.loaded.clear()
     gc.collect()
     return results, grids
+
+
+def add_paired_differences(ev: Evaluation, results: list[dict], paired: list[dict]) -> None:
+    """Every generated row against the reference row (`ev.compare_to`, the teacher at 20 steps): per column, the
+    difference on the same prompts and seeds with a paired bootstrap interval and a verdict (scorer.py)."""
+    if not ev.compare_to:
+        return
+    name, steps = ev.compare_to["name"], ev.compare_to.get("steps")
+    ref = next((i for i, r in enumerate(results) if r["name"] == name and r["kind"] != "real"
+                and (steps is None or r["steps"] == steps)), None)
+    if ref is None:
+        log.warning("no row %s at %s steps to compare the others with: no paired differences", name, steps)
+        return
+    for i, result in enumerate(results):
+        if i == ref or result["kind"] == "real":
+            continue
+        result["compared_to"] = f"{name} ({steps_label(results[ref]['steps'])})"
+        for scorer in ev.scorers.scorers:
+            for column in scorer.columns:
+                mine, theirs = paired[i].get(scorer.name, {}), paired[ref].get(scorer.name, {})
+                if column.key in mine and column.key in theirs:
+                    result.update(paired_difference(scorer, column.key, mine[column.key], theirs[column.key],
+                                                    column.better))
 
 
 def evaluate_export(eval_cfg: DictConfig, model_cfg: DictConfig, teacher, export: str | Path, out_dir: str | Path,
@@ -284,11 +318,20 @@ def evaluate_export(eval_cfg: DictConfig, model_cfg: DictConfig, teacher, export
     scorers = build_scorers(eval_cfg, context)
     shared = Path(eval_cfg.teacher_cache_dir) if eval_cfg.get("teacher_cache_dir") else None
     ev = Evaluation(model_cfg, prompt_set, scorers, out_dir, _SingleProcess(), device, 0, eval_cfg.seed_sets,
-                    eval_cfg.batch_size, None, teacher_cache_dir=shared, teacher=teacher, progress=False)
+                    eval_cfg.batch_size, None, teacher_cache_dir=shared, teacher=teacher, progress=False,
+                    compare_to=reference_row(eval_cfg))
     results, images = evaluate(ev, rows)
     meta = {**ev.meta(str(model_cfg.pretrained)), "latency": None, "device": device}
     report.write_all(out_dir, "eval", results, meta, images, 8)
     return {"rows": results, "meta": meta}
+
+
+def reference_row(eval_cfg: DictConfig) -> dict | None:
+    """The eval preset's reference row for paired comparisons ({name, steps}), or None."""
+    from omegaconf import OmegaConf
+
+    node = eval_cfg.get("compare_to")
+    return OmegaConf.to_container(node, resolve=True) if node else None
 
 
 class _SingleProcess:

@@ -224,8 +224,9 @@ class FID:
         return float(_compute_fid(as_t(mu_r), as_t(sigma_r), as_t(mu_f), as_t(sigma_f)))
 
     def score(self, real, fake, desc: str = "FID features", resamples: int = 0, confidence: float = 0.95,
-              seed: int = 0) -> dict:
-        """FID of `fake` against `real`; with `resamples`, also a percentile-bootstrap interval over `fake`."""
+              seed: int = 0, keep_features: bool = False) -> dict:
+        """FID of `fake` against `real`; with `resamples`, also a percentile-bootstrap interval over `fake`;
+        `keep_features`: the fake images' features too (paired comparisons)."""
         if len(fake) < 2 or len(real) < 2:
             raise UserError(f"FID needs at least 2 real and 2 generated images (got {len(real)} and {len(fake)})")
         mu_r, sigma_r, n_real, _ = self.real_statistics(real)
@@ -235,6 +236,8 @@ class FID:
             lo, hi = bootstrap_interval(len(feats), _resampled_fid(mu_r, sigma_r, feats), resamples, confidence,
                                         seed)
             result.update(fid_lo=max(lo, 0.0), fid_hi=hi)  # recentring can cross 0; a distance cannot
+        if keep_features:
+            result["features"] = feats
         return {**result, **self.settings(), "n_real": n_real, "n_fake": len(fake)}
 
 
@@ -274,8 +277,14 @@ class FIDScorer(Scorer):
 
     def score(self, images, prompts: list[str]) -> dict:
         result = self.fid.score(self.real, images, resamples=self.resamples, confidence=self.context.confidence,
-                                seed=self.context.seed)
-        return {k: result[k] for k in ("fid", "fid_lo", "fid_hi") if k in result}
+                                seed=self.context.seed, keep_features=True)
+        return {**{k: result[k] for k in ("fid", "fid_lo", "fid_hi") if k in result},
+                "paired": {"fid": result["features"]}}
+
+    def paired_statistic(self, key: str, values: np.ndarray):
+        """FID of the images `indices` against the fixed real statistics (values: their features)."""
+        mu_r, sigma_r, _, _ = self.fid.real_statistics(self.real)
+        return _resampled_fid(mu_r, sigma_r, values)
 
     def score_real(self, prompt_set) -> dict | None:
         draw = prompt_set.real_draw()

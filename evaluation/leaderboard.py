@@ -22,7 +22,8 @@ from pixsig_distill.inference import InferenceMode
 from pixsig_distill.console import start_process
 
 from . import report
-from .evaluate import Evaluation, RowSpec, build_prompt_set, build_scorers, check_row_steps, evaluate
+from .evaluate import (Evaluation, RowSpec, build_prompt_set, build_scorers, check_row_steps, evaluate,
+                       reference_row)
 from .scorer import ScoringContext
 
 
@@ -106,7 +107,8 @@ def run(cfg: DictConfig) -> dict:
     scorers = build_scorers(cfg.eval, context)
     latency = OmegaConf.to_container(cfg.latency) if cfg.latency.enabled else None
     ev = Evaluation(cfg.model, prompt_set, scorers, out, accelerator, device, cfg.seed, cfg.eval.seed_sets,
-                    cfg.batch_size, InferenceMode.from_config(cfg), latency=latency, progress=cfg.progress)
+                    cfg.batch_size, InferenceMode.from_config(cfg), latency=latency, progress=cfg.progress,
+                    compare_to=reference_row(cfg.eval))
     results, images = evaluate(ev, rows)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

@@ -48,7 +48,8 @@ class _PreferenceScorer(Scorer):
                          for i in tqdm(range(len(images)), desc=self.name, disable=not self.context.progress)])
 
     def score(self, images, prompts: list[str]) -> dict:
-        return self.mean_with_interval(self.name, self._per_image(images, prompts))
+        values = self._per_image(images, prompts)
+        return {**self.mean_with_interval(self.name, values), "paired": {self.name: values}}
 
 
 class HPSv2Scorer(_PreferenceScorer):

@@ -72,6 +72,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
         lines.append(f"| {r['name']} | {r['method']} | {steps} | {r.get('t_bar') or ''} | {cells} | "
                      f"{_fmt(e2e.get('median'), 1)} | {_fmt(e2e.get('p90'), 1)} | {_fmt(tr.get('median'), 1)} | "
                      f"{r['n_samples']} |")
+    lines += paired_section(rows, meta)
     lines += ["", "## What the columns are", ""]
     for name, settings in meta.get("scorers", {}).items():
         details = "; ".join(f"{k}: {v}" for k, v in settings.items() if v is not None and k != "resamples")
@@ -99,12 +100,42 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def paired_cell(row: dict, column: dict) -> str:
+    """`+0.012 [0.004, 0.020] better`: row − reference on the same prompts and seeds, its paired interval, and
+    the verdict."""
+    key, digits = column["key"], column["digits"]
+    if row.get(f"{key}_diff") is None:
+        return "—"
+    return (f"{row[f'{key}_diff']:+.{digits}f} [{_fmt(row[f'{key}_diff_lo'], digits)}, "
+            f"{_fmt(row[f'{key}_diff_hi'], digits)}] {row[f'{key}_verdict']}")
+
+
+def paired_section(rows: list[dict], meta: dict) -> list[str]:
+    """The paired comparison of every row with the reference row (the teacher), when the evaluation made one."""
+    compared = [r for r in rows if r.get("compared_to")]
+    if not compared:
+        return []
+    columns = [c for c in meta["columns"] if any(r.get(f"{c['key']}_diff") is not None for r in compared)]
+    boot = meta.get("bootstrap") or {}
+    lines = ["", f"## Against {compared[0]['compared_to']}, image for image", "",
+             f"Each row minus the reference on the same prompts and seeds, with a {100 * boot.get('confidence', 0.95):.0f}"
+             f" % paired bootstrap interval ({boot.get('resamples')} resamples of the same image indices in both "
+             f"rows; FID and CMMD recomputed on each resample). **better** / **worse**: the interval excludes 0 on "
+             f"that side (the arrow says which side is good); **not resolved**: it does not.", "",
+             "| row | " + " | ".join(f"Δ {c['header']} {'↑' if c['better'] == 'higher' else '↓'}" for c in columns)
+             + " |", "|" + "---|" * (len(columns) + 1)]
+    lines += [f"| {_label(r)} | " + " | ".join(paired_cell(r, c) for c in columns) + " |" for r in compared]
+    return lines
+
+
 def csv_columns(meta: dict) -> list[str]:
     keys = []
     for column in meta["columns"]:
         keys += [column["key"]] + ([f"{column['key']}_lo", f"{column['key']}_hi"] if column["interval"] else [])
         if meta.get("seed_sets", 1) > 1:
             keys.append(f"{column['key']}_seed_std")
+    if meta.get("compare_to"):
+        keys += [f"{c['key']}_{part}" for c in meta["columns"] for part in ("diff", "diff_lo", "diff_hi", "verdict")]
     return BASE_COLUMNS + keys + TAIL_COLUMNS
 
 

@@ -5,6 +5,12 @@ row, for `score(images, prompts) -> dict`. Its `columns` say which keys of that 
 shows, how to format them and which way is better, so `report.py` never names a metric. Adding a
 metric is its module and an entry under `scorers:` in an eval preset (conf/eval/*.yaml).
 
+Paired comparisons: every row is generated from the same prompts and seeds, so a row can be compared with a
+reference row (the teacher) image by image. A scorer that supports it returns, under the key "paired", the
+per-item values its column is computed from (per-image hits, cosines, features); `paired_statistic` says how the
+column is computed from them (default: their mean; FID and CMMD: the set statistic). `paired_difference` then gives
+row − reference with a bootstrap interval that resamples the same indices in both rows.
+
 Intervals: percentile bootstrap over images (Efron & Tibshirani 1993, §13.3): resample the
 images with replacement `resamples` times, recompute the statistic, take the 2.5 and 97.5
 percentiles, recentred on the full-sample value (shifted by mean(replicates) − value). For a mean
@@ -84,6 +90,11 @@ class Scorer:
         """What the figures mean (library, model, protocol): goes into the report's meta."""
         return {}
 
+    def paired_statistic(self, key: str, values: np.ndarray) -> Callable[[np.ndarray], float]:
+        """The column `key` computed from the items `indices` of `values` (what score() put under "paired")."""
+        values = np.asarray(values, dtype=np.float64)
+        return lambda indices: float(values[indices].mean())
+
     # ---- helpers for subclasses ----------------------------------------------------------
     def interval(self, n: int, statistic: Callable[[np.ndarray], float]) -> tuple[float, float]:
         return bootstrap_interval(n, statistic, self.context.resamples, self.context.confidence, self.context.seed)
@@ -94,6 +105,27 @@ class Scorer:
         # A mean stays within the values' range (recentring could step out of it, e.g. below 0 % accuracy).
         return {key: float(values.mean()), f"{key}_lo": max(lo, float(values.min())),
                 f"{key}_hi": min(hi, float(values.max()))}
+
+
+VERDICTS = ("better", "worse", "not resolved")
+
+
+def paired_difference(scorer: Scorer, key: str, values: np.ndarray, reference: np.ndarray, better: str) -> dict:
+    """row − reference for column `key`, from the same prompts and seeds: the difference with a paired bootstrap
+    interval (the same resampled indices in both rows) and the verdict: "better" or "worse" when the interval
+    excludes 0, else "not resolved"."""
+    if len(values) != len(reference):
+        raise ValueError(f"a paired comparison needs the same items in both rows ({len(values)} vs {len(reference)})")
+    row, ref = scorer.paired_statistic(key, values), scorer.paired_statistic(key, reference)
+    difference = lambda indices: row(indices) - ref(indices)  # noqa: E731
+    context = scorer.context
+    resamples = getattr(scorer, "resamples", context.resamples)  # FID on Inception features sets fewer
+    lo, hi = bootstrap_interval(len(values), difference, resamples, context.confidence, context.seed)
+    value = difference(np.arange(len(values)))
+    sign = 1 if better == "higher" else -1
+    verdict = ("better" if sign * lo > 0 and sign * hi > 0 else "worse" if sign * lo < 0 and sign * hi < 0
+               else "not resolved")
+    return {f"{key}_diff": value, f"{key}_diff_lo": lo, f"{key}_diff_hi": hi, f"{key}_verdict": verdict}
 
 
 def bootstrap_interval(n: int, statistic: Callable[[np.ndarray], float], resamples: int = 1000,

@@ -114,7 +114,7 @@ def test_discriminator_reads_the_generated_side_off_the_denoising_forward(compos
     embeds, mask = teacher.encode_prompts(["a red circle", "a blue square"])
     gen = StepDraws(torch.Generator().manual_seed(0))
     x0, t, noise = torch.randn(teacher.latent_shape(2)), torch.tensor([100, 700]), torch.randn(teacher.latent_shape(2))
-    extra = gan.draw(method, 2, gen)
+    extra = gan.draw(method, {"embeds": embeds}, gen)
     assert "t_fake" not in extra
     forwards = []
     hook = method.fake_score.register_forward_pre_hook(lambda *_: forwards.append(1))
@@ -132,7 +132,7 @@ def test_discriminator_reads_the_generated_side_off_the_denoising_forward(compos
     assert method.fake_score.gan_head.net[1].weight.grad.abs().sum() > 0
     # another range (here t <= 400) gives the generated side a forward of its own
     other, _ = _method(compose_train, "distill.gan.t_max=400")
-    assert not other.terms[0].shares_forward and "t_fake" in other.terms[0].draw(other, 2, gen)
+    assert not other.terms[0].shares_forward and "t_fake" in other.terms[0].draw(other, {"embeds": embeds}, gen)
 
 
 def test_dmd2_bad_timesteps_and_missing_real_images(compose_train):

@@ -151,7 +151,7 @@ class DMD:
         # see the very numbers that one batch of n× the size sees.
         inputs = self.chain.draw(self, b, gen)
         t_dm, noise_dm = self.draw_timesteps(b, *self.dm_t_range, gen), self.draw_noise(b, gen)
-        term_draws = [term.draw(self, b, gen) for term in self.terms]
+        term_draws = [term.draw(self, batch, gen) for term in self.terms]
         fake_draws = [(self.chain.draw(self, b, gen) if i > 0 else None, self.draw_timesteps(b, *self.fake_t_range, gen),
                        self.draw_noise(b, gen)) for i in range(self.fake_updates_per_step)]
         parts = micro_slices(b, micro_batches)

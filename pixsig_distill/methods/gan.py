@@ -93,7 +93,8 @@ class GAN(Term):
         dmd.teacher.eps(x_t.to(dmd.teacher.dtype), t, embeds, mask, transformer=network)
         return dmd.unwrap(dmd.fake_score).gan_head(self._features)
 
-    def draw(self, dmd, batch_size: int, gen) -> dict:
+    def draw(self, dmd, batch: dict, gen) -> dict:
+        batch_size = batch["embeds"].shape[0]
         t = lambda: dmd.draw_timesteps(batch_size, *self.t_range, gen)  # noqa: E731
         real = [self.real.sample(batch_size, gen, dmd.teacher.device, dmd.teacher.dtype)
                 for _ in range(dmd.fake_updates_per_step)]

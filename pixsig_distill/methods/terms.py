@@ -2,8 +2,8 @@
 `distill.gan`, `distill.rewards.<name>`).
 
 A term may add to the generator's loss, to the fake score's loss, or both. DMD calls, per step:
-- `draw(dmd, batch_size, gen)`: the term's random numbers for the whole batch (then sliced, so micro-batches see the
-  numbers one large batch sees);
+- `draw(dmd, batch, gen)`: what the term needs of the batch, and its random numbers for the whole batch (then
+  sliced, so micro-batches see the numbers one large batch sees);
 - `generator_losses(dmd, x0_hat, embeds, mask, draws, rows, micro)` while the generator learns (the fake score is
   frozen then; `micro`: (index, count) of this micro-batch, whose losses DMD divides by count);
 - `fake_score_losses(dmd, x0, embeds, mask, draws, rows, update)` right after the fake score's ε-MSE forward on the
@@ -27,7 +27,7 @@ class Term:
     def attach(self, dmd) -> None:
         pass
 
-    def draw(self, dmd, batch_size: int, gen) -> dict:
+    def draw(self, dmd, batch: dict, gen) -> dict:
         return {}
 
     def generator_losses(self, dmd, x0_hat, embeds, mask, draws: dict, rows: slice, micro: tuple[int, int]) -> list:
@@ -55,7 +55,7 @@ class Regression(Term):
         self.pairs, self.weight, self.distance, self.batch_size = pairs, float(weight), distance, batch_size
         self._lpips = None
 
-    def draw(self, dmd, batch_size: int, gen) -> dict:
+    def draw(self, dmd, batch: dict, gen) -> dict:
         return {"rows": gen.randint(0, len(self.pairs), self.batch_size).tolist()}  # per process, like batch_size
 
     def generator_losses(self, dmd, x0_hat, embeds, mask, draws, rows, micro) -> list:

@@ -101,6 +101,7 @@ class AttributeScorer(Scorer):
         hits = attribute_hits(images, prompts, self._colours())
         result = self.mean_with_interval("attr_all", hits.all(axis=1))
         result.update({f"attr_{a}": float(hits[:, k].mean()) for k, a in enumerate(ATTRIBUTES)})
+        result["paired"] = {"attr_all": hits.all(axis=1)}
         return result
 
     def settings(self) -> dict:

@@ -52,7 +52,7 @@ class CaptionAccuracyScorer(Scorer):
     def score(self, images, prompts: list[str]) -> dict:
         pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 255
         hits = caption_accuracy_hits(self.clip, self.tokenizer, pixels, prompts, self.candidates)
-        return self.mean_with_interval("caption_acc", hits)
+        return {**self.mean_with_interval("caption_acc", hits), "paired": {"caption_acc": np.asarray(hits)}}
 
     def settings(self) -> dict:
         return {"description": f"toy-CLIP top-1 among {self.candidates} held-out captions",

@@ -36,6 +36,7 @@ class RowSpec:
     path: str | None = None  # None: the configured teacher
     guidance_scale: float | None = None  # None: the model's own
     card: dict = field(default_factory=dict)
+    group: str | None = None  # rows of one recipe trained with different seeds: the report gives their mean ± sd
 
     @property
     def method(self) -> str:
@@ -220,7 +221,7 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
     main = ev.accelerator.is_main_process
     for row in rows:  # rows of one model are adjacent, so each model loads once
         result = {"name": row.name, "method": row.method, "kind": row.kind, "steps": row.steps, "t_bar": row.t_bar,
-                  "path": row.path, "n_samples": len(ev.prompt_set.prompts)}
+                  "path": row.path, "n_samples": len(ev.prompt_set.prompts), "group": row.group}
         if row.kind == "real":
             result.update(guidance_scale=None, latency={}, latency_ms=None, latency_transformer_ms=None)
             if main:

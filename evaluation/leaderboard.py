@@ -65,7 +65,7 @@ def parse_rows(cfg: DictConfig, real_row: bool = False) -> list[RowSpec]:
                                     f"student")
         default = card.get("eval_steps") or card.get("num_inference_steps", 20)
         for steps in _steps_list(entry.get("steps", default), where):
-            row = RowSpec(name, kind, steps, path, entry.get("guidance_scale"), card)
+            row = RowSpec(name, kind, steps, path, entry.get("guidance_scale"), card, entry.get("group"))
             check_row_steps(row)
             rows.append(row)
     seen = set()

@@ -19,7 +19,7 @@ PAPER_TABLE = [
     {"method": "teacher 20 steps", "fid": 9.273, "clip": 0.2863, "time_s": 1.44},
 ]
 
-BASE_COLUMNS = ["name", "method", "steps", "t_bar", "guidance_scale"]
+BASE_COLUMNS = ["name", "group", "method", "steps", "t_bar", "guidance_scale"]
 TAIL_COLUMNS = ["latency_median_ms", "latency_p90_ms", "transformer_median_ms", "transformer_p90_ms", "n_samples",
                 "path"]
 
@@ -73,6 +73,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
                      f"{_fmt(e2e.get('median'), 1)} | {_fmt(e2e.get('p90'), 1)} | {_fmt(tr.get('median'), 1)} | "
                      f"{r['n_samples']} |")
     lines += paired_section(rows, meta)
+    lines += seeds_section(rows, meta)
     lines += ["", "## What the columns are", ""]
     for name, settings in meta.get("scorers", {}).items():
         details = "; ".join(f"{k}: {v}" for k, v in settings.items() if v is not None and k != "resamples")
@@ -125,6 +126,52 @@ def paired_section(rows: list[dict], meta: dict) -> list[str]:
              "| row | " + " | ".join(f"Δ {c['header']} {'↑' if c['better'] == 'higher' else '↓'}" for c in columns)
              + " |", "|" + "---|" * (len(columns) + 1)]
     lines += [f"| {_label(r)} | " + " | ".join(paired_cell(r, c) for c in columns) + " |" for r in compared]
+    return lines
+
+
+def seed_groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Rows of one recipe trained with several seeds (entries with the same `group`), per step count."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if r.get("group"):
+            groups.setdefault((r["group"], r["steps"]), []).append(r)
+    return {key: members for key, members in groups.items() if len(members) > 1}
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    sd = np.std(values, ddof=1) if len(values) > 1 else float("nan")
+    return f"{np.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def seeds_section(rows: list[dict], meta: dict) -> list[str]:
+    """Mean ± sd over training seeds beside the typical resampling interval, and the paired verdicts per seed:
+    retraining moves a figure more than resampling the images does ("The FID Lottery")."""
+    groups = seed_groups(rows)
+    if not groups:
+        return []
+    columns = meta["columns"]
+    lines = ["", "## Across training seeds", "",
+             "Each recipe trained with several seeds (`group` in the board): mean ± sd over the seeds; in brackets the "
+             "mean resampling interval of one seed's figure, for scale; then the difference from the reference, mean ± "
+             "sd, with each seed's paired verdict.", "",
+             "| recipe (steps) | seeds | " + " | ".join(c["header"] for c in columns) + " |",
+             "|" + "---|" * (len(columns) + 2)]
+    for (group, steps), members in groups.items():
+        cells = []
+        for c in columns:
+            key, digits = c["key"], c["digits"]
+            text = _mean_sd([m.get(key) for m in members], digits)
+            if all(m.get(f"{key}_lo") is not None for m in members):
+                text += (f" [{np.mean([m[f'{key}_lo'] for m in members]):.{digits}f}, "
+                         f"{np.mean([m[f'{key}_hi'] for m in members]):.{digits}f}]")
+            if all(m.get(f"{key}_diff") is not None for m in members):
+                verdicts = ", ".join(m[f"{key}_verdict"] for m in members)
+                text += f"; Δ {_mean_sd([m[f'{key}_diff'] for m in members], digits)} ({verdicts})"
+            cells.append(text)
+        lines.append(f"| {group} ({steps}) | {len(members)} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -92,15 +92,31 @@ def test_partial_checkpoint_is_never_resumed_from(compose_train, tmp_path):
     assert run(compose_train(out_dir=tmp_path / "c"))["step"] == 4
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(compose_train, tmp_path):
-    cfg = compose_train("train.max_steps=50", "distill.generator_optimizer.lr=1e30", "distill.grad_clip=null",
-                        "distill.fake_optimizer.lr=1e30", out_dir=tmp_path / "nan")
-    with pytest.raises(UserError, match="non-finite"):
-        run(cfg)
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(compose_train, tmp_path, monkeypatch):
+    """The DM loss turns NaN at the 3rd step, after the checkpoint of step 2: the run stops at step 3 naming that
+    checkpoint, which is kept and holds the (finite) weights of step 2."""
+    from pixsig_distill.methods.dmd import DMD
+
+    real_loss, calls = DMD.distribution_matching_loss, []
+
+    def breaks_at_step_3(self, x0_hat, *args):
+        calls.append(1)
+        loss = real_loss(self, x0_hat, *args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(DMD, "distribution_matching_loss", breaks_at_step_3)
+    with pytest.raises(UserError, match="loss_dm, loss_fake became non-finite at step 3; stopped, the last good "
+                                        "checkpoint is .*step-0000002"):
+        run(compose_train("train.max_steps=6", out_dir=tmp_path / "nan"))
     kept = list_checkpoints(tmp_path / "nan" / "checkpoints")
-    for ckpt in kept:  # every checkpoint that exists holds finite weights
-        tensors = load_checkpoint_tensors(ckpt / "generator.safetensors")
-        assert all(torch.isfinite(v).all() for v in tensors.values())
+    assert [c.name for c in kept] == ["step-0000002"]
+    tensors = load_checkpoint_tensors(kept[0] / "generator.safetensors")
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    # the kept weights are step 2's: a clean run of 2 steps ends on the same ones
+    monkeypatch.setattr(DMD, "distribution_matching_loss", real_loss)
+    run(compose_train("train.max_steps=2", out_dir=tmp_path / "two"))
+    clean = load_checkpoint_tensors(tmp_path / "two" / "checkpoints" / "step-0000002" / "generator.safetensors")
+    assert max((tensors[k] - clean[k]).abs().max().item() for k in clean) < 1e-6
 
 
 def test_export_round_trips_through_stock_diffusers(compose_train, tmp_path):

@@ -39,10 +39,19 @@ def test_gan_losses_push_the_right_way():
     assert discriminator_loss(torch.zeros(4), torch.zeros(4)) == pytest.approx(2 * np.log(2))
 
 
-def test_gan_head_scores_every_token_or_the_pooled_tokens():
+def test_gan_head_scores_every_token_or_the_pooled_tokens_or_their_fit_to_the_caption():
     tokens = torch.randn(3, 16, 24)
-    per_token, pooled = GANHead(24, 8, per_token=True), GANHead(24, 8, per_token=False)
+    per_token, pooled = GANHead(24, 8, kind="per_token"), GANHead(24, 8, kind="pooled")
     assert per_token(tokens).shape == (3, 16) and pooled(tokens).shape == (3,)
+    projection = GANHead(24, 8, kind="projection", caption_width=6)
+    embeds, mask = torch.randn(3, 5, 6), torch.ones(3, 5, dtype=torch.long)
+    assert projection(tokens, embeds, mask).shape == (3,)
+    with torch.no_grad():
+        projection.caption.weight.fill_(0.1)
+    # the conditional term: the same tokens score differently under another caption; padding does not count
+    assert not torch.allclose(projection(tokens, embeds, mask), projection(tokens, -embeds, mask))
+    padded = torch.cat([embeds, torch.randn(3, 2, 6)], 1), torch.cat([mask, torch.zeros(3, 2, dtype=torch.long)], 1)
+    assert torch.allclose(projection(tokens, embeds, mask), projection(tokens, *padded), atol=1e-6)
     # per-token: a token's logit depends on that token alone (a patch discriminator)
     changed = tokens.clone()
     changed[:, 5] += torch.randn(24)  # (a constant shift would vanish in the LayerNorm)
@@ -108,7 +117,7 @@ def test_training_chain_equals_the_exported_scheduler(compose_train):
 def test_discriminator_reads_the_generated_side_off_the_denoising_forward(compose_train):
     """On the default GAN range the head's fake logits come from the fake score's ε-MSE forward (no forward of
     their own), and the loss equals the one of a separate forward at the same t and noise."""
-    method, teacher = _method(compose_train)
+    method, teacher = _method(compose_train, "distill.gan.t_max=null")
     gan = method.terms[0]
     assert gan.shares_forward and gan.t_range == method.fake_t_range
     embeds, mask = teacher.encode_prompts(["a red circle", "a blue square"])
@@ -129,9 +138,9 @@ def test_discriminator_reads_the_generated_side_off_the_denoising_forward(compos
         gan.realism(method, x0, embeds, mask, t, noise, method.fake_score))
     assert torch.allclose(loss_d, separate, atol=1e-6)
     loss_d.backward()  # the shared forward carries the GAN gradient into the head
-    assert method.fake_score.gan_head.net[1].weight.grad.abs().sum() > 0
-    # another range (here t <= 400) gives the generated side a forward of its own
-    other, _ = _method(compose_train, "distill.gan.t_max=400")
+    assert method.fake_score.gan_head.trunk[1].weight.grad.abs().sum() > 0
+    # another range (the default, t <= 300) gives the generated side a forward of its own
+    other, _ = _method(compose_train)
     assert not other.terms[0].shares_forward and "t_fake" in other.terms[0].draw(other, {"embeds": embeds}, gen)
 
 

@@ -221,7 +221,7 @@ def test_leaderboard_end_to_end_and_resume(compose_train, compose_leaderboard, t
     entries = (f"entries=[{{name: dmd_400, method: dmd, path: '{tmp_path / 'dmd' / 'export'}', steps: 1}},"
                f"{{name: dmd_200, method: dmd, path: '{other}'}},"
                f"{{name: lcm, method: lcm, path: '{tmp_path / 'lcm' / 'export'}', steps: [1, 2]}}]")
-    cfg = compose_leaderboard(entries)
+    cfg = compose_leaderboard(entries, "eval.compare_to.steps=2")  # the reference: the teacher at 2 steps here
     result = leaderboard(cfg)
     out = tmp_path / "lb"
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "grid.png", "tbar_sweep.png"):
@@ -244,12 +244,20 @@ def test_leaderboard_end_to_end_and_resume(compose_train, compose_leaderboard, t
     assert meta["scorers"]["fid"]["library"] == "clean-fid" and meta["scorers"]["fid"]["n_real"] == 6
     assert "cosine" in meta["scorers"]["clip"]["scale"] and meta["latency"]["batch_size"] == 1
     assert meta["bootstrap"]["resamples"] == 20 and [c["key"] for c in meta["columns"]] == [
-        "fid", "clip", "attr_all", "caption_acc", "diversity"]
+        "fid", "cmmd", "clip", "attr_all", "attr_all_learned", "caption_acc", "diversity"]
+    # paired against the teacher (2 steps): every other generated row, every column, with a verdict
+    assert "compared_to" not in data["rows"][0] and meta["compare_to"] == {"name": "teacher", "steps": 2}
+    for row in data["rows"][1:]:
+        assert row["compared_to"] == "teacher (2 steps)"
+        for key in ("fid", "cmmd", "clip", "attr_all", "attr_all_learned", "caption_acc", "diversity"):
+            assert row[f"{key}_diff_lo"] <= row[f"{key}_diff"] <= row[f"{key}_diff_hi"], key
+            assert row[f"{key}_verdict"] in ("better", "worse", "not resolved")
     assert set(meta["versions"]) >= {"torch", "diffusers", "transformers"} and meta["date"] and meta["device"]
     assert meta["paper_table_1"]["rows"][-1]["fid"] == 9.273
     markdown = (out / "leaderboard.md").read_text()
     assert "not comparable in absolute terms" in markdown and "| dmd_200 | dmd | 1 | 200 |" in markdown
     assert "intervals do not resolve" in markdown and "95 % intervals" in markdown
+    assert "## Against teacher (2 steps), image for image" in markdown and "| dmd_200 (1) | " in markdown
     assert (out / "leaderboard.csv").read_text().count("\n") == 8 and "fid_lo" in (out / "leaderboard.csv").read_text()
     assert Image.open(out / "grid.png").size[1] > Image.open(out / "grid.png").size[0] / 2  # 7 rows of 4
     assert len(list((out / "cache").glob("*-s0-*/0000[0-5].png"))) == 6 * 6

@@ -86,8 +86,17 @@ def test_lora_dmd_trains_resumes_and_exports_to_stock_diffusers(options, compose
 
 
 def test_ema_on_cpu_and_without_ema(compose_train, tmp_path):
-    summary = run(compose_train("distill.ema_device=cpu", out_dir=tmp_path / "cpu"))
-    assert summary["finished"] and (tmp_path / "cpu" / "checkpoints" / "step-0000004" / "generator_ema.safetensors").is_file()
+    """The EMA kept on the CPU is the same average as the one kept beside the generator, and it is what is
+    exported."""
+    summary = run(compose_train("distill.ema_device=cpu", "train.deterministic=true", out_dir=tmp_path / "cpu"))
+    run(compose_train("train.deterministic=true", out_dir=tmp_path / "same"))
+    on_cpu, beside = _ckpt(tmp_path / "cpu", 4, "generator_ema"), _ckpt(tmp_path / "same", 4, "generator_ema")
+    assert summary["finished"] and on_cpu.keys() == beside.keys()
+    assert max((on_cpu[k] - beside[k]).abs().max().item() for k in on_cpu) < 1e-6
+    generator = _ckpt(tmp_path / "cpu", 4, "generator")
+    assert max((on_cpu[k] - generator[k]).abs().max().item() for k in on_cpu) > 0  # an average, not a copy
+    export = PixArtSigmaPipeline.from_pretrained(tmp_path / "cpu" / "export").transformer.state_dict()
+    assert max((export[k] - on_cpu[k]).abs().max().item() for k in on_cpu) < 1e-6
     summary = run(compose_train("distill.ema_decay=null", out_dir=tmp_path / "none"))
     assert summary["finished"]
     assert not (tmp_path / "none" / "checkpoints" / "step-0000004" / "generator_ema.safetensors").exists()

@@ -14,21 +14,41 @@ from ..schedule import add_noise
 from .terms import Term
 
 
+HEADS = ("projection", "per_token", "pooled")
+
+
 class GANHead(torch.nn.Module):
-    """Realism logits from the hidden states (B, N, D) of one fake-score block: LayerNorm → MLP → 1.
+    """Realism logits from the hidden states (B, N, D) of one fake-score block: LayerNorm → MLP per token, then
 
-    `per_token=True` scores every token (a patch discriminator, like DMD2's conv head that keeps a small spatial map):
-    logits (B, N). `per_token=False` scores the mean-pooled tokens: logits (B,)."""
+    - `per_token`: a logit per token (a patch discriminator, like DMD2's conv head that keeps a small spatial map):
+      logits (B, N);
+    - `pooled`: one logit from the mean of the tokens' hidden vectors: (B,);
+    - `projection`: `pooled` plus ⟨W·c, h⟩, the inner product of the pooled hidden vector h with a projection of the
+      pooled caption embedding c (the projection discriminator, Miyato & Koyama 2018, eq. 3): (B,). It scores how
+      well the image fits its caption as a whole, which a head that only reads tokens has to infer per token.
+    """
 
-    def __init__(self, width: int, hidden: int = 256, per_token: bool = True):
+    def __init__(self, width: int, hidden: int = 256, kind: str = "projection", caption_width: int | None = None):
         super().__init__()
-        self.per_token = per_token
-        self.net = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, hidden), torch.nn.SiLU(),
-                                       torch.nn.Linear(hidden, 1))
+        if kind not in HEADS:
+            raise UserError(f"distill.gan.head={kind!r}; use one of {', '.join(HEADS)}")
+        self.kind = kind
+        self.trunk = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, hidden), torch.nn.SiLU())
+        self.out = torch.nn.Linear(hidden, 1)
+        self.caption = torch.nn.Linear(caption_width, hidden, bias=False) if kind == "projection" else None
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.float()
-        return self.net(tokens if self.per_token else tokens.mean(dim=1)).squeeze(-1)
+    def forward(self, tokens: torch.Tensor, embeds: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.trunk(tokens.float())
+        if self.kind == "per_token":
+            return self.out(h).squeeze(-1)
+        pooled = h.mean(dim=1)
+        logits = self.out(pooled).squeeze(-1)
+        if self.caption is not None:
+            weights = mask.to(embeds.dtype)[..., None]
+            caption = (embeds * weights).sum(1).float() / weights.sum(1).clamp(min=1).float()
+            logits = logits + (self.caption(caption) * pooled).sum(-1)
+        return logits
 
 
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -47,14 +67,14 @@ class GAN(Term):
     meaning: conf/distill/dmd2.yaml."""
 
     def __init__(self, real_images, generator_weight: float, discriminator_weight: float, block: int | None,
-                 hidden: int, per_token: bool, t_min: int | None, t_max: int | None, head_lr: float):
+                 hidden: int, head: str, t_min: int | None, t_max: int | None, head_lr: float):
         if real_images is None:
             raise UserError("distill.gan needs real images: give a captioned image folder with "
                             "distill/gan/real_images=folder distill.gan.real_images.folder=DIR (docs/dmd2.md), or "
                             "set distill.gan=null for DMD without a GAN")
         self.real_images = real_images
         self.generator_weight, self.discriminator_weight = float(generator_weight), float(discriminator_weight)
-        self.block, self.hidden, self.per_token = block, int(hidden), bool(per_token)
+        self.block, self.hidden, self.head = block, int(hidden), head
         self.t_range, self.head_lr = (t_min, t_max), float(head_lr)
         self.real = self._features = None
 
@@ -69,7 +89,8 @@ class GAN(Term):
             raise UserError(f"distill.gan.block={block}; the fake score has {len(blocks)} blocks (0..{len(blocks) - 1})")
         self.block = block % len(blocks)
         width = fake_score.config.num_attention_heads * fake_score.config.attention_head_dim
-        fake_score.gan_head = GANHead(width, self.hidden, self.per_token).to(dmd.teacher.device)
+        fake_score.gan_head = GANHead(width, self.hidden, self.head,
+                                      fake_score.config.caption_channels).to(dmd.teacher.device)
         # The head sees real and generated latents noised to t ~ U[t_min, t_max] (default: the fake score's ε-MSE
         # range). On that range the head reads the generated side off the fake score's own denoising forward
         # (one fake-score forward and backward fewer per update); another range costs a forward of its own.
@@ -91,7 +112,7 @@ class GAN(Term):
         """The head's logit on x0 noised to t, through the fake score's trunk."""
         x_t = add_noise(x0.float(), noise, t, dmd.teacher.alphas_cumprod)
         dmd.teacher.eps(x_t.to(dmd.teacher.dtype), t, embeds, mask, transformer=network)
-        return dmd.unwrap(dmd.fake_score).gan_head(self._features)
+        return dmd.unwrap(dmd.fake_score).gan_head(self._features, embeds, mask)
 
     def draw(self, dmd, batch: dict, gen) -> dict:
         batch_size = batch["embeds"].shape[0]
@@ -118,7 +139,7 @@ class GAN(Term):
             return []
         real_x0, real_embeds, real_mask = (r[rows] for r in draws["real"][update])
         if self.shares_forward:  # the ε-MSE forward just run: x0 noised to t ~ U[fake_t_range]
-            logits_fake = dmd.unwrap(dmd.fake_score).gan_head(self._features)
+            logits_fake = dmd.unwrap(dmd.fake_score).gan_head(self._features, embeds, mask)
         else:
             logits_fake = self.realism(dmd, x0.detach(), embeds, mask, draws["t_fake"][update][rows],
                                        draws["noise_fake"][update][rows], dmd.fake_score)
@@ -130,4 +151,4 @@ class GAN(Term):
 
     def card(self) -> dict:
         return {"gan": {"generator_weight": self.generator_weight, "discriminator_weight": self.discriminator_weight,
-                        "block": self.block, "t_range": list(self.t_range)}}
+                        "block": self.block, "head": self.head, "t_range": list(self.t_range)}}

@@ -34,9 +34,11 @@ class AttributeReader(torch.nn.Module):
 
     def __init__(self, width: int = 32):
         super().__init__()
-        self.features = torch.nn.Sequential(
+        self.features = torch.nn.Sequential(  # two convolutions at full resolution: a small shape is ~6 px wide
             torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.GELU(),
             torch.nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), torch.nn.GELU(),      # 16 × 16
+            torch.nn.Conv2d(2 * width, 2 * width, 3, padding=1), torch.nn.GELU(),
             torch.nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), torch.nn.GELU(),  # 8 × 8
             torch.nn.Flatten(), torch.nn.Linear(2 * width * 64, 256), torch.nn.GELU())
         self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(256, len(values)) for name, values in HEADS.items()})
@@ -130,7 +132,7 @@ def render_batch(scenes: list[Scene], rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(np.stack([s.render(32, rng) for s in scenes])).permute(0, 3, 1, 2).float() / 255
 
 
-def train_reader(out: Path = WEIGHTS_DIR, steps: int = 1500, batch_size: int = 128, lr: float = 2e-3,
+def train_reader(out: Path = WEIGHTS_DIR, steps: int = 3000, batch_size: int = 128, lr: float = 2e-3,
                  seed: int = 0, log_every: int = 100) -> AttributeReader:
     """Train on training-split renders (fresh jitter every step), cosine learning rate; returns the model."""
     torch.manual_seed(seed)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import pixsig_distill.config  # noqa: F401  (registers the ${toy_asset:...} resolver the model configs use)
-from pixsig_distill.config import check_int, one_line_config_errors
-from pixsig_distill.errors import UserError, exit_on_user_error
+from pixsig_distill.config import check_int
+from pixsig_distill.errors import UserError
 from pixsig_distill.inference import InferenceMode
-from pixsig_distill.console import start_process
+from pixsig_distill.console import entry_point
 
 from . import report
 from .evaluate import (Evaluation, RowSpec, build_prompt_set, build_scorers, check_row_steps, evaluate,
@@ -126,12 +125,7 @@ def run(cfg: DictConfig) -> dict:
     return {"rows": results, "meta": meta}
 
 
-@one_line_config_errors("leaderboard")
-@hydra.main(version_base="1.3", config_path="pkg://pixsig_distill.conf", config_name="leaderboard")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    start_process()
-    run(cfg)
+main = entry_point("leaderboard", run)
 
 
 if __name__ == "__main__":

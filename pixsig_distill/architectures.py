@@ -101,7 +101,8 @@ def random_pipeline(name: str, num_layers: int = 2, seed: int = 0, text_width_on
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from .testing import PIXART_SCHEDULER, TINY_WORDS
+    from .schedule import PIXART_SCHEDULER
+    from .testing import TINY_WORDS
     from .tokenizer import build_t5_tokenizer
 
     arch = KNOWN[name]

@@ -6,16 +6,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from .config import build, check_int, one_line_config_errors  # importing config also registers its resolvers
+from .config import build, check_int  # importing config also registers its resolvers
 from .data import check_prompts, write_text_cache
-from .errors import exit_on_user_error
 from .prompts import load_prompts
 from .real_images import encode_image_folder
-from .console import start_process
+from .console import entry_point
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +38,7 @@ def cache_text(cfg: DictConfig) -> Path:
     return out
 
 
-@one_line_config_errors("cache_text")
-@hydra.main(version_base="1.3", config_path="conf", config_name="cache_text")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    start_process()
-    cache_text(cfg)
+main = entry_point("cache_text", cache_text)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,23 @@ def check_float(cfg: DictConfig, key: str, low: float | None = None, hint: str =
     return float(value)
 
 
+def validate_train_config(cfg: DictConfig, check_resume: bool = True) -> None:
+    """Reject bad values of a `train` config (also what `plan` reads) before anything is loaded, with the fix in the
+    message."""
+    check_int(cfg, "t_bar", 1, 999, "use an integer in 1..999 (the PixArt-Σ DMD recipe uses 400)")
+    check_int(cfg, "seed", 0)
+    for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "train.log_every",
+                "train.sample_every", "train.ckpt_every"):
+        check_int(cfg, key, 1)
+    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
+        raise UserError(f"train.mixed_precision={cfg.train.mixed_precision!r}; use no, fp16 or bf16")
+    if not check_resume:
+        return
+    from .checkpoint import resolve_resume
+
+    resolve_resume(cfg.resume, Path(str(cfg.out_dir)) / "checkpoints")  # a bad resume= path fails before loading
+
+
 def build(node: DictConfig, **kwargs):
     """`hydra.utils.instantiate`, but a UserError raised while building stays a UserError (Hydra wraps
     every exception in InstantiationException, which would turn a one-line message into a traceback)."""

@@ -47,3 +47,26 @@ def start_process() -> None:
 
     quiet_console()
     configure_threads()
+
+
+def entry_point(config_name: str, run, needs_values: bool = True):
+    """The `main()` of a command: compose conf/<config_name>.yaml with the command line and call `run(cfg)`.
+
+    Around it: one-line errors for a command line Hydra cannot compose or values a chosen option still needs
+    (`needs_values=False`: the planner, which reads no data), one line and exit code 2 for a UserError, and
+    `start_process()`. Hydra names the job (and so the default output folder) after the module `run` lives in."""
+    import functools
+
+    import hydra
+
+    from .config import one_line_config_errors
+    from .errors import exit_on_user_error
+
+    @functools.wraps(run)  # Hydra reads the job name through __wrapped__: run's module, not this one
+    def main(cfg) -> None:
+        start_process()
+        run(cfg)
+
+    return one_line_config_errors(config_name, needs_values)(
+        hydra.main(version_base="1.3", config_path="pkg://pixsig_distill.conf", config_name=config_name)(
+            exit_on_user_error(main)))

@@ -13,15 +13,14 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from .config import build, one_line_config_errors
-from .console import start_process
-from .errors import UserError, exit_on_user_error
-from .methods.common import STUDENT_CARD
+from .config import build
+from .console import entry_point
+from .errors import UserError
+from .model_card import STUDENT_CARD
 
 DISPLAY = 256  # small images (the toy world's 32 px) are shown enlarged, pixel for pixel
 
@@ -154,12 +153,7 @@ def serve(cfg: DictConfig, block: bool = True):
     return app
 
 
-@one_line_config_errors("demo")
-@hydra.main(version_base="1.3", config_path="conf", config_name="demo")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    start_process()
-    serve(cfg)
+main = entry_point("demo", serve)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def shape_only_teacher(model_cfg: DictConfig, num_layers: int | None = None):
 
     from .architectures import architecture_of
     from .teacher import Teacher, resolve_dtype
-    from .testing import PIXART_SCHEDULER
+    from .schedule import PIXART_SCHEDULER
     from diffusers import DPMSolverMultistepScheduler
 
     import diffusers

@@ -9,17 +9,16 @@ import json
 import time
 from pathlib import Path
 
-import hydra
 from PIL import Image
 from omegaconf import DictConfig
 
-from .config import check_float, check_int, one_line_config_errors
+from .config import check_float, check_int
 from .data import check_prompts, read_prompt_file
-from .errors import UserError, exit_on_user_error
+from .errors import UserError
 from .images import save_grid
 from .sampling import generate_images
 from .inference import InferenceMode, load_for_inference
-from .console import start_process
+from .console import entry_point
 
 
 def _prompts(cfg: DictConfig) -> list[str]:
@@ -82,12 +81,7 @@ def generate(cfg: DictConfig) -> dict:
     return report
 
 
-@one_line_config_errors("generate")
-@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    start_process()
-    generate(cfg)
+main = entry_point("generate", generate)
 
 
 if __name__ == "__main__":

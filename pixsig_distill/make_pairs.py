@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from .config import build, check_float, check_int, one_line_config_errors
+from .config import build, check_float, check_int
 from .data import check_prompts, write_text_cache
-from .errors import exit_on_user_error
 from .prompts import load_prompts
-from .console import start_process
+from .console import entry_point
 
 
 def make_pairs(cfg: DictConfig) -> Path:
@@ -47,12 +45,7 @@ def make_pairs(cfg: DictConfig) -> Path:
     return out
 
 
-@one_line_config_errors("make_pairs")
-@hydra.main(version_base="1.3", config_path="conf", config_name="make_pairs")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    start_process()
-    make_pairs(cfg)
+main = entry_point("make_pairs", make_pairs)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from .config import check_int, one_line_config_errors
-from .errors import UserError, exit_on_user_error
+from .config import check_int
+from .errors import UserError
 from .lora import check_lora_folder, load_lora, read_lora_card
 from .methods.common import export_pipeline
 from .methods.lcm import lcm_scheduler
 from .teacher import Teacher, load_pipeline, resolve_dtype
-from .console import start_process
+from .console import entry_point
 
 
 def merge_lora(cfg: DictConfig) -> Path:
@@ -44,12 +43,7 @@ def merge_lora(cfg: DictConfig) -> Path:
     return path
 
 
-@one_line_config_errors("merge_lora")
-@hydra.main(version_base="1.3", config_path="conf", config_name="merge_lora")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    start_process()
-    merge_lora(cfg)
+main = entry_point("merge_lora", merge_lora)
 
 
 if __name__ == "__main__":

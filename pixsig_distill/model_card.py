@@ -16,7 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .methods.common import STUDENT_CARD
+STUDENT_CARD = "pixsig_student.json"  # the sampling recipe an export carries
 
 CARD_FILE = "README.md"
 SAMPLES_FILE = "samples.png"

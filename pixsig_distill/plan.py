@@ -23,14 +23,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import one_line_config_errors
-from .errors import UserError, exit_on_user_error
+from .errors import UserError
 from .fake_step import _Fakes, predict_step, shape_only_teacher
-from .console import start_process
+from .console import entry_point
 
 GiB = 2**30
 
@@ -159,9 +157,9 @@ def roofline_latency(parts: dict, gpu: GPU, steps: int, cfg_calls: int) -> float
 # ---- the report --------------------------------------------------------------------------------
 
 def plan(cfg: DictConfig) -> dict:
-    from .train import validate
+    from .config import validate_train_config
 
-    validate(cfg, check_resume=False)  # a plan writes nothing and resumes nothing
+    validate_train_config(cfg, check_resume=False)  # a plan writes nothing and resumes nothing
     options = cfg.plan
     gpu_name = None if options.gpu is None else str(options.gpu)  # `plan.gpu=4090` arrives as an integer
     if gpu_name is not None and gpu_name not in GPUS:
@@ -235,12 +233,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-@one_line_config_errors("plan", needs_values=False)  # a plan reads no data: folders may stay unset
-@hydra.main(version_base="1.3", config_path="conf", config_name="plan")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    start_process()
-    plan(cfg)
+main = entry_point("plan", plan, needs_values=False)  # a plan reads no data: folders may stay unset
 
 
 if __name__ == "__main__":

@@ -12,6 +12,12 @@ import inspect
 import torch
 
 
+# PixArt-Σ's scheduler as shipped on the hub: DPM-Solver++ over DDPM linear β 1e-4..0.02.
+PIXART_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                        prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
+                        lower_order_final=True, use_karras_sigmas=False)
+
+
 def _at(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """ᾱ_t gathered per sample and shaped to broadcast against `like` (B, C, H, W)."""
     a = alphas_cumprod.to(like.device)[t.to(like.device).long()]

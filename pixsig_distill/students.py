@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .methods.common import STUDENT_CARD
+from .model_card import STUDENT_CARD
 from .teacher import Teacher, load_pipeline
 
 

@@ -6,15 +6,10 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 from transformers import T5Config, T5EncoderModel
 
+from .schedule import PIXART_SCHEDULER
 from .tokenizer import build_t5_tokenizer
 
 TINY_WORDS = "a an the red green blue circle square triangle on at top bottom left right center of background".split()
-
-# PixArt-Σ's scheduler as shipped on the hub: DPM-Solver++ over DDPM linear β 1e-4..0.02.
-PIXART_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                        prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
-                        lower_order_final=True, use_karras_sigmas=False)
-
 
 def tiny_pipeline(seed: int = 0, sample_size: int = 8, num_layers: int = 2) -> PixArtSigmaPipeline:
     """A 2-layer random PixArt-Σ with a random T5, a random VAE and a locally built tokenizer."""

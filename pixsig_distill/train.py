@@ -10,40 +10,23 @@ import functools
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import resolve_resume
-from .config import build, check_int, one_line_config_errors  # importing config also registers its resolvers
+from .config import build, validate_train_config  # importing config also registers its resolvers
 from .distributed import make_accelerator
 
-from .errors import UserError, exit_on_user_error
 from .loop import LoopConfig, RunLock, train
 from .model_card import write_model_card
-from .console import start_process
+from .console import entry_point
 
 log = logging.getLogger(__name__)
 
 
-def validate(cfg: DictConfig, check_resume: bool = True) -> None:
-    """Reject bad values before anything is loaded, with the fix in the message."""
-    check_int(cfg, "t_bar", 1, 999, "use an integer in 1..999 (the PixArt-Σ DMD recipe uses 400)")
-    check_int(cfg, "seed", 0)
-    for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "train.log_every",
-                "train.sample_every", "train.ckpt_every"):
-        check_int(cfg, key, 1)
-    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
-        raise UserError(f"train.mixed_precision={cfg.train.mixed_precision!r}; use no, fp16 or bf16")
-    if not check_resume:
-        return
-    resolve_resume(cfg.resume, Path(str(cfg.out_dir)) / "checkpoints")  # a bad resume= path fails before loading
-
-
 def run(cfg: DictConfig) -> dict:
-    validate(cfg)
+    validate_train_config(cfg)
     out_dir = Path(cfg.out_dir)
     # Lock the run folder before anything is written to it: a second run on it stops at once, and its
     # config.yaml never replaces the running one's.
@@ -133,12 +116,7 @@ def evaluate(cfg: DictConfig, teacher, export: str, out_dir: Path) -> dict:
     return result
 
 
-@one_line_config_errors("train")
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    start_process()
-    run(cfg)
+main = entry_point("train", run)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ CONFIGS = {
 
 def components(config: str, device: torch.device, dtype: torch.dtype, text_encoder: bool = True) -> dict:
     """Random-weight parts of the pipeline of `config`, built on `device` in `dtype`."""
-    from pixsig_distill.testing import PIXART_SCHEDULER
+    from pixsig_distill.schedule import PIXART_SCHEDULER
     from diffusers import DPMSolverMultistepScheduler
 
     with built_on(device, dtype):

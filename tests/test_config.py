@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from pixsig_distill.errors import UserError
-from pixsig_distill.train import validate
+from pixsig_distill.config import validate_train_config as validate
 
 CONF = Path(__file__).resolve().parents[1] / "pixsig_distill" / "conf"
 

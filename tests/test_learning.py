@@ -151,6 +151,42 @@ def test_gan_discriminator_learns_and_its_generator_term_pulls_toward_real_image
     assert after < 0.5 * before, (before, after)
 
 
+# ---- rewards: a reward term raises the reward of the generator's decoded samples --------------------------
+class Brightness(torch.nn.Module):
+    """A reward with a known maximiser: the mean of the decoded image (the brighter the better)."""
+
+    name = "brightness"
+
+    def forward(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+def reward_learns(teacher, weight: float = 1.0, steps: int = 20):
+    """(mean reward before, after) with the DM loss off: the reward term alone drives the generator."""
+    def with_reward(cfg):
+        cfg.distill.rewards = {"brightness": {"_target_": "pixsig_distill.methods.rewards.Reward", "weight": weight,
+                                              "reward": {"_target_": "test_learning.Brightness"}}}
+
+    method = method_from_yaml(teacher, "dmd", *DMD_FAST, "distill.generator_optimizer.lr=0.005", edit=with_reward)
+    method.distribution_matching_loss = lambda x0_hat, *args: 0.0 * x0_hat.sum()
+    probe = ka.fixed_eval(teacher)
+
+    def mean_reward():
+        with torch.no_grad():
+            images = teacher.vae.decode(method.sample(probe.embeds, probe.mask, probe.noise)
+                                        / teacher.vae.config.scaling_factor).sample
+        return float(images.clamp(-1, 1).mean())
+
+    before = mean_reward()
+    train(method, teacher, steps)
+    return before, mean_reward()
+
+
+def test_a_reward_term_raises_its_reward(teacher):
+    before, after = reward_learns(teacher)
+    assert after > before + 0.05, (before, after)
+
+
 # ---- LCM: the student's one-step sample → the teacher's guided ODE solution from the same noise ---------------
 # a coarse DDIM grid (10 steps): the boundary condition at t = 0 reaches t = 999 in fewer updates
 LCM_FAST = ["distill.optimizer.lr=0.05", "distill.ema_decay=0.5", "distill.num_ddim_timesteps=10"]
@@ -240,6 +276,8 @@ SABOTAGE = {
     "gan_generator_term_detached": (lambda mp: mp.setattr(gan_module, "generator_gan_loss",
                                                           lambda logits: F.softplus(-logits.detach()).mean()),
                                     lambda t: gan_learns(t)[1:], lambda before, after: after < 0.5 * before),
+    "reward_maximised_the_wrong_way": (lambda mp: None, lambda t: reward_learns(t, weight=-1.0),
+                                       lambda before, after: after > before + 0.05),
     "lcm_loss_negated": (lambda mp: mp.setattr(lcm_module, "consistency_distance",
                                                _negate(lcm_module.consistency_distance)),
                          lambda t: lcm_learns(t), lambda before, after: after < 0.1 * before),

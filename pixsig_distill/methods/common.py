@@ -13,11 +13,11 @@ import torch
 
 from ..distributed import clip_grad_norm, copy_full_into, full_tensor, resharded
 from ..lora import DEFAULT_TARGETS, add_lora, save_lora
+from ..model_card import STUDENT_CARD, write_model_card
 from ..teacher import pipeline_class, source_folder
 
 log = logging.getLogger(__name__)
 
-STUDENT_CARD = "pixsig_student.json"
 
 
 def trainable_copy(module: torch.nn.Module, gradient_checkpointing: bool = False) -> torch.nn.Module:
@@ -247,8 +247,6 @@ def export_pipeline(teacher, transformer: torch.nn.Module, scheduler, out_dir: P
     (tmp / STUDENT_CARD).write_text(json.dumps(card, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
-    from ..model_card import write_model_card
-
     write_model_card(out_dir)  # README.md; the training run adds its facts and figures later
     return out_dir
 

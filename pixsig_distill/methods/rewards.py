@@ -15,7 +15,6 @@ Judge a reward-guided student only with metrics it did not train on (docs/reward
 
 from __future__ import annotations
 
-import torch
 
 from .terms import Term
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
 from transformers import T5Config, T5EncoderModel
 
-from ..testing import PIXART_SCHEDULER
+from ..schedule import PIXART_SCHEDULER
 from ..tokenizer import build_t5_tokenizer
 from .world import caption_vocabulary
 

@@ -20,6 +20,7 @@ from importlib import metadata
 import numpy as np
 import torch
 
+from pixsig_distill.distributed import device_name  # noqa: F401  (re-exported: reports name the device)
 from pixsig_distill.sampling import initial_noise
 
 MODES = ("end_to_end", "transformer")
@@ -53,14 +54,6 @@ def device_sync(device: torch.device):
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
-
-
-def device_name(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    return f"{device.type} ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def versions() -> dict:

@@ -6,7 +6,7 @@ command line, from a file:
 * a UTF-8 text file, one prompt per line (`prompt_file`);
 * a COCO caption JSON (`coco_captions`): `captions_val2014.json` for the COCO-2014 30k protocol;
 * an MJHQ-30K folder (`mjhq`): `meta_data.json` and the images by category;
-* the toy world's held-out captions (`pixsig_distill.toy.evaluation.heldout_prompt_set`), which also
+* the toy world's held-out captions (`evaluation.toy_world.heldout_prompt_set`), which also
   render fresh real images for the ceiling row and for the diversity reference.
 
 `n` picks the first n prompts; a prompt file shorter than n is cycled (each repeat gets its own

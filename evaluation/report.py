@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pixsig_distill.model_card import _fmt, cell  # noqa: F401  (one format for figures in cards and boards)
+
 
 # PixArt-Σ supplement, Table 1 (the seed result; /work/shared/reference/algorithms.md).
 PAPER_LABEL = "PixArt-Σ paper, 512 px, COCO-style prompts — not comparable in absolute terms"
@@ -22,21 +24,6 @@ PAPER_TABLE = [
 BASE_COLUMNS = ["name", "group", "method", "steps", "t_bar", "guidance_scale"]
 TAIL_COLUMNS = ["latency_median_ms", "latency_p90_ms", "transformer_median_ms", "transformer_p90_ms", "n_samples",
                 "path"]
-
-
-def _fmt(value, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def cell(row: dict, column: dict) -> str:
-    """`0.21 [0.19, 0.24]`: the value and its 95 % interval; ± the spread over seed sets when there are several."""
-    key, digits = column["key"], column["digits"]
-    text = _fmt(row.get(key), digits)
-    if row.get(f"{key}_lo") is not None:
-        text += f" [{_fmt(row[f'{key}_lo'], digits)}, {_fmt(row[f'{key}_hi'], digits)}]"
-    if row.get(f"{key}_seed_std") is not None:
-        text += f" ±{_fmt(row[f'{key}_seed_std'], digits)}"
-    return text
 
 
 def _label(row: dict) -> str:

@@ -267,3 +267,14 @@ def write_rank_digest(out_dir: Path, step: int, accelerator, state_dicts: dict[s
     rank = accelerator.process_index if accelerator is not None else 0
     digests = {name: state_digest(sd) for name, sd in state_dicts.items()}
     (folder / f"step-{step:07d}-rank-{rank}.json").write_text(json.dumps(digests, indent=1))
+
+
+def device_name(device) -> str:
+    """What a figure was measured on: the GPU's name, or the CPU's with the thread count."""
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"{device.type} ({cpu}, {torch.get_num_threads()} threads)"

@@ -99,6 +99,21 @@ def _recipe(card: dict) -> list[str]:
     return lines
 
 
+def _fmt(value, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def cell(row: dict, column: dict) -> str:
+    """`0.21 [0.19, 0.24]`: the value and its 95 % interval; ± the spread over seed sets when there are several."""
+    key, digits = column["key"], column["digits"]
+    text = _fmt(row.get(key), digits)
+    if row.get(f"{key}_lo") is not None:
+        text += f" [{_fmt(row[f'{key}_lo'], digits)}, {_fmt(row[f'{key}_hi'], digits)}]"
+    if row.get(f"{key}_seed_std") is not None:
+        text += f" ±{_fmt(row[f'{key}_seed_std'], digits)}"
+    return text
+
+
 def _training(training: dict) -> list[str]:
     lines = ["## Training", ""]
     for key, value in training.items():
@@ -107,8 +122,6 @@ def _training(training: dict) -> list[str]:
 
 
 def _evaluation(evaluation: dict) -> list[str]:
-    from evaluation.report import cell
-
     rows, meta = evaluation["rows"], evaluation["meta"]
     columns = meta["columns"]
     lines = ["## Evaluation", "",

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config import build, validate_train_config  # importing config also registers its resolvers
-from .distributed import make_accelerator
+from .distributed import device_name, make_accelerator
 
 from .loop import LoopConfig, RunLock, train
 from .model_card import write_model_card
@@ -78,7 +78,6 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
 
 def training_facts(cfg: DictConfig, summary: dict, accelerator) -> dict:
     """What the model card says about how the student was trained."""
-    from evaluation.latency import device_name
 
     distill = OmegaConf.to_container(cfg.distill, resolve=True)
     keys = {k: v for k, v in distill.items() if not isinstance(v, (dict, list)) and not k.startswith("_")}
@@ -106,11 +105,9 @@ def _log_to(path: Path) -> None:
 
 
 def evaluate(cfg: DictConfig, teacher, export: str, out_dir: Path) -> dict:
-    """Score the exported student right away, with the leaderboard's engine, so every run folder holds its own
-    figures (eval.md / .json / .csv, eval_grid.png)."""
-    from evaluation.evaluate import evaluate_export
-
-    result = evaluate_export(cfg.eval, cfg.model, teacher, export, out_dir)
+    """Score the exported student right away, with the eval preset's engine (`eval.engine`: the leaderboard's), so
+    every run folder holds its own figures (eval.md / .json / .csv, eval_grid.png)."""
+    result = build(cfg.eval.engine)(cfg.eval, cfg.model, teacher, export, out_dir)
     print((out_dir / "eval.md").read_text().split("\n## ")[0])
     log.info("evaluation written to %s", out_dir / "eval.md")
     return result

@@ -25,7 +25,7 @@ from evaluation.prompts import load_prompt_set
 from evaluation.scorer import ScoringContext
 from pixsig_distill.errors import UserError
 from pixsig_distill.toy.clip import WEIGHTS_DIR, heldout_images
-from pixsig_distill.toy.evaluation import heldout_prompt_set
+from evaluation.toy_world import heldout_prompt_set
 from pixsig_distill.toy.features import ToyFeatureExtractor, ToyFIDFeatures, toy_features, toy_fid_folders
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,8 +18,9 @@ from evaluation.fid import FID
 from evaluation.prompts import PromptSet, coco_captions, mjhq
 from evaluation.scorer import ScoringContext, bootstrap_interval
 from pixsig_distill.errors import UserError
-from pixsig_distill.toy.attributes import ATTRIBUTES, AttributeScorer, attribute_hits, read_attributes
-from pixsig_distill.toy.evaluation import heldout_prompt_set
+from evaluation.toy_world import AttributeScorer
+from pixsig_distill.toy.attributes import ATTRIBUTES, attribute_hits, read_attributes
+from evaluation.toy_world import heldout_prompt_set
 from pixsig_distill.toy.features import ToyFIDFeatures
 from pixsig_distill.toy.world import all_scenes
 
@@ -207,14 +208,17 @@ def test_coco_board_runs_offline_with_stand_in_networks(tiny_folder, tmp_path):
                  f"eval.prompts.images={images}", "n_samples=6", "batch_size=6", "teacher_steps=[1]",
                  "eval.scorers.fid.features._target_=pixsig_distill.toy.features.ToyFIDFeatures",
                  f"eval.scorers.clip.model={toy_clip}", "eval.scorers.clip.pretrained=null",
+                 "eval.scorers.cmmd.features._target_=pixsig_distill.toy.features.ToyFIDFeatures",
+                 "~eval.scorers.cmmd.features.model", "~eval.scorers.cmmd.features.pretrained",
                  "eval.bootstrap.resamples=20", "eval.seed_sets=2", "latency.enabled=false", f"out_dir={tmp_path / 'lb'}",
                  "device=cpu", "progress=false"]
     with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
         cfg = compose("leaderboard", overrides=overrides)
-    assert cfg.eval.scorers.fid.resamples == 100 and cfg.eval.metrics == ["fid", "clip"]
+    assert cfg.eval.scorers.fid.resamples == 100 and cfg.eval.metrics == ["fid", "cmmd", "clip"]
     result = leaderboard(cfg)
     [row] = result["rows"]  # no real row: COCO has no second draw
     assert row["fid_lo"] <= row["fid"] <= row["fid_hi"] and len(row["fid_seeds"]) == 2 and row["fid_seed_std"] >= 0
+    assert row["cmmd_lo"] <= row["cmmd"] <= row["cmmd_hi"] and len(row["cmmd_seeds"]) == 2
     assert "COCO" in result["meta"]["prompts"] and result["meta"]["scorers"]["fid"]["n_real"] == 6
     assert "±" in (tmp_path / "lb" / "leaderboard.md").read_text()
 

@@ -20,8 +20,6 @@ from functools import lru_cache
 
 import numpy as np
 
-from evaluation.scorer import Column, Scorer
-
 from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, all_scenes, draw_shape
 
 ATTRIBUTES = ("background", "colour", "shape", "size", "position")
@@ -62,7 +60,7 @@ def read_attributes(image: np.ndarray, colours: dict | None = None) -> dict:
 
 
 @lru_cache(maxsize=1)
-def _scenes_by_caption() -> dict[str, Scene]:
+def scenes_by_caption() -> dict[str, Scene]:
     """Every caption of the world and of its extension (toy/extension.py) → its scene."""
     from .extension import extension_scenes
 
@@ -72,41 +70,9 @@ def _scenes_by_caption() -> dict[str, Scene]:
 
 def attribute_hits(images, captions: list[str], colours: dict | None = None) -> np.ndarray:
     """(N, 5) booleans: attribute k of image i matches its caption's (colours read from the palette `colours`)."""
-    scenes = _scenes_by_caption()
+    scenes = scenes_by_caption()
     hits = []
     for i in range(len(images)):
         got, want = read_attributes(images[i], colours), scenes[captions[i]]
         hits.append([got[a] == getattr(want, a) for a in ATTRIBUTES])
     return np.array(hits, dtype=bool)
-
-
-class AttributeScorer(Scorer):
-    """Per-attribute and all-correct accuracy (the leaderboard column is all-correct)."""
-
-    name = "attributes"
-    columns = (Column("attr_all", "attributes all-correct", digits=3),)
-
-    def __init__(self, context, palette: str = "world"):
-        super().__init__(context)
-        if palette not in ("world", "extended"):
-            raise ValueError(f"palette={palette!r}; use world or extended")
-        self.palette = palette
-
-    def _colours(self):
-        from .extension import EXTENDED_COLOURS
-
-        return EXTENDED_COLOURS if self.palette == "extended" else None
-
-    def score(self, images, prompts: list[str]) -> dict:
-        hits = attribute_hits(images, prompts, self._colours())
-        result = self.mean_with_interval("attr_all", hits.all(axis=1))
-        result.update({f"attr_{a}": float(hits[:, k].mean()) for k, a in enumerate(ATTRIBUTES)})
-        result["paired"] = {"attr_all": hits.all(axis=1)}
-        return result
-
-    def settings(self) -> dict:
-        return {"method": "rule-based read-back (pixsig_distill/toy/attributes.py)", "attributes": list(ATTRIBUTES),
-                "palette": self.palette,
-                "resamples": self.context.resamples}
-
-

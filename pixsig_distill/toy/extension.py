@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evaluation.scorer import Column, Scorer
-
 from .world import BACKGROUNDS, COLOURS, HELDOUT_FRACTION, POSITIONS, SHAPES, SIZES, Scene, split_scenes
 
 NEW_COLOURS: dict[str, tuple[int, int, int]] = {"purple": (130, 40, 190)}
@@ -77,28 +75,3 @@ def write_finetune_folder(out: str | Path, n_new: int = 1500, n_old: int = 1500,
     prompts = [sc.caption for sc in split_scenes("train")] + [sc.caption for sc in extension_scenes("train")]
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
     return out
-
-
-def heldout_prompt_set(n: int | None = 500):
-    """Held-out purple captions and their rendered images (the FID reference), for conf/eval/toy_purple.yaml."""
-    from .evaluation import ToyPromptSet
-
-    real, captions = render(extension_scenes("heldout"), n or 500, seed=1)
-    return ToyPromptSet(captions, "toy_purple_heldout", real)
-
-
-class ColourScorer(Scorer):
-    """Share of images whose object reads as its caption's colour, from the extended palette: on purple captions,
-    how often a model renders the new colour."""
-
-    name = "colour"
-    columns = (Column("colour_acc", "colour correct", digits=3),)
-
-    def score(self, images, prompts: list[str]) -> dict:
-        from .attributes import attribute_hits
-
-        return self.mean_with_interval("colour_acc", attribute_hits(images, prompts, EXTENDED_COLOURS)[:, 1])
-
-    def settings(self) -> dict:
-        return {"method": "rule-based colour read-back, palette = the world's 7 colours + purple",
-                "resamples": self.context.resamples}

@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from evaluation.scorer import Column, Scorer
-
 from .world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, all_scenes, split_scenes
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "reader"
@@ -89,28 +87,6 @@ def reader_hits(images, captions: list[str], model: AttributeReader | None = Non
         for j, caption in enumerate(captions[start:stop]):
             rows.append([read[name][j] == getattr(scenes[caption], name) for name in HEADS])
     return np.array(rows, dtype=bool).reshape(-1, len(HEADS))
-
-
-class LearnedAttributeScorer(Scorer):
-    """All-correct accuracy under the learned reader (the second reader of the leaderboard)."""
-
-    name = "attributes_learned"
-    columns = (Column("attr_all_learned", "attributes all-correct (learned reader)", digits=3),)
-
-    def __init__(self, context, weights: str = str(WEIGHTS_DIR)):
-        super().__init__(context)
-        self.model = load_reader(str(weights))
-
-    def score(self, images, prompts: list[str]) -> dict:
-        hits = reader_hits(images, prompts, self.model)
-        result = self.mean_with_interval("attr_all_learned", hits.all(axis=1))
-        result.update({f"attr_{a}_learned": float(hits[:, k].mean()) for k, a in enumerate(HEADS)})
-        result["paired"] = {"attr_all_learned": hits.all(axis=1)}
-        return result
-
-    def settings(self) -> dict:
-        return {"method": "a small CNN per attribute, trained on training-split renders (pixsig_distill/toy/reader.py,"
-                          " scripts/train_toy_reader.py)", "resamples": self.context.resamples}
 
 
 # ---- training ---------------------------------------------------------------------------------------------

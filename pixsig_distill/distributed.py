@@ -38,9 +38,11 @@ DIGEST_ENV = "PIXSIG_RANK_DIGESTS"  # test hook, see write_rank_digest
 
 
 def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_accum: int = 1,
-                     batch_size: int = 1) -> Accelerator:
+                     batch_size: int = 1, log_with=None, out_dir=None) -> Accelerator:
     """This process's Accelerator; create it before building any model, then put models on its device.
 
+    `log_with`: accelerate's experiment trackers (tensorboard, wandb, mlflow, ...), their files under
+    `out_dir`/tensorboard (TensorBoard's) or where the tracker puts them (wandb: WANDB_DIR, default out_dir).
     `device=cpu` (or `auto` on a machine without CUDA) makes CPU processes, joined over gloo under a
     multi-process launch. `device=cuda:N` picks a GPU for a single-process run; under a launch
     accelerate gives each process its own GPU (`device=auto`)."""
@@ -53,7 +55,13 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
                             f"every process its own GPU")
         torch.cuda.set_device(wanted)
     # Gradient accumulation is the methods' own (methods/common.py: accumulated_step), not accelerate's.
-    accelerator = Accelerator(cpu=wanted.type == "cpu", mixed_precision=mixed_precision)
+    project = None
+    if out_dir is not None:
+        from accelerate.utils import ProjectConfiguration
+
+        project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "tensorboard"))
+    accelerator = Accelerator(cpu=wanted.type == "cpu", mixed_precision=mixed_precision,
+                              log_with=list(log_with) if log_with else None, project_config=project)
     if wanted.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _fsdp_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:

@@ -12,11 +12,13 @@ import fcntl
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -63,6 +65,7 @@ class LoopConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     preview_prompts: list[str] = field(default_factory=list)
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate's trackers
 
 
 class RunLock:
@@ -134,11 +137,13 @@ def collate(items: list[dict]) -> dict:
 
 
 def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int = 0,
-          resume: str | None = "auto", accelerator: Accelerator | None = None, fresh_method=None) -> dict:
+          resume: str | None = "auto", accelerator: Accelerator | None = None, fresh_method=None,
+          tracker_config: dict | None = None) -> dict:
     """Train `method` until `cfg.max_steps` (or the time budget); returns a summary dict.
 
     `fresh_method()` builds an unprepared copy of the method: with sharded weights (FSDP2) the export is
-    written from it, loaded with the final checkpoint's gathered weights."""
+    written from it, loaded with the final checkpoint's gathered weights. `tracker_config`: the run's settings,
+    recorded by the experiment trackers."""
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
     if cfg.deterministic:
@@ -155,7 +160,8 @@ def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed
         method.prepare(accelerator)
         if path is not None:
             _resume_optimizers(path, method, accelerator)
-        summary = _run(method, dataset, teacher, cfg, out_dir, seed, start_step, accelerator, fresh_method)
+        summary = _run(method, dataset, teacher, cfg, out_dir, seed, start_step, accelerator, fresh_method,
+                       tracker_config)
     return summary
 
 
@@ -178,15 +184,13 @@ class _nullcontext:
 
 
 def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, step: int, accelerator,
-         fresh_method=None) -> dict:
+         fresh_method=None, tracker_config: dict | None = None) -> dict:
     main = accelerator.is_main_process
     # A sharded network's forward is a collective: every process takes part in the previews then.
     preview_here = main or parameters_sharded(accelerator)
-    writer = None
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    if cfg.log_with:  # accelerate's trackers (TensorBoard by default; wandb, mlflow, ...): scalars and previews
+        wandb = {"name": out_dir.name, "dir": os.environ.get("WANDB_DIR") or str(out_dir)}  # files beside the run's
+        accelerator.init_trackers("pixsig-distill", config=_flat(tracker_config or {}), init_kwargs={"wandb": wandb})
     previews = _preview_inputs(teacher, cfg.preview_prompts, seed)
     started, last_log, samples_since = time.time(), time.time(), 0
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else math.inf
@@ -220,11 +224,11 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
             if main:
                 log.info("step %d/%d  %s  %.1f samples/s", step, cfg.max_steps,
                          "  ".join(f"{k} {v:.4g}" for k, v in logs.items()), rate)
-                for k, v in logs.items():
-                    writer.add_scalar(k, v, step)
-                writer.add_scalar("samples_per_s", rate, step)
+            accelerator.log({**logs, "samples_per_s": rate}, step=step)
         if previews and preview_here and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            _save_preview(method, teacher, previews, out_dir / "samples" / f"step-{step:07d}.png", main)
+            grid = _save_preview(method, teacher, previews, out_dir / "samples" / f"step-{step:07d}.png", main)
+            if grid is not None:
+                log_image(accelerator, "samples", grid, step)
         over_budget = time.time() - started > budget_s
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps or over_budget:
             _checkpoint(method, accelerator, out_dir, step, cfg.keep_checkpoints)
@@ -238,8 +242,8 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
                "last_logs": logs}
     if step >= cfg.max_steps and main and not stopped_by_budget:
         summary["export"] = str(_exportable(method, accelerator, fresh_method, out_dir).export(out_dir / "export"))
-    if writer:
-        writer.close()
+    if cfg.log_with:
+        accelerator.end_training()
     if main:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
@@ -344,10 +348,36 @@ def _preview_inputs(teacher, prompts: list[str], seed: int):
 
 
 @torch.no_grad()
-def _save_preview(method, teacher, previews, path: Path, write: bool = True) -> None:
+def _save_preview(method, teacher, previews, path: Path, write: bool = True) -> np.ndarray | None:
     embeds, mask, noise = previews
     latents = method.sample(embeds, mask, noise)
     if not write:
         return
     images = to_uint8(teacher.decode(latents))
     save_grid(images, path, columns=len(noise), scale=max(1, 128 // images.shape[1]))  # small images only
+    return np.concatenate(list(images), axis=1)  # one row, (H, W·n, 3) uint8: what the trackers show
+
+
+def log_image(accelerator, name: str, image: np.ndarray, step: int) -> None:
+    """An (H, W, 3) uint8 image to every tracker, each in its own format."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, image, step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(image)}, step=step)
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [image]}, step=step)
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """Nested hyperparameters as flat scalar keys (what TensorBoard's hparams and the trackers' config take)."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out

@@ -32,7 +32,8 @@ def run(cfg: DictConfig) -> dict:
     # config.yaml never replaces the running one's.
     # The process's device and rank first (docs/scaling.md): under `accelerate launch` every process builds
     # its teacher on its own device, and only the main one locks and writes the run folder.
-    accelerator = make_accelerator(cfg.device, cfg.train.mixed_precision, cfg.train.grad_accum, cfg.train.batch_size)
+    accelerator = make_accelerator(cfg.device, cfg.train.mixed_precision, cfg.train.grad_accum, cfg.train.batch_size,
+                                   cfg.train.log_with, out_dir)
     with RunLock(out_dir) if accelerator.is_main_process else contextlib.nullcontext():
         return _run(cfg, out_dir, accelerator)
 
@@ -64,7 +65,8 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
         teacher.add_prompt_embeddings(loop_cfg.preview_prompts, torch.stack([item["embeds"] for item in items]),
                                       torch.stack([item["mask"] for item in items]))
     summary = train(method, dataset, teacher, loop_cfg, out_dir, seed=cfg.seed, resume=cfg.resume,
-                    accelerator=accelerator, fresh_method=lambda: build(cfg.distill, teacher=teacher))
+                    accelerator=accelerator, fresh_method=lambda: build(cfg.distill, teacher=teacher),
+                    tracker_config=OmegaConf.to_container(cfg, resolve=True))
     if summary.get("export"):
         print(f"student exported to {summary['export']}")
         facts = training_facts(cfg, summary, accelerator)

@@ -23,6 +23,19 @@ def test_card_front_matter_facts_and_a_snippet_that_runs(compose_train, tmp_path
     image = np.asarray(namespace["image"])
     assert image.shape == (16, 16, 3) and image.std() > 0 and (tmp_path / "sample.png").is_file()
     assert summary["finished"]
+    # ... and it draws what the evaluation draws for that prompt and seed (the card says it reproduces them)
+    from pixsig_distill.inference import load_for_inference
+    from pixsig_distill.model_card import EXAMPLE_PROMPT
+    from pixsig_distill.sampling import generate_images
+
+    cfg = compose_train()
+    model, spec = load_for_inference(cfg.model, str(tmp_path / "run" / "export"), "cpu")
+    ours, _ = generate_images(model, [EXAMPLE_PROMPT], [0], spec.num_inference_steps, spec.guidance_scale,
+                              spec.timesteps, progress=False)
+    difference = np.abs(ours[0].astype(int) - image.astype(int))
+    assert difference.mean() < 0.5 and difference.max() <= 4  # float rounding (the random tiny VAE amplifies it)
+    other, _ = generate_images(model, [EXAMPLE_PROMPT], [0], 1, 1.0, [200], progress=False)  # another recipe
+    assert np.abs(other[0].astype(int) - image.astype(int)).mean() > 5
 
 
 def test_card_carries_the_evaluation_and_the_teachers_license(tmp_path, tiny_folder):

@@ -237,7 +237,7 @@ class FID:
                                         seed)
             result.update(fid_lo=max(lo, 0.0), fid_hi=hi)  # recentring can cross 0; a distance cannot
         if keep_features:
-            result["features"] = feats
+            result["fake_features"] = feats
         return {**result, **self.settings(), "n_real": n_real, "n_fake": len(fake)}
 
 
@@ -279,7 +279,7 @@ class FIDScorer(Scorer):
         result = self.fid.score(self.real, images, resamples=self.resamples, confidence=self.context.confidence,
                                 seed=self.context.seed, keep_features=True)
         return {**{k: result[k] for k in ("fid", "fid_lo", "fid_hi") if k in result},
-                "paired": {"fid": result["features"]}}
+                "paired": {"fid": result["fake_features"]}}
 
     def paired_statistic(self, key: str, values: np.ndarray):
         """FID of the images `indices` against the fixed real statistics (values: their features)."""

@@ -300,7 +300,7 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = _Fakes(mode)
     modules = [m for m in (teacher.transformer, teacher.vae, teacher.pipe.text_encoder) if m is not None]
-    modules += [*method.models.values(), *method.checkpoint_modules().values()]
+    modules += [*method.models.values(), *method.checkpoint_modules().values(), *_held(method)]
     for module in modules:
         fakes.module(module)
     for optimizer in method.optimizers.values():
@@ -313,7 +313,7 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
     with _replacing_module_conversions():
         method.prepare(Accelerator(cpu=True, mixed_precision=mixed))
         modules = [m for m in (teacher.transformer, teacher.vae, teacher.pipe.text_encoder) if m is not None]
-        modules += [*method.models.values(), *method.checkpoint_modules().values()]
+        modules += [*method.models.values(), *method.checkpoint_modules().values(), *_held(method)]
         tracker = _memory_tracker()
         held = {t: getattr(m, "on_cpu", False) for m in modules for v in vars(m).values() if isinstance(v, dict)
                 for t in v.values() if isinstance(t, torch.Tensor)}  # e.g. the EMA's tensors
@@ -333,6 +333,11 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
         segments.extend(_figures(snapshot, flops) for snapshot in tracker.segments)
     peak = tracker.get_tracker_snapshot("peak")
     return _figures(peak[next(iter(peak))], flops)
+
+
+def _held(method) -> list:
+    """The frozen networks a method's step runs besides the teacher (a reward model), if it names any."""
+    return list(getattr(method, "held_modules", lambda: [])())
 
 
 def _figures(snapshot: dict, flops: float) -> StepFigures:

@@ -131,3 +131,29 @@ def test_dmd2_plans_with_a_folder_it_never_reads_and_names_what_it_leaves_out(co
     dmd = plan(compose_plan("distill.fake_updates_per_step=3"))
     # the GAN head's parameters and its real-image forwards cost more than DMD's step at the same settings
     assert one["step"]["params"] > dmd["step"]["params"] and one["step"]["flops"] > dmd["step"]["flops"]
+
+
+def test_a_reward_model_is_planned_with_its_weights_and_its_pass(compose_plan):
+    """Reward-guided DMD: the planner counts the reward model a term holds (its frozen weights) and the decode and
+    reward forward/backward in the generator's update."""
+    from pixsig_distill.methods.rewards import CLIPRewardStandIn
+
+    small = ["distill.rewards.clip_stand_in.reward.layers=2", "+distill.rewards.clip_stand_in.reward.width=64",
+             "+distill.rewards.clip_stand_in.reward.heads=2", "+distill.rewards.clip_stand_in.reward.image_size=28"]
+    plain = simulate_step(compose_plan())
+    rewarded = simulate_step(compose_plan("+distill/rewards=clip_stand_in", *small))
+    reward_bytes = 4 * sum(p.numel() for p in CLIPRewardStandIn(64, 2, 2, 14, 28).parameters())
+    assert rewarded.params - plain.params == pytest.approx(reward_bytes, rel=0.01)
+    assert rewarded.flops > plain.flops and rewarded.peak > plain.peak
+
+
+def test_the_reward_recipes_plan_at_real_size():
+    """experiment=pixart_sigma_512_dmd_reward (2 steps, the HPSv2-sized stand-in) plans without any folder."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose("plan", overrides=["experiment=pixart_sigma_512_dmd_reward", "plan.gpu=h100",
+                                         "distill.rewards.clip_stand_in.reward.layers=4"])
+    report = plan(cfg)
+    assert report["gpu"]["name"] and report["step"]["params"] > 0
+    assert any("2-step generator's chain" in note for note in report["notes"])

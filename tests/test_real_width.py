@@ -117,3 +117,17 @@ def test_sigma_512_dmd2_with_an_image_folder_lora_fake_score_and_checkpointing(r
     assert summary["finished"] and {"loss_gan_g", "loss_gan_d"} <= set(summary["last_logs"])
     card, latents = _stock_sample(tmp_path / "run" / "export", PixArtSigmaPipeline)
     assert card["timesteps"] == [999, 499] and latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()
+
+
+@pytest.mark.slow
+def test_sigma_512_reward_guided_two_step_dmd(real_width_folder, tmp_path):
+    """The reward recipe at real width: 2 steps by backward simulation, the reward read through the real VAE's
+    decoder and a stand-in of HPSv2's image tower (full width, 2 layers), checkpointed activations."""
+    folder = real_width_folder(SIGMA_512, 2)
+    summary = _train(folder, "pixart_sigma_512", tmp_path / "run", "+distill/rewards=clip_stand_in",
+                     "distill.rewards.clip_stand_in.reward.layers=2", "distill.timesteps=[400,200]",
+                     "distill.fake_updates_per_step=1", "train.gradient_checkpointing=true", steps=1)
+    assert summary["finished"] and "reward_clip_stand_in" in summary["last_logs"]
+    card, latents = _stock_sample(tmp_path / "run" / "export", PixArtSigmaPipeline)
+    assert card["timesteps"] == [400, 200] and card["reward_clip_stand_in"] == 1.0
+    assert latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()

@@ -113,6 +113,10 @@ class DMD:
             term.attach(self)
 
     # ---- loop interface ---------------------------------------------------------------------
+    def held_modules(self) -> list[torch.nn.Module]:
+        """Frozen networks the step runs besides the teacher and the trained ones (reward models): for the planner."""
+        return [module for term in self.terms for module in term.modules()]
+
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model) if self.accelerator else model
 

@@ -15,6 +15,10 @@ Judge a reward-guided student only with metrics it did not train on (docs/reward
 
 from __future__ import annotations
 
+import zlib
+
+import torch
+import torch.nn.functional as F
 
 from .terms import Term
 
@@ -42,5 +46,38 @@ class Reward(Term):
         reward = self.reward(images.clamp(-1, 1), draws["prompts"][rows])
         return [(f"reward_{self.name}", reward.mean(), -self.weight)]  # the generator minimises −λ·r
 
+    def modules(self) -> list:
+        return [self.reward] if isinstance(self.reward, torch.nn.Module) else []
+
     def card(self) -> dict:
         return {"reward_" + self.name: self.weight}
+
+
+class CLIPRewardStandIn(torch.nn.Module):
+    """A CLIP-style image reward of a real reward model's size with random weights: for planning a reward-guided
+    run and for the real-width tests, where no reward model can be downloaded. The defaults are HPSv2's image
+    tower (open_clip ViT-H-14: width 1280, 32 layers, 16 heads, 14 px patches at 224 px, 1024-d embedding); the
+    text side is a fixed random unit vector per prompt (no gradient reaches it, so its size does not matter to the
+    step). It measures nothing: use it to size a run, never to train one for its samples."""
+
+    name = "clip_stand_in"
+
+    def __init__(self, width: int = 1280, layers: int = 32, heads: int = 16, patch_size: int = 14,
+                 image_size: int = 224, embed_dim: int = 1024):
+        super().__init__()
+        from open_clip.transformer import VisionTransformer
+
+        self.image_size, self.embed_dim = image_size, embed_dim
+        self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, mlp_ratio=4.0,
+                                        output_dim=embed_dim).requires_grad_(False)
+
+    def text_features(self, prompts: list[str], device) -> torch.Tensor:
+        rows = [torch.randn(self.embed_dim, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
+                for p in prompts]
+        return F.normalize(torch.stack(rows), dim=-1).to(device)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = F.interpolate((images + 1) / 2, size=(self.image_size, self.image_size), mode="bilinear",
+                               antialias=False, align_corners=False)
+        features = F.normalize(self.visual(pixels.to(next(self.visual.parameters()).dtype)).float(), dim=-1)
+        return (features * self.text_features(prompts, features.device)).sum(-1)

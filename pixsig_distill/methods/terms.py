@@ -10,7 +10,7 @@ A term may add to the generator's loss, to the fake score's loss, or both. DMD c
   generator's samples x0, during fake-score update `update`.
 Each returns [(log name, loss, weight)]; weight 0 logs a figure without training on it. `attach(dmd)` runs once,
 after DMD built its networks (a term that trains parameters hands them to an optimizer there); `card()` adds to
-the export's card.
+the export's card; `modules()` names the networks it holds besides DMD's (the planner counts them).
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ class Term:
     def card(self) -> dict:
         """What the export's card records about the term."""
         return {}
+
+    def modules(self) -> list:
+        """Networks the term holds besides DMD's own (a reward model): what a memory plan must count."""
+        return []
 
 
 class Regression(Term):

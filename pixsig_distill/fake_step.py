@@ -288,7 +288,9 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
         if cfg.distill.get("regression") is not None:
             cfg.distill.regression = None
         if len(cfg.distill.get("timesteps") or []) > 1:  # a few-step chain branches on its draws: plan one step
-            cfg.distill.timesteps = cfg.distill.timesteps[:1]
+            from .methods.backward_simulation import check_timesteps
+
+            cfg.distill.timesteps = check_timesteps(cfg.distill.timesteps)[:1]  # a schedule train refuses, too
         if OmegaConf.select(cfg, "distill.gan.real_images") is not None:  # their shapes, nothing read or encoded
             cfg.distill.gan.real_images = {"_target_": f"{__name__}.BlankRealImages", "_partial_": True}
         for key in ("generator_optimizer", "fake_optimizer", "optimizer"):

@@ -78,7 +78,11 @@ def read_captioned_folder(folder: Path) -> tuple[list[Path], list[str]]:
     if (folder / "metadata.jsonl").is_file():
         try:
             rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-            pairs = [(folder / r["file_name"], str(r["text"])) for r in rows]
+            pairs = [(folder / r["file_name"], r["text"]) for r in rows]
+            bad = [r["file_name"] for r in rows if not isinstance(r["text"], str)]
+            if bad:  # a null caption would train as the text "None"
+                raise UserError(f"{folder / 'metadata.jsonl'}: {len(bad)} captions are not text (e.g. {bad[0]!r}: "
+                                f"null or a number); give every image a caption string")
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{folder / 'metadata.jsonl'}: a line is not {{\"file_name\": \"...\", \"text\": "
                             f"\"...\"}} ({type(err).__name__}: {err}); fix that line") from None

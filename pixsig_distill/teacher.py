@@ -72,6 +72,24 @@ def refuse_pickle_weights(folder: Path) -> None:
                         f"never loaded (unpickling can run code): re-save the model with safe_serialization=True")
 
 
+def refuse_few_step_student(pretrained: str) -> None:
+    """A few-step student export given as the teacher: its own card says what it is (a fine-tune, which samples like a
+    teacher, is welcome)."""
+    import json
+
+    from .model_card import STUDENT_CARD
+
+    card_file = Path(os.path.expanduser(str(pretrained))) / STUDENT_CARD
+    if not card_file.is_file():
+        return
+    card = json.loads(card_file.read_text())
+    steps = int(card.get("num_inference_steps", 20))
+    if steps <= 8 and float(card.get("guidance_scale", 1.0)) <= 1.0:
+        raise UserError(f"model.pretrained={pretrained} is a {steps}-step {card.get('method', 'student')} student "
+                        f"(its {STUDENT_CARD} says so), not a teacher; distil from the teacher it came from: "
+                        f"model.pretrained={card.get('teacher') or 'THE_TEACHER'}")
+
+
 def pipeline_class(transformer) -> type:
     """The stock diffusers pipeline that samples this transformer: PixArt-α 1024 needs `PixArtAlphaPipeline` (the
     only one that passes its size conditions); everything else loads in `PixArtSigmaPipeline`."""
@@ -197,6 +215,7 @@ class Teacher:
     @classmethod
     def from_pretrained(cls, pretrained: str, transformer: str | None = None, torch_dtype: str = "float32",
                         load_text_encoder: bool = True, text_encoder_quantization=None, **kwargs) -> "Teacher":
+        refuse_few_step_student(pretrained)
         return cls(load_pipeline(pretrained, transformer, torch_dtype, load_text_encoder, text_encoder_quantization),
                    **kwargs)
 

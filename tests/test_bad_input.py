@@ -394,3 +394,51 @@ def test_bad_input_on_the_command_line(case, files, base, tmp_path):
     assert not files.marker.exists()  # no pickle was unpickled, in the process that was offered one
     left = [p for pattern in TRUSTED_OUTPUT for p in out.rglob(pattern)] if out.exists() else []
     assert left == [], left
+
+
+# ---- silently wrong, round 3: now refused in one line -----------------------------------------------------
+
+def test_a_few_step_student_is_refused_as_a_teacher_and_a_fine_tune_is_not(tmp_path):
+    import json
+
+    from pixsig_distill.teacher import refuse_few_step_student
+
+    student = tmp_path / "dmd_export"
+    student.mkdir()
+    (student / "pixsig_student.json").write_text(json.dumps({"method": "dmd", "num_inference_steps": 1,
+                                                             "guidance_scale": 1.0, "teacher": "PixArt/teacher"}))
+    with pytest.raises(UserError, match="is a 1-step dmd student .* model.pretrained=PixArt/teacher"):
+        refuse_few_step_student(str(student))
+    finetune = tmp_path / "finetune_export"
+    finetune.mkdir()
+    (finetune / "pixsig_student.json").write_text(json.dumps({"method": "finetune", "num_inference_steps": 20,
+                                                              "guidance_scale": 4.5}))
+    refuse_few_step_student(str(finetune))  # samples like a teacher: welcome
+
+
+def test_a_null_caption_in_metadata_is_refused(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from pixsig_distill.real_images import read_captioned_folder
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"file_name": "a.png", "text": "a red circle"}, {"file_name": "b.png", "text": None}]))
+    with pytest.raises(UserError, match="1 captions are not text .*'b.png'"):
+        read_captioned_folder(tmp_path)
+
+
+def test_the_planner_refuses_a_schedule_that_train_refuses(tiny_folder):
+    from hydra import compose, initialize_config_module
+
+    from pixsig_distill.plan import plan
+
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose("plan", overrides=["model=pixart_sigma_512", f"model.pretrained={tiny_folder}",
+                                         "model.max_sequence_length=16", "model.resolution=16", "distill=dmd2",
+                                         "distill.timesteps=[200,400]"])
+    with pytest.raises(UserError, match="decreasing order"):
+        plan(cfg)

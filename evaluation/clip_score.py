@@ -3,7 +3,7 @@
 Two scales are in use and they differ by ~100x, so the number never travels without its label:
 
 * `clip` — the mean plain cosine between the image and prompt embeddings (~0.28-0.33 with
-  open_clip ViT-g-14 / laion2b_s34b_b88k on real models): the scale of the seed paper's Table 1.
+  open_clip ViT-g-14 / laion2b_s34b_b88k on real models): the scale of the PixArt-Σ paper's supplement, Table 1.
 * `clip_100` (optional) — the mean of 100·max(cos, 0), the scale of torchmetrics' `CLIPScore`
   (which uses OpenAI ViT-L/14; here it is computed with the model configured, and says so).
 
@@ -27,7 +27,7 @@ from pixsig_distill.errors import UserError
 
 from .scorer import Column, Scorer, ScoringContext
 
-COSINE_SCALE = "plain cosine (the seed table's scale)"
+COSINE_SCALE = "plain cosine (the scale of the PixArt-Σ paper's supplement, Table 1)"
 SCALE_100 = "100*max(cos, 0) (torchmetrics CLIPScore's scale, same model)"
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from pixsig_distill.model_card import _fmt, cell  # noqa: F401  (one format for figures in cards and boards)
 
 
-# PixArt-Σ supplement, Table 1 (the seed result; /work/shared/reference/algorithms.md).
+# The PixArt-Σ paper's supplement, Table 1: DMD and LCM against their teacher at 512 px.
 PAPER_LABEL = "PixArt-Σ paper, 512 px, COCO-style prompts — not comparable in absolute terms"
 PAPER_TABLE = [
     {"method": "LCM 1 step", "fid": 108.66, "clip": 0.2247, "time_s": 0.11},
@@ -202,7 +202,7 @@ def write_grid(path: Path, row_images: list[np.ndarray]) -> None:
 
 
 def write_tbar_sweep(path: Path, rows: list[dict]) -> bool:
-    """FID and CLIP against T̄ for the one-step rows that have one (the seed's Fig. 1), if there are two T̄ or more."""
+    """FID and CLIP against T̄ for the one-step rows that have one (the PixArt-Σ paper's supplement, Fig. 1), if there are two T̄ or more."""
     dmd = sorted((r for r in rows if r.get("t_bar") is not None and r["steps"] == 1), key=lambda r: r["t_bar"])
     if len({r["t_bar"] for r in dmd}) < 2:
         path.unlink(missing_ok=True)  # a plot from an earlier run with other entries would mislead
@@ -232,8 +232,24 @@ def write_tbar_sweep(path: Path, rows: list[dict]) -> bool:
     return True
 
 
+def portable(value):
+    """Paths inside the installed package written relative to it (`pixsig_distill/toy/weights/clip`), so that a
+    committed board names no machine's folders."""
+    import pixsig_distill
+
+    root = str(Path(pixsig_distill.__file__).resolve().parent.parent) + "/"
+    if isinstance(value, str):
+        return value.replace(root, "")
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    return value
+
+
 def write_all(out: Path, stem: str, results: list[dict], meta: dict, images: list, grid_n: int) -> None:
     """<stem>.md / .csv / .json, the grid (one row per result) and tbar_sweep.png."""
+    meta.update(portable(meta))
     n_grid = min(grid_n, meta["n_samples"])
     meta.update(grid_n=n_grid, grid_rows=[r["name"] if r.get("kind") == "real" else f"{r['name']} ({r['steps']} "
                                           f"step{'' if r['steps'] == 1 else 's'})" for r in results])

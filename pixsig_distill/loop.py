@@ -242,8 +242,8 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
                "last_logs": logs}
     if step >= cfg.max_steps and main and not stopped_by_budget:
         summary["export"] = str(_exportable(method, accelerator, fresh_method, out_dir).export(out_dir / "export"))
-    if cfg.log_with:
-        accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group the caller still uses
+        tracker.finish()
     if main:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()

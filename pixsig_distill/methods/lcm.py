@@ -277,7 +277,7 @@ class LCM:
         card = {"method": self.method_name, "num_inference_steps": self.num_inference_steps, "guidance_scale": 1.0,
                 "scheduler": "LCMScheduler", "original_inference_steps": self.num_ddim_timesteps,
                 "timestep_scaling": self.timestep_scaling, "guidance_w": self.guidance_w,
-                "eval_steps": [1, 2, 4]}  # the seed table's rows
+                "eval_steps": [1, 2, 4]}  # the rows of the PixArt-Σ paper's supplement, Table 1
         if self.w_embedding:
             card.update(w_embedding=True, w_range=list(self.w_range), baked_w=self.export_w)
         return card

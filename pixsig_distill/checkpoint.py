@@ -93,8 +93,7 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
     if resume in (None, "never", "none", False):
         return None
     if resume == "auto":
-        found = list_checkpoints(ckpt_root)
-        return found[-1] if found else None
+        return _newest_intact(list_checkpoints(ckpt_root))
     path = Path(str(resume)).expanduser()
     pickles = sorted(f.name for f in path.glob("*") if f.suffix.lower() in PICKLE_SUFFIXES) if path.is_dir() else []
     if path.is_file() or pickles:
@@ -106,6 +105,39 @@ def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
         raise UserError(f"resume='{resume}' is not a complete checkpoint folder (no {STATE_FILE}); "
                         f"use resume=auto, resume=never or a checkpoints/step-N folder")
     return path
+
+
+def _newest_intact(found: list[Path]) -> Path | None:
+    """The newest checkpoint whose files read back; a damaged newer one is skipped, and the log says so."""
+    problems = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                log.warning("resuming from the intact earlier checkpoint %s: %s", path.name, "; ".join(problems))
+            return path
+        problems.append(f"{path.name} is damaged ({problem})")
+    if problems:
+        raise UserError(f"every checkpoint in '{found[-1].parent}' is damaged ({'; '.join(problems)}); "
+                        f"use resume=never to start over")
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be read (None if its state and every tensor file's header and
+    length check out). Reads headers only: a multi-GiB checkpoint is checked in milliseconds."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return f"{STATE_FILE} has no step"
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+    except Exception as err:  # noqa: BLE001  (any failure to read is damage)
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
+    return None
 
 
 def keep_configured_hyperparameters(name: str, optimizer, configured: list[dict]) -> None:

@@ -68,11 +68,48 @@ def validate_train_config(cfg: DictConfig, check_resume: bool = True) -> None:
         check_int(cfg, key, 1)
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"train.mixed_precision={cfg.train.mixed_precision!r}; use no, fp16 or bf16")
-    if not check_resume:
+    if not check_resume or cfg.resume == "auto":  # auto picks its checkpoint when the run starts
         return
     from .checkpoint import resolve_resume
 
     resolve_resume(cfg.resume, Path(str(cfg.out_dir)) / "checkpoints")  # a bad resume= path fails before loading
+
+
+# What a resumed run may change: how long it goes on, how often it logs and saves, where it runs, what is evaluated
+# afterwards, and the optimizers' settings (a new lr is taken, and the log says so: checkpoint.py).
+RESUMABLE_CHANGES = ("out_dir", "resume", "device", "eval.", "train.max_steps", "train.time_budget_min",
+                     "train.num_workers", "train.log_every", "train.log_with", "train.sample_every", "train.ckpt_every",
+                     "train.keep_checkpoints", "train.preview_prompts")
+
+
+def check_resumed_config(cfg: DictConfig, out_dir: Path) -> None:
+    """A run folder resumed (resume=auto, a checkpoint there) with other settings than the run it holds: refused in
+    one line naming the keys, instead of re-exporting the old weights under the new settings' card."""
+    from .checkpoint import list_checkpoints
+
+    recorded = Path(out_dir) / "config.yaml"
+    if cfg.resume != "auto" or not recorded.is_file() or not list_checkpoints(Path(out_dir) / "checkpoints"):
+        return
+    try:
+        before = _flat(OmegaConf.to_container(OmegaConf.load(recorded), resolve=False))
+    except Exception:  # noqa: BLE001  (an unreadable record cannot be compared; the checkpoint still loads)
+        return
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = [key for key in sorted(before.keys() | now.keys())
+               if not key.startswith(RESUMABLE_CHANGES) and "optimizer." not in key
+               and before.get(key, "(unset)") != now.get(key, "(unset)")]
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k, '(unset)')} → {now.get(k, '(unset)')}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UserError(f"out_dir='{out_dir}' holds a run with other settings ({shown}{more}); give this run its own "
+                        f"out_dir, re-run with the recorded settings to resume, or pass resume=never to start over "
+                        f"in that folder")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
 
 
 def build(node: DictConfig, **kwargs):
@@ -194,7 +231,7 @@ def compose_error(config_name: str, argv: list[str], needs_values: bool = True) 
         if any(c in value for c in "=[]{}, "):  # e.g. a run folder named after its overrides: a path to quote
             return (f"cannot parse the override '{err.override}': its value has characters Hydra reads as syntax; "
                     f"quote it: '{key}=\"{value}\"'")
-        return f"cannot parse the override '{err.override}': {_one_line(err)}"
+        return f"cannot parse the override '{err.override}'; quote the value: '{key}=\"{value}\"'"
     except ConfigCompositionException as err:
         match = re.search(r"Could not override '([^']+)'", str(err))
         if match and "not in struct" in str(err.__cause__ or err):
@@ -209,6 +246,9 @@ def compose_error(config_name: str, argv: list[str], needs_values: bool = True) 
         return _one_line(err)
     except (HydraException, OmegaConfBaseException) as err:
         return _one_line(err)
+    message = value_type_error(config_name, overrides, cfg)
+    if message:
+        return message
     if needs_values:  # a `???` the chosen options need (data=images's folder): Hydra would fail deep in instantiate
         missing = [key for key in cfg if key != "hydra" and OmegaConf.is_missing(cfg, key)]
         missing += [full_key for key in cfg if key != "hydra" and isinstance(cfg._get_node(key), DictConfig)
@@ -216,6 +256,47 @@ def compose_error(config_name: str, argv: list[str], needs_values: bool = True) 
         if missing:
             return f"{missing[0]} has no value and the chosen options need one; set it: {missing[0]}=..."
     return output_folder_error(cfg)
+
+
+def _is_group(key: str) -> bool:
+    """`distill`, `model`, `distill/gan/real_images`, ...: a config group (a folder of conf/), not a value."""
+    return (PACKAGE_DIR / "conf" / key.lstrip("+~")).is_dir()
+
+
+def value_type_error(config_name: str, overrides: list[str], cfg: DictConfig) -> str | None:
+    """A value given on the command line that cannot be what its setting holds, by the setting's default: a
+    number setting (an integer one) given text, an empty string, a float (for an integer), NaN or infinity, or a
+    negative number. One check for every command, before anything is loaded; ranges particular to a setting are
+    checked where it is used (e.g. `validate_train_config`, the methods)."""
+    groups = [o for o in overrides if _is_group(o.partition("=")[0])]
+    base = None
+    for override in overrides:
+        key, eq, _ = override.partition("=")
+        key = key.lstrip("+~")
+        if not eq or _is_group(key) or key.startswith("hydra"):
+            continue
+        if base is None:
+            try:
+                base = _compose(config_name, groups)
+            except Exception:  # noqa: BLE001  (the group choices themselves are reported by compose_error)
+                return None
+        default = OmegaConf.select(base, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue  # text, lists, null defaults: checked where the setting is used
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        except Exception:  # noqa: BLE001
+            continue
+        if value is None:
+            continue  # null turns some number settings off (e.g. distill.ema_decay=null: no EMA)
+        wanted = "an integer" if isinstance(default, int) else "a number"
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                isinstance(default, int) and not integral):
+            return f"{key}={value!r} is not {wanted}; give {wanted} (the default is {default})"
+        if value < 0 <= default:
+            return f"{key}={value} is negative; give {wanted} >= 0 (the default is {default})"
+    return None
 
 
 def _concrete_prefix(value) -> str | None:
@@ -251,7 +332,9 @@ def output_folder_error(cfg: DictConfig) -> str | None:
             continue
         problem = writable_folder_error(Path(prefix).expanduser())
         if problem:
-            return f"{key}='{value}' cannot be created or written ({problem}); choose a writable folder with {key}=..."
+            # an unresolved default (`outputs/${hydra:job.name}/...`) is named by its concrete part, not as a path
+            shown = f"='{value}'" if "${" not in str(value) else f" (the default, a folder under '{prefix}')"
+            return f"{key}{shown} cannot be created or written ({problem}); choose a writable folder with {key}=..."
     return None
 
 

@@ -182,6 +182,15 @@ class CachedTextDataset(Dataset):
         rows = [where[p] for p in dict.fromkeys(wanted) if p in where]
         return rows or list(range(min(len(wanted), len(self))))
 
+    def check_teacher(self, teacher) -> None:
+        """Embeddings of another text encoder (another width) than the teacher's: refused in one line."""
+        wanted = teacher.transformer.config.caption_channels
+        if int(self.index["dim"]) != wanted:
+            raise UserError(f"text cache '{self.folder}' holds {self.index['dim']}-wide embeddings (from "
+                            f"{self.index.get('model', 'another model')}) but the teacher's transformer reads "
+                            f"{wanted}-wide ones; re-create the cache with this teacher's model= "
+                            f"(python -m pixsig_distill.cache_text)")
+
     def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty-prompt embedding (L, D) and mask (L,), for CFG without T5."""
         with safe_open(self.folder / "null.safetensors", "pt") as f:

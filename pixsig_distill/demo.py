@@ -121,9 +121,19 @@ def build_app(models: list[DemoModel], examples: list[str], title: str = "pixsig
     return app
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def check_port(host: str, port) -> int:
+    """demo.port (null: a free one) as a port this machine can serve on now, checked before minutes of model
+    loading."""
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+        raise UserError(f"demo.port={port!r} is not a port number; use an integer in 1..65535, or demo.port=null "
+                        f"for a free one")
     with socket.socket() as s:
-        s.bind((host, 0))
+        try:
+            s.bind((str(host), port or 0))
+        except OSError as err:  # in use, privileged, or a host name that is not this machine's
+            raise UserError(f"cannot serve on {host}:{port or 'any port'} ({err.strerror or err}); choose another "
+                            f"demo.port (null: a free one) or demo.host (127.0.0.1, or 0.0.0.0 for every "
+                            f"interface)") from None
         return s.getsockname()[1]
 
 
@@ -142,11 +152,11 @@ def serve(cfg: DictConfig, block: bool = True):
     except ImportError:
         raise UserError('the demo needs Gradio: pip install "pixsig-distill[demo]"') from None
     del gradio
+    port = check_port(cfg.demo.host, cfg.demo.port)
     models = load_models(cfg)
     print(f"{len(models)} models: " + ", ".join(m.name for m in models))
     app = build_app(models, example_prompts(cfg.examples))
     app.pixsig_models = len(models)
-    port = cfg.demo.port or free_port(cfg.demo.host)
     print(f"serving on http://{cfg.demo.host}:{port} (Ctrl+C to stop)", flush=True)
     app.launch(server_name=cfg.demo.host, server_port=int(port), share=bool(cfg.demo.share),
                prevent_thread_lock=not block, quiet=True)

@@ -44,9 +44,13 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float | None = None
     return get_peft_model(transformer, config)
 
 
-def save_lora(model, folder: Path, card: dict) -> Path:
+def save_lora(model, folder: Path, card: dict, scheduler=None) -> Path:
+    """The adapter in peft format, its card, and (`scheduler`) the student's own scheduler in `scheduler/`, so that
+    merging it into a base later keeps the recipe it was trained for (merge_lora)."""
     folder = Path(folder)
     model.save_pretrained(str(folder), safe_serialization=True)
+    if scheduler is not None:
+        scheduler.save_pretrained(str(folder / "scheduler"))
     (folder / LORA_CARD).write_text(json.dumps(card, indent=1))
     return folder
 

@@ -164,6 +164,7 @@ def plan(cfg: DictConfig) -> dict:
     gpu_name = None if options.gpu is None else str(options.gpu)  # `plan.gpu=4090` arrives as an integer
     if gpu_name is not None and gpu_name not in GPUS:
         raise UserError(f"plan.gpu={gpu_name!r}; use one of {', '.join(GPUS)} (or null for memory only)")
+    check_plan_options(options)
     began = time.time()
     step, layers = predict_step(cfg, tuple(options.depths), options.exact)
     report = {"prediction": True, "model": str(cfg.model.pretrained), "layers": layers,
@@ -203,6 +204,24 @@ def plan(cfg: DictConfig) -> dict:
         Path(options.out).parent.mkdir(parents=True, exist_ok=True)
         Path(options.out).write_text(json.dumps(report, indent=1))
     return report
+
+
+def check_plan_options(options: DictConfig) -> None:
+    """plan.depths and plan.out, refused in one line before minutes of simulation."""
+    depths = options.depths
+    if not (OmegaConf.is_list(depths) and len(depths) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in depths)
+            and depths[0] != depths[1]):
+        raise UserError(f"plan.depths={OmegaConf.to_container(depths) if OmegaConf.is_list(depths) else depths!r}; "
+                        f"give two different transformer depths >= 1 to extrapolate from, e.g. plan.depths=[1,2]")
+    if options.out:
+        from .config import writable_folder_error
+
+        out = Path(str(options.out)).expanduser()
+        problem = "it is a folder" if out.is_dir() else writable_folder_error(out.parent)
+        if problem:
+            raise UserError(f"plan.out='{options.out}' cannot be written ({problem}); choose a file in a writable "
+                            f"folder, e.g. plan.out=plan.json")
 
 
 def format_report(report: dict) -> str:

@@ -4,7 +4,7 @@
 renders held in memory, or an encoded image folder. `encode_image_folder` encodes a folder of captioned images
 once, by the teacher's VAE and T5, in the text cache's format (`data.write_text_cache`: safetensors shards with
 the valid tokens only and the latents as a per-row tensor) under `<folder>/.pixsig-latents/<key>/` (the key
-covers the teacher, the resolution and the file list). It is read back memory-mapped (`data.CachedTextDataset`),
+covers the teacher, the resolution, the captions and the bytes of every image). It is read back memory-mapped (`data.CachedTextDataset`),
 so later runs neither re-encode nor keep the encoders busy, and a folder of any size costs no RAM: padded to
 300 tokens in memory, PixArt's T5 features alone would take 4.9 MB per image in float32.
 Captions: `metadata.jsonl` ({"file_name", "text"} per line, the Hugging Face image-folder convention) or
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .data import INDEX, CachedTextDataset, write_text_cache
@@ -76,22 +76,13 @@ def read_captioned_folder(folder: Path) -> tuple[list[Path], list[str]]:
                         f"captions.txt")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if (folder / "metadata.jsonl").is_file():
-        try:
-            rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-            pairs = [(folder / r["file_name"], r["text"]) for r in rows]
-            bad = [r["file_name"] for r in rows if not isinstance(r["text"], str)]
-            if bad:  # a null caption would train as the text "None"
-                raise UserError(f"{folder / 'metadata.jsonl'}: {len(bad)} captions are not text (e.g. {bad[0]!r}: "
-                                f"null or a number); give every image a caption string")
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{folder / 'metadata.jsonl'}: a line is not {{\"file_name\": \"...\", \"text\": "
-                            f"\"...\"}} ({type(err).__name__}: {err}); fix that line") from None
+        pairs = _metadata_pairs(folder)
         unlisted = sorted(set(images) - {p for p, _ in pairs})
         if unlisted:
             raise UserError(f"image folder '{folder}': {len(unlisted)} images have no caption in metadata.jsonl (e.g. "
                             f"{unlisted[0].name}); add a line for each or move them out")
     elif (folder / "captions.txt").is_file():
-        captions = (folder / "captions.txt").read_text(encoding="utf-8").splitlines()
+        captions = _utf8_text(folder / "captions.txt").splitlines()
         while captions and not captions[-1].strip():
             captions.pop()
         if len(captions) != len(images):
@@ -109,41 +100,117 @@ def read_captioned_folder(folder: Path) -> tuple[list[Path], list[str]]:
     empty = [p for p, c in pairs if not c.strip()]
     if empty:
         raise UserError(f"image folder '{folder}': {len(empty)} images have an empty caption (e.g. {empty[0].name})")
-    readable = [(p, c) for p, c in pairs if _readable(p)]
+    return _skip_unreadable(folder, pairs, _header_problem)
+
+
+def _utf8_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"'{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+
+
+def _metadata_pairs(folder: Path) -> list[tuple[Path, str]]:
+    """(image, caption) per line of metadata.jsonl, a bad line named by its line number."""
+    path, pairs = folder / "metadata.jsonl", []
+    for number, line in enumerate(_utf8_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}, line {number}: not JSON ({err.msg}, column {err.colno}); fix that line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or "text" not in row:
+            raise UserError(f"{path}, line {number}: not {{\"file_name\": \"...\", \"text\": \"...\"}}; fix that line")
+        if not isinstance(row["text"], str):  # a null caption would train as the text "None"
+            raise UserError(f"{path}, line {number}: the caption of {row['file_name']!r} is not text "
+                            f"({row['text']!r}); give every image a caption string")
+        pairs.append((folder / row["file_name"], row["text"]))
+    return pairs
+
+
+def _skip_unreadable(folder: Path, pairs: list, problem_of) -> tuple[list[Path], list[str]]:
+    """The pairs whose image `problem_of` finds nothing wrong with; the others are skipped, counted and logged with
+    the reason."""
+    problems = {p: problem_of(p) for p, _ in pairs}
+    readable = [(p, c) for p, c in pairs if problems[p] is None]
     if not readable:
-        raise UserError(f"image folder '{folder}': none of its {len(pairs)} images can be read as an image")
+        first = next(iter(problems))
+        raise UserError(f"image folder '{folder}': none of its {len(pairs)} images can be read as an image (e.g. "
+                        f"{first.name}: {problems[first]})")
     if len(readable) < len(pairs):
-        bad = next(p for p, _ in pairs if not _readable(p))
-        log.warning("image folder %s: skipped %d unreadable images of %d (e.g. %s)", folder,
-                    len(pairs) - len(readable), len(pairs), bad.name)
+        bad = next(p for p, _ in pairs if problems[p] is not None)
+        log.warning("image folder %s: skipped %d unreadable images of %d (e.g. %s: %s)", folder,
+                    len(pairs) - len(readable), len(pairs), bad.name, problems[bad])
     return [p for p, _ in readable], [c for _, c in readable]
 
 
-def _readable(path: Path) -> bool:
+def _header_problem(path: Path) -> str | None:
+    """Cheap: the header and structure check out (every run)."""
     try:
         with Image.open(path) as image:
             image.verify()
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as err:  # noqa: BLE001  (PIL raises many kinds)
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
+
+
+def _decode_problem(path: Path) -> str | None:
+    """Thorough: the whole image decodes to RGB (once, before a folder is encoded)."""
+    try:
+        _load_resized(path, 8)
+        return None
+    except Exception as err:  # noqa: BLE001  (a corrupt data stream surfaces as OSError, SyntaxError, ...)
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB with the colours a viewer shows: EXIF rotation applied, 16- and 32-bit
+    grayscale scaled to 8 bits (a plain convert clips them to white), float images scaled from [0, 1], and
+    transparency composited over white (a plain convert turns transparent pixels black)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+            values = values / 65535 * 255  # 16-bit samples (PIL opens 16-bit grayscale PNGs as I or I;16)
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, P, CMYK, YCbCr, 1 ...
 
 
 def _load_resized(path: Path, size: int) -> np.ndarray:
-    """Centre crop to a square, then resize (bicubic) to the model's resolution; any mode (L, RGBA, P) → RGB."""
+    """Centre crop to a square, then resize (bicubic) to the model's resolution, as RGB (`to_rgb`)."""
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))
         return np.asarray(image.resize((size, size), Image.BICUBIC) if side != size else image)
 
 
+def _content_digest(path: Path) -> str:
+    """The image's bytes, hashed: an image edited in place (even at the same size) is encoded again."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def encode_image_folder(teacher, folder: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Encode a captioned folder once (VAE latents + T5 embeddings, text-cache shards); returns the cache folder."""
+    """Encode a captioned folder once (VAE latents + T5 embeddings, text-cache shards); returns the cache folder.
+
+    The cache is keyed by the teacher, the resolution and the captions and bytes of every image, so any change
+    re-encodes."""
     folder = Path(folder).expanduser()
     paths, captions = read_captioned_folder(folder)
     key = hashlib.sha256(json.dumps([str(getattr(teacher.pipe, "name_or_path", "")), teacher.resolution,
-                                     teacher.max_sequence_length, [(p.name, p.stat().st_size) for p in paths],
+                                     teacher.max_sequence_length, [(p.name, _content_digest(p)) for p in paths],
                                      captions]).encode()).hexdigest()[:16]
     cache = Path(cache_dir).expanduser() if cache_dir else folder / ".pixsig-latents" / key
     if (cache / INDEX).is_file():  # written last: the cache is complete
@@ -155,6 +222,14 @@ def encode_image_folder(teacher, folder: str | Path, cache_dir: str | Path | Non
         raise UserError(f"the images of '{folder}' are not encoded yet and this teacher was loaded without T5 "
                         f"(model.load_text_encoder=false), which their captions need; run once with "
                         f"model.load_text_encoder=true (the encodings are then cached in {cache})")
+    from .config import writable_folder_error
+
+    problem = writable_folder_error(cache)
+    if problem:
+        raise UserError(f"cannot write the encodings of '{folder}' to '{cache}' ({problem}); give a writable cache "
+                        f"folder: data.cache_dir=DIR (data=images), distill.gan.real_images.cache_dir=DIR (DMD2), "
+                        f"or out_dir=DIR (cache_text images=...)")
+    paths, captions = _skip_unreadable(folder, list(zip(paths, captions)), _decode_problem)  # a corrupt data stream
 
     def latents(embeds, mask, first: int) -> dict:  # the images of the captions just encoded, in the same rows
         rows = range(first, first + len(embeds))

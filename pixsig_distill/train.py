@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import build, validate_train_config  # importing config also registers its resolvers
+from .config import build, check_resumed_config, validate_train_config  # importing config also registers its resolvers
 from .distributed import device_name, make_accelerator
 
 from .loop import LoopConfig, RunLock, train
@@ -39,11 +39,14 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
+    check_resumed_config(cfg, out_dir)  # before config.yaml, the record it compares with, is rewritten
     set_seed(cfg.seed)
     teacher = build(cfg.model, device=str(accelerator.device))
     dataset = build(cfg.data)
     if isinstance(dataset, functools.partial):  # a dataset the teacher encodes (data=images: VAE latents, T5)
         dataset = dataset(teacher=teacher)
+    if hasattr(dataset, "check_teacher"):  # cached embeddings: of this teacher's text encoder?
+        dataset.check_teacher(teacher)
     if teacher.pipe.text_encoder is None and hasattr(dataset, "null_embedding"):
         embeds, mask = dataset.null_embedding()
         teacher.set_null_embedding(embeds[None].to(teacher.device, teacher.dtype), mask[None].to(teacher.device))

@@ -30,7 +30,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from pixsig_distill.teacher import Teacher
-from pixsig_distill.schedule import PIXART_SCHEDULER, tiny_pipeline
+from pixsig_distill.schedule import PIXART_SCHEDULER
+from pixsig_distill.testing import tiny_pipeline
 
 TARGETS = ["caption_proj", "log_std", "proj"]  # the linears LoRA adapts here (distill.*.lora_target_modules)
 

@@ -427,7 +427,7 @@ def test_a_null_caption_in_metadata_is_refused(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"file_name": "a.png", "text": "a red circle"}, {"file_name": "b.png", "text": None}]))
-    with pytest.raises(UserError, match="1 captions are not text .*'b.png'"):
+    with pytest.raises(UserError, match="line 2: the caption of 'b.png' is not text"):
         read_captioned_folder(tmp_path)
 
 
@@ -442,3 +442,195 @@ def test_the_planner_refuses_a_schedule_that_train_refuses(tiny_folder):
                                          "distill.timesteps=[200,400]"])
     with pytest.raises(UserError, match="decreasing order"):
         plan(cfg)
+
+
+def _plan_config(tiny_folder, *overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        return compose("plan", overrides=["model=pixart_sigma_512", f"model.pretrained={tiny_folder}",
+                                          "model.max_sequence_length=16", "model.resolution=16", *overrides])
+
+
+@pytest.mark.parametrize("method", ["finetune", "finetune_lora"])
+def test_the_planner_plans_a_finetune(method, tiny_folder):
+    """Caption dropout used to branch on a drawn value, which fake tensors do not have."""
+    from pixsig_distill.plan import plan
+
+    report = plan(_plan_config(tiny_folder, f"distill={method}", "data=images"))
+    assert report["step"]["peak"] > report["step"]["params"] > 0
+
+
+@pytest.mark.parametrize("override,message", [("plan.depths=[]", "two different transformer depths"),
+                                              ("plan.depths=[2,2]", "two different transformer depths"),
+                                              ("plan.depths=[0,1]", "two different transformer depths"),
+                                              ("plan.out=/proc/plan.json", "cannot be written")])
+def test_bad_planner_options_are_one_line_before_simulating(override, message, tiny_folder):
+    from pixsig_distill.plan import plan
+
+    with pytest.raises(UserError, match=message):
+        plan(_plan_config(tiny_folder, override))
+
+
+def test_the_demo_checks_its_port_before_loading_models():
+    import socket
+
+    from pixsig_distill.demo import check_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(UserError, match="not available|cannot serve"):
+            check_port("127.0.0.1", taken.getsockname()[1])
+    for bad in ("abc", 70000, 0, -1, True):
+        with pytest.raises(UserError, match="not a port number"):
+            check_port("127.0.0.1", bad)
+    with pytest.raises(UserError, match="cannot serve"):
+        check_port("no-such-host.invalid", None)
+    assert 1 <= check_port("127.0.0.1", None) <= 65535
+
+
+def test_resume_falls_back_to_the_intact_earlier_checkpoint(tmp_path, caplog):
+    import torch
+
+    from pixsig_distill.checkpoint import resolve_resume, save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        save_checkpoint(root, step, {"generator": {"w": torch.full((64,), float(step))}}, {}, {}, keep=2)
+    weights = root / "step-0000004" / "generator.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a damaged newest checkpoint
+    with caplog.at_level("WARNING"):
+        assert resolve_resume("auto", root) == root / "step-0000002"
+    assert "step-0000004 is damaged" in caplog.text
+    weights = root / "step-0000002" / "generator.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(UserError, match="every checkpoint .* is damaged.*resume=never"):
+        resolve_resume("auto", root)
+
+
+# ---- image folders: content-keyed caches, decoding, text encodings -------------------------------------------
+
+@pytest.fixture
+def tiny_teacher(compose_train):
+    from pixsig_distill.config import build
+
+    return build(compose_train().model)
+
+
+def _folder(tmp_path, n=3):
+    from test_finetune import write_folder
+
+    return write_folder(tmp_path / "images", n=n)
+
+
+def test_an_image_edited_in_place_at_the_same_size_is_encoded_again(tiny_teacher, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pixsig_distill.data import CachedTextDataset
+    from pixsig_distill.real_images import encode_image_folder
+
+    folder = _folder(tmp_path)
+    path = folder / "000.png"
+    pixels = np.asarray(Image.open(path)).copy()
+    Image.fromarray(pixels).save(path, compress_level=0)  # stored uncompressed: the size depends on the shape only
+    first, size = encode_image_folder(tiny_teacher, folder), path.stat().st_size
+    pixels[..., 0] = 255 - pixels[..., 0]  # another image, edited in place ...
+    Image.fromarray(pixels).save(path, compress_level=0)
+    assert path.stat().st_size == size  # ... at the same byte size
+    second = encode_image_folder(tiny_teacher, folder)
+    assert second != first
+    old, new = CachedTextDataset(first)[0]["latents"], CachedTextDataset(second)[0]["latents"]
+    assert not torch.equal(old, new)
+
+
+def test_images_decode_to_the_colours_a_viewer_shows(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pixsig_distill.real_images import to_rgb
+
+    gray16 = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))  # mid-gray at 16 bits
+    gray16.save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as image:
+        assert abs(int(np.asarray(to_rgb(image))[0, 0, 0]) - 128) <= 1  # not clipped to white
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # fully transparent: the background shows, white
+    assert np.asarray(to_rgb(clear))[0, 0].tolist() == [255, 255, 255]
+    half = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), "F")
+    assert np.asarray(to_rgb(half))[0, 0, 0] in (127, 128)
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # red
+    assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
+
+
+def test_a_corrupt_data_stream_is_skipped_and_counted(tiny_teacher, tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    from pixsig_distill.data import CachedTextDataset
+    from pixsig_distill.real_images import encode_image_folder
+
+    folder = _folder(tmp_path)
+    Image.open(folder / "001.png").convert("RGB").resize((64, 64)).save(folder / "001.jpg", quality=95)
+    data = (folder / "001.jpg").read_bytes()
+    (folder / "001.jpg").write_bytes(data[:len(data) // 2])  # the header verifies; the data stops halfway
+    (folder / "001.png").unlink()
+    with caplog.at_level(logging.WARNING):
+        cache = encode_image_folder(tiny_teacher, folder)
+    assert "skipped 1 unreadable images of 3 (e.g. 001.jpg" in caplog.text
+    assert len(CachedTextDataset(cache)) == 2
+
+
+@pytest.mark.parametrize("case,message", [
+    ("captions_latin1", "is not UTF-8 text"), ("metadata_latin1", "is not UTF-8 text"),
+    ("metadata_bad_json", "metadata.jsonl, line 2: not JSON"), ("unwritable_cache", "data.cache_dir=DIR")])
+def test_bad_caption_files_and_cache_folders_are_one_line(case, message, tiny_teacher, tmp_path):
+    import json
+
+    from pixsig_distill.real_images import encode_image_folder
+
+    folder, cache_dir = _folder(tmp_path), None
+    if case == "captions_latin1":
+        (folder / "captions.txt").write_bytes("caf\u00e9\n".encode("latin-1") * 3)
+    elif case.startswith("metadata"):
+        (folder / "captions.txt").unlink()
+        lines = [json.dumps({"file_name": f"{i:03d}.png", "text": "a red circle"}) for i in range(3)]
+        if case == "metadata_bad_json":
+            lines[1] = lines[1][:-1]
+        text = "\n".join(lines) + "\n"
+        (folder / "metadata.jsonl").write_bytes(text.encode() if case == "metadata_bad_json" else
+                                                 text.replace("circle", "caf\u00e9").encode("latin-1"))
+    else:
+        cache_dir = "/proc/pixsig-cache"  # cannot be created, even by root
+    with pytest.raises(UserError, match=message):
+        encode_image_folder(tiny_teacher, folder, cache_dir=cache_dir)
+
+
+def test_a_text_cache_of_another_text_encoder_is_refused(tiny_teacher, tmp_path):
+    import torch
+
+    from pixsig_distill.data import CachedTextDataset, write_text_cache
+
+    def encode(prompts):  # a text encoder 3 wide, unlike the teacher's
+        return torch.ones(len(prompts), 4, 3), torch.ones(len(prompts), 4, dtype=torch.long)
+
+    cache = write_text_cache(tmp_path / "cache", ["a red circle"], encode, encode([""]),
+                             meta={"model": "some/other-model"})
+    with pytest.raises(UserError, match="3-wide embeddings .*some/other-model.* reads 8-wide|3-wide embeddings"):
+        CachedTextDataset(cache).check_teacher(tiny_teacher)
+
+
+def test_a_changed_config_on_a_finished_run_is_refused(compose_train, tmp_path):
+    from pixsig_distill.train import run
+
+    run(compose_train("train.max_steps=2"))
+    card = (tmp_path / "run" / "export" / "pixsig_student.json").read_text()
+    with pytest.raises(UserError, match=r"other settings \(.*t_bar: 400 → 200\).*resume=never"):
+        run(compose_train("train.max_steps=2", "t_bar=200"))
+    assert (tmp_path / "run" / "export" / "pixsig_student.json").read_text() == card  # nothing re-exported
+    summary = run(compose_train("train.max_steps=3", "train.log_every=1"))  # what a resume may change
+    assert summary["finished"] and summary["step"] == 3
+    summary = run(compose_train("train.max_steps=2", "t_bar=200", "resume=never"))
+    assert summary["finished"]

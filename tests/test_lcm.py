@@ -224,6 +224,38 @@ def test_merge_lora_command_writes_the_exported_student(compose_train, tiny_fold
     assert (ours - exported).abs().max() <= 1e-5 * exported.abs().max()
 
 
+@pytest.mark.parametrize("method", ["finetune_lora", "dmd_lora"])
+def test_merge_lora_keeps_the_adapters_own_recipe(method, compose_train, tiny_folder, tmp_path):
+    """A merged fine-tune keeps its teacher's scheduler and CFG, a merged DMD LoRA generator its fixed timesteps:
+    merge_lora carries the adapter's recipe instead of labelling every adapter an LCM-LoRA."""
+    from hydra import compose, initialize_config_module
+
+    from pixsig_distill.merge_lora import merge_lora
+    from test_finetune import finetune, write_folder
+
+    if method == "finetune_lora":
+        finetune(compose_train, write_folder(tmp_path / "images"), tmp_path / "run", "distill=finetune_lora",
+                 "distill.lora_rank=4")
+    else:
+        run(compose_train("train.max_steps=2", "distill.generator.lora_rank=4", out_dir=tmp_path / "run"))
+    export = tmp_path / "run" / "export"
+
+    def merge(*extra):
+        with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+            return merge_lora(compose("merge_lora", overrides=[f"base={tiny_folder}", f"lora={export / 'lora'}",
+                                                               f"out_dir={tmp_path / 'merged'}", *extra]))
+
+    merge()
+    exported, merged = (json.loads((d / "pixsig_student.json").read_text()) for d in (export, tmp_path / "merged"))
+    for key in ("method", "scheduler", "num_inference_steps", "guidance_scale", "timesteps"):
+        assert merged.get(key) == exported.get(key), key
+    schedulers = [json.loads((d / "scheduler" / "scheduler_config.json").read_text()) for d in (export, tmp_path / "merged")]
+    assert schedulers[0] == schedulers[1]
+    if method == "dmd_lora":
+        with pytest.raises(UserError, match="fixed timesteps"):
+            merge("num_inference_steps=4")
+
+
 def test_lora_rank_must_be_positive(compose_train):
     cfg = compose_train("distill=lcm_lora")
     teacher = build(cfg.model)

@@ -203,7 +203,7 @@ def export_network(teacher, network: torch.nn.Module, scheduler, out_dir: Path, 
         return export_pipeline(teacher, network, scheduler, out_dir, card, full_pipeline)
     lora_card = {**{k: v for k, v in card.items() if k != "lora"}, "base": getattr(teacher.pipe, "name_or_path", None)}
     return export_pipeline(teacher, merged_copy(network), scheduler, out_dir, card, full_pipeline,
-                           extra=lambda folder: save_lora(network, folder / "lora", lora_card))
+                           extra=lambda folder: save_lora(network, folder / "lora", lora_card, scheduler))
 
 
 def export_pipeline(teacher, transformer: torch.nn.Module, scheduler, out_dir: Path, card: dict,

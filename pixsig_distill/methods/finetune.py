@@ -82,7 +82,8 @@ class FineTune:
         t = gen.randint(0, self.teacher.scheduler.config.num_train_timesteps, b).to(device)
         noise = gen.randn(tuple(x0.shape)).to(device)
         dropped = (gen.rand(b) < self.caption_dropout).to(device)
-        if dropped.any():  # the empty prompt for these rows: the unconditional branch CFG needs
+        if self.caption_dropout > 0:  # the empty prompt for dropped rows: the unconditional branch CFG needs
+            # (not `dropped.any()`: the planner runs this step on fake tensors, which have no values to branch on)
             null_embeds, null_mask = self.teacher.null_embedding(b)
             embeds = torch.where(dropped[:, None, None], null_embeds.to(embeds.dtype), embeds)
             mask = torch.where(dropped[:, None], null_mask.to(mask.dtype), mask)

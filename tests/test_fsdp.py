@@ -28,7 +28,7 @@ FSDP_CONFIG = ROOT / "pixsig_distill" / "conf" / "accelerate" / "cpu_fsdp2_2proc
 # √v, so where a gradient is ~0 (LoRA's A matrices start with zero gradient) that rounding can move a weight by a
 # fraction of one step (lr): measured at most 0.11·lr over 4 steps, 99.9 % of the weights within 5e-8.
 STEP_FRACTION, TYPICAL = 0.2, 1e-6
-LEARNING_RATES = {"dmd": 2e-5, "lcm_lora": 1e-4}  # conf/distill/*.yaml
+LEARNING_RATES = {"dmd": 2e-5, "lcm_lora": 1e-4, "finetune": 1e-4, "finetune_lora": 1e-4}  # conf/distill/*.yaml
 
 
 def launch(overrides: list[str], tmp_path: Path, processes: int = 2, **env) -> subprocess.CompletedProcess:
@@ -160,3 +160,35 @@ def test_fsdp2_runs_dmd2_as_one_process_does(tiny_folder, tiny_train_args, compo
     for name in networks:
         diff = differences(ours[f"{name}.safetensors"], theirs[f"{name}.safetensors"])
         assert diff.max() <= lr and diff.quantile(0.99) <= 0.02 * lr, (name, diff.max().item())
+
+
+@pytest.mark.parametrize("method, networks", [("finetune", ("transformer", "transformer_ema")),
+                                              ("finetune_lora", ("transformer", "transformer_ema"))])
+def test_fsdp2_fine_tunes_as_one_process_does(method, networks, tiny_folder, tiny_train_args, compose_train, tmp_path):
+    """Fine-tuning sharded, on a captioned image folder (encoded once beforehand: the launched runs load no T5):
+    the same weights as one process with the global batch, and an export stock diffusers loads."""
+    from hydra.utils import instantiate
+
+    from pixsig_distill.real_images import encode_image_folder
+    from test_finetune import write_folder
+
+    folder, bank = write_folder(tmp_path / "images", n=8), tmp_path / "bank"
+    encode_image_folder(instantiate(compose_train().model), folder, cache_dir=bank)
+
+    def command(out_dir, *extra):
+        return tiny_train_args(out_dir) + ["model.load_text_encoder=false", "data=images", f"data.folder={folder}",
+                                           f"data.cache_dir={bank}", "train.deterministic=true", f"distill={method}",
+                                           "train.max_steps=2", f"hydra.run.dir={tmp_path / 'hydra'}", *extra]
+
+    reference, out = tmp_path / "one_process", tmp_path / "fsdp"
+    one = launch(command(reference, "train.batch_size=4"), tmp_path, processes=1)
+    assert one.returncode == 0, one.log[-4000:]
+    two = launch(command(out), tmp_path)
+    assert two.returncode == 0, two.log[-4000:]
+    assert_in_sync(out, 2, networks)
+    ours, theirs = checkpoint_files(out, 2), checkpoint_files(reference, 2)
+    for name in networks:
+        assert_weights_close(ours[f"{name}.safetensors"], theirs[f"{name}.safetensors"], LEARNING_RATES[method], name)
+    from diffusers import PixArtTransformer2DModel
+
+    PixArtTransformer2DModel.from_pretrained(out / "export" / "transformer")

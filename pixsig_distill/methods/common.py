@@ -140,14 +140,16 @@ class EMA(torch.nn.Module):
 
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module):
-        """`model` with the EMA weights in place for the duration (previews); its own weights come back after."""
-        backup = {name: p.detach().to("cpu", copy=True) for name, p in trained_parameters(model)}
+        """`model` with the EMA weights in place for the duration (previews); its own weights come back after.
+        A sharded (FSDP2) model is resharded at both ends: a forward without backward leaves its gathered
+        parameters registered, which the sharded backup could not be copied into."""
+        backup = {name: p.detach().to("cpu", copy=True) for name, p in trained_parameters(resharded(model))}
         self.copy_to(model)
         try:
             yield model
         finally:
             with torch.no_grad():
-                for name, p in trained_parameters(model):
+                for name, p in trained_parameters(resharded(model)):
                     p.copy_(backup[name].to(p.device))
 
 

@@ -1,15 +1,19 @@
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # pytest-xdist workers (pyproject: -n 2) share the cores: each takes its share, and so do the processes it starts
-# (threads.py: two processes with a thread per core each ran 50× slower than one with one thread).
+# (threads.py: two processes with a thread per core each ran 50× slower than one with one thread). Set before
+# torch (and with it numpy's OpenBLAS, which sizes its thread pool once, at import) is imported: the evaluation's
+# bootstrap runs thousands of small eigvalsh calls (test_lcm's toy run: 45 s alone, 330 s beside another worker
+# while each worker's pool had 2 threads).
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _threads = max(1, min(2, (os.cpu_count() or 1) // _workers))
 if _workers > 1:
-    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(_threads)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(min(_threads, torch.get_num_threads()))
 
 

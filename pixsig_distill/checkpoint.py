@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def checkpoint_problem(path: Path) -> str | None:
             with safe_open(str(file), framework="pt") as f:
                 f.keys()
     except Exception as err:  # noqa: BLE001  (any failure to read is damage)
-        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
+        return first_line(err)
     return None
 
 

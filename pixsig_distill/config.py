@@ -66,6 +66,8 @@ def validate_train_config(cfg: DictConfig, check_resume: bool = True) -> None:
     for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "train.log_every",
                 "train.sample_every", "train.ckpt_every"):
         check_int(cfg, key, 1)
+    if cfg.train.time_budget_min is not None:
+        check_float(cfg, "train.time_budget_min", 0, "give minutes, e.g. train.time_budget_min=30, or null for none")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"train.mixed_precision={cfg.train.mixed_precision!r}; use no, fp16 or bf16")
     if not check_resume or cfg.resume == "auto":  # auto picks its checkpoint when the run starts
@@ -75,40 +77,36 @@ def validate_train_config(cfg: DictConfig, check_resume: bool = True) -> None:
     resolve_resume(cfg.resume, Path(str(cfg.out_dir)) / "checkpoints")  # a bad resume= path fails before loading
 
 
-# What a resumed run may change: how long it goes on, how often it logs and saves, where it runs, what is evaluated
-# afterwards, and the optimizers' settings (a new lr is taken, and the log says so: checkpoint.py).
+# What a resumed run may change: how long it goes on, how often it logs and saves, where and on how many processes
+# it runs (the same global batch: docs/scaling.md) and how it saves memory there (the same computation), what is
+# evaluated afterwards, and the optimizers' settings (a new lr is taken, and the log says so: checkpoint.py).
 RESUMABLE_CHANGES = ("out_dir", "resume", "device", "eval.", "train.max_steps", "train.time_budget_min",
                      "train.num_workers", "train.log_every", "train.log_with", "train.sample_every", "train.ckpt_every",
-                     "train.keep_checkpoints", "train.preview_prompts")
+                     "train.keep_checkpoints", "train.preview_prompts", "train.gradient_checkpointing",
+                     "train.deterministic", "train.batch_size", "train.grad_accum")
 
 
-def check_resumed_config(cfg: DictConfig, out_dir: Path) -> None:
-    """A run folder resumed (resume=auto, a checkpoint there) with other settings than the run it holds: refused in
-    one line naming the keys, instead of re-exporting the old weights under the new settings' card."""
-    from .checkpoint import list_checkpoints
-
-    recorded = Path(out_dir) / "config.yaml"
-    if cfg.resume != "auto" or not recorded.is_file() or not list_checkpoints(Path(out_dir) / "checkpoints"):
-        return
-    try:
-        before = _flat(OmegaConf.to_container(OmegaConf.load(recorded), resolve=False))
-    except Exception:  # noqa: BLE001  (an unreadable record cannot be compared; the checkpoint still loads)
-        return
-    now = _flat(OmegaConf.to_container(cfg, resolve=True))
-    changed = [key for key in sorted(before.keys() | now.keys())
-               if not key.startswith(RESUMABLE_CHANGES) and "optimizer." not in key
-               and before.get(key, "(unset)") != now.get(key, "(unset)")]
-    if changed:
-        shown = "; ".join(f"{k}: {before.get(k, '(unset)')} → {now.get(k, '(unset)')}" for k in changed[:4])
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise UserError(f"out_dir='{out_dir}' holds a run with other settings ({shown}{more}); give this run its own "
-                        f"out_dir, re-run with the recorded settings to resume, or pass resume=never to start over "
-                        f"in that folder")
+def run_fingerprint(cfg: DictConfig) -> dict:
+    """The settings that make a run what it is, flat and resolved; every checkpoint records them, and resuming
+    with other ones is refused (loop.train). Left out: `RESUMABLE_CHANGES`, the optimizers' settings, and values
+    that repeat another setting (`${t_bar}`, `${device}`, `${toy_asset:teacher}`): their sources count instead."""
+    raw = flat_settings(OmegaConf.to_container(cfg, resolve=False))
+    resolved = flat_settings(OmegaConf.to_container(cfg, resolve=True))
+    return {key: value for key, value in resolved.items()
+            if not key.startswith(RESUMABLE_CHANGES) and "optimizer." not in key and "${" not in str(raw.get(key))}
 
 
-def _flat(node, prefix: str = "") -> dict:
+def fingerprint_changes(recorded: dict, now: dict) -> list[str]:
+    """`key: old → new` for every setting both record with another value (one only a newer version records is
+    no change)."""
+    return [f"{key}: {recorded[key]} → {now[key]}" for key in sorted(recorded.keys() & now.keys())
+            if recorded[key] != now[key]]
+
+
+def flat_settings(node, prefix: str = "") -> dict:
+    """A nested config as `a.b.c: value` (lists stay values)."""
     if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in node.items() for k, v in flat_settings(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
 
 
@@ -287,14 +285,14 @@ def value_type_error(config_name: str, overrides: list[str], cfg: DictConfig) ->
             value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
         except Exception:  # noqa: BLE001
             continue
-        if value is None:
-            continue  # null turns some number settings off (e.g. distill.ema_decay=null: no EMA)
+        if value is None or isinstance(value, (list, dict)) or OmegaConf.is_config(value):
+            continue  # null turns some settings off (distill.ema_decay=null: no EMA); a list where one is allowed
         wanted = "an integer" if isinstance(default, int) else "a number"
         integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
                 isinstance(default, int) and not integral):
             return f"{key}={value!r} is not {wanted}; give {wanted} (the default is {default})"
-        if value < 0 <= default:
+        if value < 0 <= default and not key.endswith("weight"):  # a loss term's weight may be negative: a penalty
             return f"{key}={value} is negative; give {wanted} >= 0 (the default is {default})"
     return None
 

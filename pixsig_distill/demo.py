@@ -121,20 +121,28 @@ def build_app(models: list[DemoModel], examples: list[str], title: str = "pixsig
     return app
 
 
-def check_port(host: str, port) -> int:
-    """demo.port (null: a free one) as a port this machine can serve on now, checked before minutes of model
-    loading."""
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.getaddrinfo(host, None)[0][0]
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_port(host: str, port) -> int | None:
+    """demo.port (null or 0: a free one, picked when the models are loaded) and demo.host, checked before minutes
+    of model loading: a port that is in use, out of range or not a number, or a host that is not this machine's."""
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
         raise UserError(f"demo.port={port!r} is not a port number; use an integer in 1..65535, or demo.port=null "
                         f"for a free one")
-    with socket.socket() as s:
-        try:
+    try:
+        family = socket.getaddrinfo(str(host), None)[0][0]
+        with socket.socket(family) as s:
             s.bind((str(host), port or 0))
-        except OSError as err:  # in use, privileged, or a host name that is not this machine's
-            raise UserError(f"cannot serve on {host}:{port or 'any port'} ({err.strerror or err}); choose another "
-                            f"demo.port (null: a free one) or demo.host (127.0.0.1, or 0.0.0.0 for every "
-                            f"interface)") from None
-        return s.getsockname()[1]
+    except OSError as err:  # in use, privileged, or a host name that is not this machine's
+        raise UserError(f"cannot serve on {host}:{port or 'any port'} ({err.strerror or err}); choose another "
+                        f"demo.port (null: a free one) or demo.host (127.0.0.1, or 0.0.0.0 for every "
+                        f"interface)") from None
+    return port or None
 
 
 def example_prompts(source: str | None, n: int = 8) -> list[str]:
@@ -157,6 +165,7 @@ def serve(cfg: DictConfig, block: bool = True):
     print(f"{len(models)} models: " + ", ".join(m.name for m in models))
     app = build_app(models, example_prompts(cfg.examples))
     app.pixsig_models = len(models)
+    port = port or free_port(cfg.demo.host)  # picked now: a port found free minutes ago may be taken since
     print(f"serving on http://{cfg.demo.host}:{port} (Ctrl+C to stop)", flush=True)
     app.launch(server_name=cfg.demo.host, server_port=int(port), share=bool(cfg.demo.share),
                prevent_thread_lock=not block, quiet=True)

@@ -14,6 +14,11 @@ class UserError(Exception):
     """A problem with the user's input (config, paths, files), reported as a single line."""
 
 
+def first_line(err: BaseException, limit: int = 120) -> str:
+    """`TypeName: the first line of its message`, short enough to quote inside a one-line error."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:limit]}"
+
+
 def exit_on_user_error(fn):
     """Decorator for `main()` functions: UserError → one line on stderr and exit code 2."""
 

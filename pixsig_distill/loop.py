@@ -23,11 +23,12 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import (keep_configured_hyperparameters, list_checkpoints, load_checkpoint, read_optimizer_states,
+from .checkpoint import (STATE_FILE, keep_configured_hyperparameters, list_checkpoints, load_checkpoint, read_optimizer_states,
                          resolve_resume, save_checkpoint)
 from .distributed import (check_same_step, load_optimizer_states, model_state_dicts, optimizer_state_dicts,
                           parameters_sharded, resumable_optimizers, write_rank_digest)
 from .draws import StepDraws
+from .config import fingerprint_changes, flat_settings
 from .errors import UserError
 from .faults import fault_point
 from .images import save_grid, to_uint8
@@ -138,12 +139,13 @@ def collate(items: list[dict]) -> dict:
 
 def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int = 0,
           resume: str | None = "auto", accelerator: Accelerator | None = None, fresh_method=None,
-          tracker_config: dict | None = None) -> dict:
+          tracker_config: dict | None = None, fingerprint: dict | None = None) -> dict:
     """Train `method` until `cfg.max_steps` (or the time budget); returns a summary dict.
 
     `fresh_method()` builds an unprepared copy of the method: with sharded weights (FSDP2) the export is
     written from it, loaded with the final checkpoint's gathered weights. `tracker_config`: the run's settings,
-    recorded by the experiment trackers."""
+    recorded by the experiment trackers. `fingerprint`: the settings that make the run what it is
+    (config.run_fingerprint), recorded in every checkpoint; `resume=auto` refuses a checkpoint recorded with others."""
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
     if cfg.deterministic:
@@ -152,6 +154,8 @@ def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed
     with RunLock(out_dir) if accelerator.is_main_process else _nullcontext():
         start_step = 0
         path = resolve_resume(resume, ckpt_root)
+        if path is not None and resume == "auto":
+            _refuse_other_settings(path, fingerprint, out_dir)
         if path is not None:  # weights into the plain networks, before accelerate wraps or shards them
             start_step = load_checkpoint(path, method.checkpoint_modules())["step"]
             accelerator.print(f"resuming from {path} (step {start_step})")
@@ -161,8 +165,20 @@ def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed
         if path is not None:
             _resume_optimizers(path, method, accelerator)
         summary = _run(method, dataset, teacher, cfg, out_dir, seed, start_step, accelerator, fresh_method,
-                       tracker_config)
+                       tracker_config, fingerprint)
     return summary
+
+
+def _refuse_other_settings(path: Path, fingerprint: dict | None, out_dir: Path) -> None:
+    """The run in `out_dir` was trained with other settings than this command's (say `t_bar=200` on the folder of
+    a T̄ = 400 run): one line naming them, instead of resuming those weights under the new settings' card."""
+    recorded = json.loads((path / STATE_FILE).read_text()).get("fingerprint")
+    changed = fingerprint_changes(recorded, fingerprint) if recorded and fingerprint else []
+    if changed:
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UserError(f"out_dir='{out_dir}' holds a run with other settings ({'; '.join(changed[:4])}{more}); give "
+                        f"this run its own out_dir, re-run with the recorded settings to resume, or pass resume=never "
+                        f"to start over in that folder")
 
 
 def _resume_optimizers(path: Path, method, accelerator) -> None:
@@ -184,13 +200,13 @@ class _nullcontext:
 
 
 def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, step: int, accelerator,
-         fresh_method=None, tracker_config: dict | None = None) -> dict:
+         fresh_method=None, tracker_config: dict | None = None, fingerprint: dict | None = None) -> dict:
     main = accelerator.is_main_process
     # A sharded network's forward is a collective: every process takes part in the previews then.
     preview_here = main or parameters_sharded(accelerator)
     if cfg.log_with:  # accelerate's trackers (TensorBoard by default; wandb, mlflow, ...): scalars and previews
         wandb = {"name": out_dir.name, "dir": os.environ.get("WANDB_DIR") or str(out_dir)}  # files beside the run's
-        accelerator.init_trackers("pixsig-distill", config=_flat(tracker_config or {}), init_kwargs={"wandb": wandb})
+        accelerator.init_trackers("pixsig-distill", config=_tracker_settings(tracker_config or {}), init_kwargs={"wandb": wandb})
     previews = _preview_inputs(teacher, cfg.preview_prompts, seed)
     started, last_log, samples_since = time.time(), time.time(), 0
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else math.inf
@@ -231,7 +247,7 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
                 log_image(accelerator, "samples", grid, step)
         over_budget = time.time() - started > budget_s
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps or over_budget:
-            _checkpoint(method, accelerator, out_dir, step, cfg.keep_checkpoints)
+            _checkpoint(method, accelerator, out_dir, step, cfg.keep_checkpoints, fingerprint)
         if over_budget and step < cfg.max_steps:
             stopped_by_budget = True
             accelerator.print(f"time budget of {cfg.time_budget_min} min reached at step {step}; "
@@ -310,7 +326,7 @@ def _stop_non_finite(what: str, step: int, out_dir: Path):
                     f"lower the learning rate or enable gradient clipping")
 
 
-def _checkpoint(method, accelerator, out_dir: Path, step: int, keep: int) -> None:
+def _checkpoint(method, accelerator, out_dir: Path, step: int, keep: int, fingerprint: dict | None = None) -> None:
     accelerator.wait_for_everyone()
     models = model_state_dicts(method, accelerator)  # on every process: gathering sharded weights is collective
     # A finite loss can still be followed by an update that blew the weights up: never save those.
@@ -323,7 +339,7 @@ def _checkpoint(method, accelerator, out_dir: Path, step: int, keep: int) -> Non
     optimizers = optimizer_state_dicts(method, accelerator)  # collective too; {} under DeepSpeed (its own optimizer)
     if accelerator.is_main_process:
         path = save_checkpoint(out_dir / "checkpoints", step, models, optimizers,
-                               {"optimizer_states": bool(optimizers)}, keep)
+                               {"optimizer_states": bool(optimizers), "fingerprint": fingerprint}, keep)
         log.info("checkpoint %s", path)
     accelerator.wait_for_everyone()
 
@@ -371,13 +387,7 @@ def log_image(accelerator, name: str, image: np.ndarray, step: int) -> None:
             tracker.log_images({name: [image]}, step=step)
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
+def _tracker_settings(config: dict) -> dict:
     """Nested hyperparameters as flat scalar keys (what TensorBoard's hparams and the trackers' config take)."""
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{name}."))
-        else:
-            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flat_settings(config).items()}

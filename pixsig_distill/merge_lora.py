@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import diffusers
+
 from omegaconf import DictConfig
 
 from .config import check_int
 from .errors import UserError
 from .lora import check_lora_folder, load_lora, read_lora_card
 from .methods.common import export_pipeline
-import diffusers
-
 from .methods.lcm import lcm_scheduler
 from .teacher import Teacher, load_pipeline, resolve_dtype
 from .console import entry_point

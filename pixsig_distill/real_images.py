@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .data import INDEX, CachedTextDataset, write_text_cache
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _header_problem(path: Path) -> str | None:
             image.verify()
         return None
     except Exception as err:  # noqa: BLE001  (PIL raises many kinds)
-        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
+        return first_line(err, 100)
 
 
 def _decode_problem(path: Path) -> str | None:
@@ -161,7 +161,7 @@ def _decode_problem(path: Path) -> str | None:
         _load_resized(path, 8)
         return None
     except Exception as err:  # noqa: BLE001  (a corrupt data stream surfaces as OSError, SyntaxError, ...)
-        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:100]}"
+        return first_line(err, 100)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -216,8 +216,9 @@ def encode_image_folder(teacher, folder: str | Path, cache_dir: str | Path | Non
     if (cache / INDEX).is_file():  # written last: the cache is complete
         if json.loads((cache / INDEX).read_text()).get("images_key") == key:
             return cache
-        raise UserError(f"cache folder '{cache}' holds the encodings of other images or of another teacher; give "
-                        f"an empty folder as the cache, or delete it to re-encode")
+        raise UserError(f"cache folder '{cache}' holds other encodings (of other images, another teacher, or written "
+                        f"by an older version of pixsig-distill); give an empty folder as the cache, or delete it to "
+                        f"re-encode")
     if teacher.pipe.text_encoder is None:
         raise UserError(f"the images of '{folder}' are not encoded yet and this teacher was loaded without T5 "
                         f"(model.load_text_encoder=false), which their captions need; run once with "

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import build, check_resumed_config, validate_train_config  # importing config also registers its resolvers
+from .config import build, run_fingerprint, validate_train_config  # importing config also registers its resolvers
 from .distributed import device_name, make_accelerator
 
 from .loop import LoopConfig, RunLock, train
@@ -39,7 +39,6 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
-    check_resumed_config(cfg, out_dir)  # before config.yaml, the record it compares with, is rewritten
     set_seed(cfg.seed)
     teacher = build(cfg.model, device=str(accelerator.device))
     dataset = build(cfg.data)
@@ -69,7 +68,7 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
                                       torch.stack([item["mask"] for item in items]))
     summary = train(method, dataset, teacher, loop_cfg, out_dir, seed=cfg.seed, resume=cfg.resume,
                     accelerator=accelerator, fresh_method=lambda: build(cfg.distill, teacher=teacher),
-                    tracker_config=OmegaConf.to_container(cfg, resolve=True))
+                    tracker_config=OmegaConf.to_container(cfg, resolve=True), fingerprint=run_fingerprint(cfg))
     if summary.get("export"):
         print(f"student exported to {summary['export']}")
         facts = training_facts(cfg, summary, accelerator)

@@ -482,12 +482,12 @@ def test_the_demo_checks_its_port_before_loading_models():
         taken.listen()
         with pytest.raises(UserError, match="not available|cannot serve"):
             check_port("127.0.0.1", taken.getsockname()[1])
-    for bad in ("abc", 70000, 0, -1, True):
+    for bad in ("abc", 70000, -1, True):
         with pytest.raises(UserError, match="not a port number"):
             check_port("127.0.0.1", bad)
     with pytest.raises(UserError, match="cannot serve"):
         check_port("no-such-host.invalid", None)
-    assert 1 <= check_port("127.0.0.1", None) <= 65535
+    assert check_port("127.0.0.1", None) is None and check_port("127.0.0.1", 0) is None  # a free one, later
 
 
 def test_resume_falls_back_to_the_intact_earlier_checkpoint(tmp_path, caplog):
@@ -618,7 +618,7 @@ def test_a_text_cache_of_another_text_encoder_is_refused(tiny_teacher, tmp_path)
 
     cache = write_text_cache(tmp_path / "cache", ["a red circle"], encode, encode([""]),
                              meta={"model": "some/other-model"})
-    with pytest.raises(UserError, match="3-wide embeddings .*some/other-model.* reads 8-wide|3-wide embeddings"):
+    with pytest.raises(UserError, match="3-wide embeddings .*some/other-model.* reads 32-wide"):
         CachedTextDataset(cache).check_teacher(tiny_teacher)
 
 
@@ -630,7 +630,9 @@ def test_a_changed_config_on_a_finished_run_is_refused(compose_train, tmp_path):
     with pytest.raises(UserError, match=r"other settings \(.*t_bar: 400 → 200\).*resume=never"):
         run(compose_train("train.max_steps=2", "t_bar=200"))
     assert (tmp_path / "run" / "export" / "pixsig_student.json").read_text() == card  # nothing re-exported
-    summary = run(compose_train("train.max_steps=3", "train.log_every=1"))  # what a resume may change
+    # What a resume may change: its length, logging, memory savers, the device (model.device follows it)
+    summary = run(compose_train("train.max_steps=3", "train.log_every=1", "train.gradient_checkpointing=true",
+                                "device=cpu"))
     assert summary["finished"] and summary["step"] == 3
     summary = run(compose_train("train.max_steps=2", "t_bar=200", "resume=never"))
     assert summary["finished"]

@@ -51,12 +51,13 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def bad_values(default) -> st.SearchStrategy[str]:
+def bad_values(key: str, default) -> st.SearchStrategy[str]:
     """What a user might mistype for a number setting: text, an empty string, NaN/inf, a negative number, and for
     an integer setting a fraction."""
     options = [TEXT, st.just(""), st.sampled_from(["nan", "inf", "-inf"]),
-               st.integers(max_value=-1).map(str), st.floats(max_value=-0.001, allow_nan=False,
-                                                            allow_infinity=False).map(repr)]
+               st.integers(max_value=-1).map(str)]
+    if isinstance(default, int) or not key.endswith("weight"):  # a loss term's weight may be negative
+        options.append(st.floats(max_value=-0.001, allow_nan=False, allow_infinity=False).map(repr))
     if isinstance(default, int):
         options.append(st.floats(min_value=0.01, max_value=1e6).filter(lambda v: not v.is_integer()).map(repr))
     return st.one_of(options)
@@ -73,9 +74,9 @@ def test_a_mistyped_number_is_one_line_and_exit_code_2(entry, tmp_path_factory):
     @given(data=st.data())
     def one_case(data):
         key, default = data.draw(st.sampled_from(keys), label="key")
-        value = data.draw(bad_values(default), label="value")
+        value = data.draw(bad_values(key, default), label="value")
         argv = [entry, f"{key}={value}", f"out_dir={out / 'run'}", f"hydra.run.dir={out}"]
-        if entry == "demo" or entry == "merge_lora":
+        if entry == "demo":  # the demo writes nothing: it has no out_dir
             argv.remove(f"out_dir={out / 'run'}")
         saved, sys.argv = sys.argv, argv
         captured = _Capture()

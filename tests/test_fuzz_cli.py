@@ -70,7 +70,7 @@ def test_a_mistyped_number_is_one_line_and_exit_code_2(entry, tmp_path_factory):
     module = __import__(COMMANDS[entry], fromlist=["main"])
     out = tmp_path_factory.mktemp("fuzz")
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(data=st.data())
     def one_case(data):
         key, default = data.draw(st.sampled_from(keys), label="key")

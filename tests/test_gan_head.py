@@ -46,6 +46,10 @@ def colour_shifted(images: np.ndarray) -> np.ndarray:
     return np.clip(images.astype(int) + np.array([24, -16, 0]), 0, 255).astype(np.uint8)
 
 
+class _EnoughFeatures(Exception):
+    """Raised by the feature hook to end the frozen trunk's forward early."""
+
+
 def head_accuracy(teacher, real: tuple, fake: tuple, steps: int = 300, batch: int = 32, t_max: int = 300,
                   kind: str = "projection") -> float:
     """Train a fresh head on the frozen teacher's middle block; its accuracy on the held-out rows at t ~ U[0, t_max]."""
@@ -53,7 +57,12 @@ def head_accuracy(teacher, real: tuple, fake: tuple, steps: int = 300, batch: in
     network = teacher.transformer
     blocks = network.transformer_blocks
     features = {}
-    hook = blocks[len(blocks) // 2].register_forward_hook(lambda m, a, out: features.__setitem__("x", out))
+
+    def keep_and_stop(module, args, out):  # the head reads this block: the blocks after it need not run
+        features["x"] = out
+        raise _EnoughFeatures
+
+    hook = blocks[len(blocks) // 2].register_forward_hook(keep_and_stop)
     width = network.config.num_attention_heads * network.config.attention_head_dim
     head = GANHead(width, 256, kind, network.config.caption_channels)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
@@ -63,7 +72,10 @@ def head_accuracy(teacher, real: tuple, fake: tuple, steps: int = 300, batch: in
         latents, embeds, mask = (x[rows] for x in side)
         x_t = add_noise(latents, torch.randn(latents.shape, generator=gen), t, teacher.alphas_cumprod)
         with torch.no_grad():
-            teacher.eps(x_t, t, embeds, mask)
+            try:
+                teacher.eps(x_t, t, embeds, mask)
+            except _EnoughFeatures:
+                pass
         return head(features["x"], embeds, mask)
 
     try:

@@ -273,18 +273,12 @@ def _fake_batch(cfg: DictConfig, teacher, arch, mode) -> dict:
     return batch, null
 
 
-def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2,
-                  segments: list | None = None) -> StepFigures:
-    """Build the method of `cfg` with `num_layers` transformer blocks on fake tensors, run `steps` training steps
-    under the memory tracker (the peak over them: optimizer state exists from the first) and one more under
-    the FLOP counter. `segments`, if given, receives the figures at the peak of every segment of the step."""
-    from accelerate import Accelerator
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
+def plannable(cfg: DictConfig) -> DictConfig:
+    """A copy of a train config that builds on fake tensors: what a plan cannot model or must not read is
+    replaced (noted in the report)."""
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
-        # What a plan cannot model: the regression loss reads teacher pairs from disk (noted in the report).
+        # The regression loss reads teacher pairs from disk.
         if cfg.distill.get("regression") is not None:
             cfg.distill.regression = None
         if len(cfg.distill.get("timesteps") or []) > 1:  # a few-step chain branches on its draws: plan one step
@@ -297,6 +291,35 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
             node = cfg.distill.get(key)
             if node is not None and str(node.get("_target_", "")).endswith("adamw_8bit"):
                 node["_target_"] = f"{__name__}._adamw_8bit_stand_in"
+    return cfg
+
+
+def sharded_networks(cfg: DictConfig) -> dict:
+    """What a sharding engine splits across devices, at full depth on the meta device (nothing allocated): the
+    bytes of the networks training prepares (`method.models`: their parameters, trained or frozen inside them) and
+    the largest of their units, one transformer block, which FSDP2 / ZeRO-3 gather whole for its forward and
+    backward."""
+    cfg = plannable(cfg)
+    teacher, _ = shape_only_teacher(cfg.model)
+    method = build(cfg.distill, teacher=teacher)
+    params = {id(p): p for network in method.models.values() for p in network.parameters()}
+    unit = max((sum(p.numel() * p.element_size() for p in block.parameters())
+                for network in method.models.values() for name, block in network.named_modules()
+                if name.endswith("transformer_blocks.0")), default=0)
+    return {"bytes": float(sum(p.numel() * p.element_size() for p in params.values())), "unit": float(unit),
+            "networks": sorted(method.models)}
+
+
+def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2,
+                  segments: list | None = None) -> StepFigures:
+    """Build the method of `cfg` with `num_layers` transformer blocks on fake tensors, run `steps` training steps
+    under the memory tracker (the peak over them: optimizer state exists from the first) and one more under
+    the FLOP counter. `segments`, if given, receives the figures at the peak of every segment of the step."""
+    from accelerate import Accelerator
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = plannable(cfg)
     teacher, arch = shape_only_teacher(cfg.model, num_layers)
     method = build(cfg.distill, teacher=teacher)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -349,13 +372,16 @@ def _figures(snapshot: dict, flops: float) -> StepFigures:
                        other=kinds.get("oth", 0), peak=kinds.get("total", 0), flops=flops)
 
 
-def predict_step(cfg: DictConfig, depths=(1, 2), exact: bool = False) -> tuple[StepFigures, int]:
-    """Figures of the full-depth step: simulated at every layer (`exact`) or extrapolated from two depths."""
+def predict_step(cfg: DictConfig, depths=(1, 2), exact: bool = False,
+                 segments: list | None = None) -> tuple[StepFigures, int]:
+    """Figures of the full-depth step: simulated at every layer (`exact`) or extrapolated from two depths.
+    `segments`, if given, receives the full-depth figures at the peak of every segment of the step (the step's
+    peak is the largest): a sharded device's peak may fall in another segment (plan.per_device)."""
     from .architectures import architecture_of
 
     layers = architecture_of(cfg.model.pretrained).transformer["num_layers"]
     if exact or layers <= max(depths):
-        return simulate_step(cfg, None), layers
+        return simulate_step(cfg, None, segments=segments), layers
     low, high = sorted(depths)
     low_segments, high_segments = [], []
     at_low, at_high = simulate_step(cfg, low, segments=low_segments), simulate_step(cfg, high, segments=high_segments)
@@ -365,8 +391,14 @@ def predict_step(cfg: DictConfig, depths=(1, 2), exact: bool = False) -> tuple[S
 
     if len(low_segments) != len(high_segments):  # should not happen; the step's peak alone then
         log.warning("the step's segments differ between depths %d and %d: extrapolating its peak alone", low, high)
-        return extrapolate(at_low, at_high), layers
+        step = extrapolate(at_low, at_high)
+        if segments is not None:
+            segments.append(step)
+        return step, layers
     # Each segment's peak is linear in the depth; the step's peak at full depth is the largest extrapolated one.
-    best = max((extrapolate(a, b) for a, b in zip(low_segments, high_segments)), key=lambda f: f.peak)
+    full_depth = [extrapolate(a, b) for a, b in zip(low_segments, high_segments)]
+    if segments is not None:
+        segments.extend(full_depth)
+    best = max(full_depth, key=lambda f: f.peak)
     best.flops = extrapolate(at_low, at_high).flops
     return best, layers

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import UserError
-from .fake_step import _Fakes, predict_step, shape_only_teacher
+from .fake_step import _Fakes, predict_step, shape_only_teacher, sharded_networks
 from .console import entry_point
 
 GiB = 2**30
@@ -166,12 +166,18 @@ def plan(cfg: DictConfig) -> dict:
         raise UserError(f"plan.gpu={gpu_name!r}; use one of {', '.join(GPUS)} (or null for memory only)")
     check_plan_options(options)
     began = time.time()
-    step, layers = predict_step(cfg, tuple(options.depths), options.exact)
+    segments: list = []
+    step, layers = predict_step(cfg, tuple(options.depths), options.exact, segments)
+    gpus, engine = int(options.gpus), str(options.engine or "ddp")
+    sharded = sharded_networks(cfg)
+    device = max((per_device(asdict(s), sharded, engine, gpus, cfg.train.mixed_precision) for s in segments or [step]),
+                 key=lambda d: d["peak"])  # each segment's peak as the device holds it: the largest is the device's
     report = {"prediction": True, "model": str(cfg.model.pretrained), "layers": layers,
               "method": OmegaConf.select(cfg, "distill._target_"),
               "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
               "mixed_precision": cfg.train.mixed_precision, "gradient_checkpointing": cfg.train.gradient_checkpointing,
               "step": {k: v for k, v in asdict(step).items()}, "simulated_exactly": bool(options.exact),
+              "gpus": gpus, "engine": engine if gpus > 1 else None, "per_device": device,
               "notes": []}
     if OmegaConf.select(cfg, "distill.regression", default=None) is not None:
         report["notes"].append("the regression loss is not modelled (one more generator pass on "
@@ -186,7 +192,7 @@ def plan(cfg: DictConfig) -> dict:
         gpu = GPUS[gpu_name]
         parts = generation_flops(cfg)
         guided = 2 if float(cfg.model.get("guidance_scale", 1.0)) > 1 else 1
-        report["gpu"] = {"name": gpu.name, "memory_gib": gpu.memory_gib, "fits": gpu.fits(step.peak),
+        report["gpu"] = {"name": gpu.name, "memory_gib": gpu.memory_gib, "fits": gpu.fits(device["peak"]),
                          "step_seconds_at_peak": step.flops / gpu.bf16_flops,
                          "step_seconds": step.flops / (gpu.bf16_flops * TRAIN_MFU), "train_mfu": TRAIN_MFU,
                          "latency_1_step_s": roofline_latency(parts, gpu, 1, 1),
@@ -206,8 +212,39 @@ def plan(cfg: DictConfig) -> dict:
     return report
 
 
+ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
+
+
+def per_device(step: dict, sharded: dict, engine: str, gpus: int, mixed_precision: str) -> dict:
+    """The peak one device holds when the step runs on `gpus` devices with `engine` (PREDICTED), from the one-device
+    step's figures at its peak and the bytes of the networks training prepares (`fake_step.sharded_networks`):
+
+    * ddp: everything replicated, plus DDP's gradient buckets, a second copy of the gradients;
+    * zero2: gradients and optimizer state split over the devices (ZeRO stage 2);
+    * fsdp2 / zero3: the prepared networks' parameters split too, and two of their units (one transformer block,
+      in bf16 when training in mixed precision) gathered whole at a time: the one computing and the one prefetched.
+
+    The frozen teacher, an EMA and the activations stay whole on every device."""
+    peak, share = step["peak"], 1 - 1 / gpus
+    parts = {"sharded_away": 0.0, "gathered": 0.0, "buckets": 0.0}
+    if gpus > 1:
+        if engine == "ddp":
+            parts["buckets"] = step["grads"]
+        else:
+            parts["sharded_away"] = share * (step["grads"] + step["optimizer"])
+        if engine in ("fsdp2", "zero3"):
+            parts["sharded_away"] += share * sharded["bytes"]
+            parts["gathered"] = 2 * sharded["unit"] * (0.5 if mixed_precision in ("bf16", "fp16") else 1.0)
+    return {"peak": peak - parts["sharded_away"] + parts["gathered"] + parts["buckets"], **parts,
+            "sharded_networks": sharded["networks"], "sharded_bytes": sharded["bytes"], "unit_bytes": sharded["unit"]}
+
+
 def check_plan_options(options: DictConfig) -> None:
-    """plan.depths and plan.out, refused in one line before minutes of simulation."""
+    """plan.depths, plan.gpus, plan.engine and plan.out, refused in one line before minutes of simulation."""
+    if isinstance(options.gpus, bool) or not isinstance(options.gpus, int) or options.gpus < 1:
+        raise UserError(f"plan.gpus={options.gpus!r}; give the number of devices, e.g. plan.gpus=8")
+    if options.engine is not None and str(options.engine) not in ENGINES:
+        raise UserError(f"plan.engine={options.engine!r}; use one of {', '.join(ENGINES)}")
     depths = options.depths
     if not (OmegaConf.is_list(depths) and len(depths) == 2
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in depths)
@@ -229,11 +266,17 @@ def format_report(report: dict) -> str:
     lines = [f"PREDICTED (fake tensors, not measured) — {report['method']} on {report['model']} "
              f"({report['layers']} layers), batch {report['batch_size']} × accum {report['grad_accum']}, "
              f"mixed precision {report['mixed_precision']}, checkpointing {report['gradient_checkpointing']}",
-             f"  peak memory per device: {s['peak'] / GiB:.2f} GiB  "
+             f"  peak memory on one device: {s['peak'] / GiB:.2f} GiB  "
              f"(parameters {s['params'] / GiB:.2f}, gradients {s['grads'] / GiB:.2f}, "
              f"optimizer state {s['optimizer'] / GiB:.2f}, activations {s['activations'] / GiB:.2f}, "
              f"EMA and batch {s['other'] / GiB:.2f} at the peak)",
              f"  FLOPs of one training step: {s['flops'] / 1e12:.1f} TFLOP"]
+    if report.get("gpus", 1) > 1:
+        d = report["per_device"]
+        lines.append(f"  on {report['gpus']} devices with {report['engine']}: {d['peak'] / GiB:.2f} GiB per device "
+                     f"({d['sharded_away'] / GiB:.2f} split away, {d['gathered'] / GiB:.2f} gathered at a time, "
+                     f"{d['buckets'] / GiB:.2f} gradient buckets; sharded: {', '.join(d['sharded_networks'])}); "
+                     f"train.batch_size is per device")
     if "gpu" in report:
         g = report["gpu"]
         lines += [f"  on {g['name']}: {'fits' if g['fits'] else 'does NOT fit'} in {FIT_SHARE:.0%} of its "

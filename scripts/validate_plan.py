@@ -7,6 +7,10 @@ follows the live tensors). The prediction is `plan.simulate_step` on fake tensor
 every layer simulated, minus the teacher's own weights (which the measurement's baseline holds).
 
     python scripts/validate_plan.py [--out docs/results/real_scale/plan_validation.json] [--only dmd2]
+
+The sharded cases run as 2 CPU processes under FSDP2 (`accelerate launch` with conf/accelerate/cpu_fsdp2_2proc.yaml,
+gloo); each process measures itself the same way, and the prediction is the planner's per-device figure
+(`plan.per_device`, engine fsdp2, 2 devices) minus the teacher's weights.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ CASES = {
     "Σ-512 width, 2 layers, lcm (batch 2)": [*WIDE, "distill=lcm", "train.batch_size=2"],
     "Σ-512 width, 2 layers, lcm_lora (batch 2)": [*WIDE, "distill=lcm_lora", "train.batch_size=2"],
 }
+# Sharded over 2 CPU processes (FSDP2, full shard): train.batch_size is per process.
+SHARDED = {
+    "Σ-512 width, 2 layers, dmd, FSDP2 × 2": WIDE,
+    "Σ-512 width, 2 layers, dmd, FSDP2 × 2, checkpointing": [*WIDE, "train.gradient_checkpointing=true"],
+    "Σ-512 width, 2 layers, lcm (batch 2), FSDP2 × 2": [*WIDE, "distill=lcm", "train.batch_size=2"],
+}
+FSDP2_2PROC = Path(__file__).resolve().parents[1] / "pixsig_distill" / "conf" / "accelerate" / "cpu_fsdp2_2proc.yaml"
 
 
 def compose(overrides: list[str]):
@@ -55,17 +66,21 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def measure(overrides: list[str]) -> dict:
-    """In this (fresh) process: bytes the training state adds at its peak over the loaded teacher."""
+def measure(overrides: list[str], sharded: bool = False) -> dict:
+    """In this (fresh) process: bytes the training state adds at its peak over the loaded teacher. `sharded`: this
+    process is one of an FSDP2 launch (its accelerator comes from the launch, as in training)."""
     import gc
 
     import torch
     from accelerate import Accelerator
 
     from pixsig_distill.config import build
+    from pixsig_distill.distributed import make_accelerator
 
     torch.manual_seed(0)
     cfg = compose(overrides)
+    accelerator = make_accelerator("cpu", cfg.train.mixed_precision, 1, cfg.train.batch_size) if sharded else \
+        Accelerator(cpu=True)
     teacher = build(cfg.model)
     from pixsig_distill.architectures import architecture_of
 
@@ -80,7 +95,7 @@ def measure(overrides: list[str]) -> dict:
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
     method = build(cfg.distill, teacher=teacher)
-    method.prepare(Accelerator(cpu=True))
+    method.prepare(accelerator)
     batch = {k: (torch.randn(v.shape, dtype=v.dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
              for k, v in _real_batch(cfg, teacher, arch).items()}
     teacher.set_null_embedding(torch.randn(1, arch.max_sequence_length, arch.transformer["caption_channels"]),
@@ -88,7 +103,8 @@ def measure(overrides: list[str]) -> dict:
     began = time.time()
     for step in range(2):
         method.train_step(batch, torch.Generator().manual_seed(step), cfg.train.grad_accum)
-    return {"measured_bytes": _status("VmHWM") - baseline, "step_seconds": (time.time() - began) / 2}
+    return {"measured_bytes": _status("VmHWM") - baseline, "step_seconds": (time.time() - began) / 2,
+            "rank": accelerator.process_index}
 
 
 def _real_batch(cfg, teacher, arch) -> dict:
@@ -102,15 +118,38 @@ def _real_batch(cfg, teacher, arch) -> dict:
             "latents": torch.randn(teacher.latent_shape(n)), "prompt": ["a prompt"] * n}
 
 
-def predict(overrides: list[str]) -> dict:
-    from pixsig_distill.fake_step import shape_only_teacher, simulate_step
+def predict(overrides: list[str], gpus: int = 1) -> dict:
+    from dataclasses import asdict
+
+    from pixsig_distill.fake_step import shape_only_teacher, sharded_networks, simulate_step
+    from pixsig_distill.plan import per_device
 
     cfg = compose(overrides)
-    step = simulate_step(cfg, None)
+    segments: list = []
+    step = simulate_step(cfg, None, segments=segments)
+    sharded = sharded_networks(cfg)
+    device = max((per_device(asdict(s), sharded, "fsdp2", gpus, cfg.train.mixed_precision) for s in segments or [step]),
+                 key=lambda d: d["peak"])
     teacher, _ = shape_only_teacher(cfg.model)
     frozen = sum(p.numel() * p.element_size() for m in (teacher.transformer, teacher.vae) for p in m.parameters())
-    return {"predicted_bytes": step.peak - frozen, "predicted_total_bytes": step.peak,
-            "predicted_split": {k: v for k, v in step.__dict__.items()}}
+    return {"predicted_bytes": device["peak"] - frozen, "predicted_total_bytes": device["peak"],
+            "predicted_split": {k: v for k, v in step.__dict__.items()},
+            **({"predicted_sharding": {k: v for k, v in device.items() if k != "peak"}} if gpus > 1 else {})}
+
+
+def measure_sharded(overrides: list[str], env: dict) -> dict:
+    """The 2 processes of an FSDP2 launch, each measuring itself: the larger of their figures."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_2PROC),
+                           "--main_process_port", port, __file__, "--sharded-worker", *overrides],
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
+    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {"measured_bytes": max(r["measured_bytes"] for r in ranks),
+            "step_seconds": max(r["step_seconds"] for r in ranks), "ranks": ranks}
 
 
 def main() -> None:
@@ -119,9 +158,13 @@ def main() -> None:
     parser.add_argument("--only", help="run only the cases whose name contains this text; the other rows of --out "
                                         "are kept")
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--sharded-worker", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         print(json.dumps(measure(args.worker)))
+        return
+    if args.sharded_worker is not None:
+        print(json.dumps(measure(args.sharded_worker, sharded=True)), flush=True)
         return
     from pixsig_distill.architectures import random_pipeline
 
@@ -129,24 +172,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "sigma512_2layers"
         random_pipeline(REAL, num_layers=2).save_pretrained(folder, safe_serialization=True)
-        for name, overrides in CASES.items():
+        for name, overrides in {**CASES, **SHARDED}.items():
             if args.only is not None and args.only not in name:
                 continue
             if "model=pixart_sigma_512" in overrides:
                 overrides = [*overrides, f"model.pretrained={folder}", "model.max_sequence_length=300"]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-            done = subprocess.run([sys.executable, __file__, "--worker", *overrides], env=env, capture_output=True,
-                                  text=True, check=True)
-            measured = json.loads(done.stdout.strip().splitlines()[-1])
-            predicted = predict(overrides)
+            if name in SHARDED:
+                measured, predicted = measure_sharded(overrides, env), predict(overrides, gpus=2)
+            else:
+                done = subprocess.run([sys.executable, __file__, "--worker", *overrides], env=env,
+                                      capture_output=True, text=True, check=True)
+                measured, predicted = json.loads(done.stdout.strip().splitlines()[-1]), predict(overrides)
             ratio = predicted["predicted_bytes"] / measured["measured_bytes"]
             rows.append({"case": name, "overrides": overrides, **measured, **predicted, "ratio": ratio})
             print(f"{name}: predicted {predicted['predicted_bytes'] / 2**20:.0f} MiB, measured "
                   f"{measured['measured_bytes'] / 2**20:.0f} MiB (×{ratio:.2f})", flush=True)
-    if args.only is not None:  # the other cases' rows, as last measured
+    if args.only is not None and Path(args.out).is_file():  # the other cases' rows, as last measured
         ran = {r["case"] for r in rows}
         rows += [r for r in json.loads(Path(args.out).read_text())["rows"] if r["case"] not in ran]
-        rows.sort(key=lambda r: list(CASES).index(r["case"]) if r["case"] in CASES else len(CASES))
+        order = [*CASES, *SHARDED]
+        rows.sort(key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": __import__("torch").__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))

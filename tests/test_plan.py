@@ -157,3 +157,30 @@ def test_the_reward_recipes_plan_at_real_size():
     report = plan(cfg)
     assert report["gpu"]["name"] and report["step"]["params"] > 0
     assert any("2-step generator's chain" in note for note in report["notes"])
+
+
+def test_sharding_engines_split_what_they_should(compose_plan, capsys):
+    """On N devices: DDP adds gradient buckets; ZeRO-2 splits gradients and optimizer state; FSDP2 / ZeRO-3 also the
+    prepared networks' parameters, less two gathered blocks; one device is the one-device plan. (The fsdp2 figures
+    are validated against 2-process CPU runs by scripts/validate_plan.py: docs/scaling.md.)"""
+    from pixsig_distill.plan import per_device
+
+    report = plan(compose_plan("plan.gpus=4", "plan.engine=fsdp2"))
+    step, device = report["step"], report["per_device"]
+    assert f"on 4 devices with fsdp2: {device['peak'] / 2**30:.2f} GiB per device" in capsys.readouterr().out
+    assert device["sharded_networks"] == ["fake_score", "generator"] and 0 < device["unit_bytes"] < device["sharded_bytes"]
+    sharded = {"bytes": device["sharded_bytes"], "unit": device["unit_bytes"], "networks": device["sharded_networks"]}
+    moment = {**step, "grads": 1e6, "optimizer": 2e6, "peak": step["peak"] + 3e6}  # a moment holding both
+    peaks = {engine: per_device(moment, sharded, engine, 4, "no")["peak"] for engine in ("ddp", "zero2", "zero3")}
+    assert peaks["zero3"] < peaks["zero2"] < moment["peak"] < peaks["ddp"] == moment["peak"] + 1e6
+    assert peaks["zero2"] == pytest.approx(moment["peak"] - 0.75 * 3e6)
+    assert peaks["zero3"] == pytest.approx(peaks["zero2"] - 0.75 * sharded["bytes"] + 2 * sharded["unit"])
+    assert per_device(moment, sharded, "zero3", 1, "no")["peak"] == moment["peak"]
+    assert per_device(moment, sharded, "zero3", 8, "no")["peak"] < peaks["zero3"]  # more devices, less on each
+    assert device["peak"] < step["peak"]  # the plan: sharding the tiny DMD's two networks over 4 devices pays
+
+
+@pytest.mark.parametrize("override,message", [("plan.gpus=0", "plan.gpus=0"), ("plan.engine=zero4", "one of ddp")])
+def test_bad_sharding_options_are_one_line(override, message, compose_plan):
+    with pytest.raises(UserError, match=message):
+        plan(compose_plan(override))

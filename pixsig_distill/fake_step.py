@@ -354,10 +354,19 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
         with mode, counter:
             method.train_step(batch, torch.Generator().manual_seed(steps), cfg.train.grad_accum)
     flops = float(counter.get_total_flops())
+    _forget_accelerate_state()  # the next simulation (plan.fit tries bf16, say) builds its own Accelerator
     if segments is not None:
         segments.extend(_figures(snapshot, flops) for snapshot in tracker.segments)
     peak = tracker.get_tracker_snapshot("peak")
     return _figures(peak[next(iter(peak))], flops)
+
+
+def _forget_accelerate_state() -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with other settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def _held(method) -> list:

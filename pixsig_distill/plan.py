@@ -166,12 +166,8 @@ def plan(cfg: DictConfig) -> dict:
         raise UserError(f"plan.gpu={gpu_name!r}; use one of {', '.join(GPUS)} (or null for memory only)")
     check_plan_options(options)
     began = time.time()
-    segments: list = []
-    step, layers = predict_step(cfg, tuple(options.depths), options.exact, segments)
     gpus, engine = int(options.gpus), str(options.engine or "ddp")
-    sharded = sharded_networks(cfg)
-    device = max((per_device(asdict(s), sharded, engine, gpus, cfg.train.mixed_precision) for s in segments or [step]),
-                 key=lambda d: d["peak"])  # each segment's peak as the device holds it: the largest is the device's
+    step, layers, device = predict_device(cfg, engine, gpus)
     report = {"prediction": True, "model": str(cfg.model.pretrained), "layers": layers,
               "method": OmegaConf.select(cfg, "distill._target_"),
               "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
@@ -204,6 +200,8 @@ def plan(cfg: DictConfig) -> dict:
         guided = float(cfg.model.get("guidance_scale", 1.0)) > 1
         report["inference_memory"] = {"resolution": cfg.model.get("resolution"), "guided": guided,
                                       "modes": inference_memory(generation_memory(cfg, guided))}
+    if options.get("fit") is not None:
+        report["fit"] = advise_fit(cfg, str(options.fit), gpus, engine)
     report["planner_seconds"] = time.time() - began
     print(format_report(report))
     if options.out:
@@ -213,6 +211,72 @@ def plan(cfg: DictConfig) -> dict:
 
 
 ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
+
+
+def predict_device(cfg: DictConfig, engine: str, gpus: int):
+    """The one-device step, its layer count, and one device's figures on `gpus` devices with `engine`."""
+    options = cfg.plan
+    segments: list = []
+    step, layers = predict_step(cfg, tuple(options.depths), options.exact, segments)
+    sharded = sharded_networks(cfg)
+    device = max((per_device(asdict(s), sharded, engine, gpus, cfg.train.mixed_precision) for s in segments or [step]),
+                 key=lambda d: d["peak"])  # each segment's peak as the device holds it: the largest is the device's
+    return step, layers, device
+
+
+# Memory savers every method has, cheapest first; a method adds its own (its class's MEMORY_SAVERS).
+GENERIC_SAVERS = [("bf16 autocast", {"train.mixed_precision": "bf16"}),
+                  ("gradient checkpointing (≈ +30 % step time)", {"train.gradient_checkpointing": True})]
+
+
+def advise_fit(cfg: DictConfig, gpu_name: str, gpus: int, engine: str) -> dict:
+    """`plan.fit=<gpu>`: the cheapest memory savers that make the step fit one such device, cheapest first —
+    bf16 autocast, checkpointing, then the method's own (its class's `MEMORY_SAVERS`: a LoRA fake score, 8-bit AdamW, an EMA on the
+    CPU, ...), then sharding when there are several devices — and the largest batch per device that fits with them,
+    as overrides to paste, with the predicted step time. PREDICTED, like the rest of the plan."""
+    from hydra.utils import get_class
+
+    if gpu_name not in GPUS:
+        raise UserError(f"plan.fit={gpu_name!r}; use one of {', '.join(GPUS)}")
+    gpu = GPUS[gpu_name]
+    budget = FIT_SHARE * gpu.memory_gib * GiB
+    method_savers = getattr(get_class(cfg.distill._target_), "MEMORY_SAVERS", {})
+    savers = [*GENERIC_SAVERS, *method_savers.items()]
+    if gpus > 1 and engine == "ddp":
+        savers.append(("sharding the trained networks (FSDP2: accelerate launch --config_file "
+                       "pixsig_distill/conf/accelerate/fsdp2_full_shard.yaml)", {"plan.engine": "fsdp2"}))
+    chosen, used = {}, []
+
+    def device_peak(batch: int):
+        trial = copy.deepcopy(cfg)
+        with open_dict(trial):
+            for key, value in {**chosen, "train.batch_size": batch}.items():
+                if key != "plan.engine":
+                    OmegaConf.update(trial, key, value, force_add=True)
+        step, _, device = predict_device(trial, str(chosen.get("plan.engine", engine)), gpus)
+        return device["peak"], step.flops
+
+    peak1, flops1 = device_peak(1)
+    for name, changes in savers:
+        if peak1 <= budget:
+            break
+        if all(OmegaConf.select(cfg, key, default=None) == value for key, value in changes.items()):
+            continue  # already on
+        chosen.update(changes)
+        used.append(name)
+        peak1, flops1 = device_peak(1)
+    advice = {"gpu": gpu.name, "budget_bytes": budget, "savers": used,
+              "overrides": [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                            for key, value in chosen.items()], "fits": peak1 <= budget, "peak_at_batch_1": peak1}
+    if not advice["fits"]:
+        return advice
+    peak2, flops2 = device_peak(2)
+    per_sample = max(peak2 - peak1, 1.0)
+    batch = max(1, int((budget - peak1) // per_sample) + 1)
+    advice.update(batch_size=batch, overrides=[*advice["overrides"], f"train.batch_size={batch}"],
+                  peak=peak1 + (batch - 1) * per_sample,
+                  step_seconds=(flops1 + (batch - 1) * (flops2 - flops1)) / (gpu.bf16_flops * TRAIN_MFU))
+    return advice
 
 
 def per_device(step: dict, sharded: dict, engine: str, gpus: int, mixed_precision: str) -> dict:
@@ -243,6 +307,8 @@ def check_plan_options(options: DictConfig) -> None:
     """plan.depths, plan.gpus, plan.engine and plan.out, refused in one line before minutes of simulation."""
     if isinstance(options.gpus, bool) or not isinstance(options.gpus, int) or options.gpus < 1:
         raise UserError(f"plan.gpus={options.gpus!r}; give the number of devices, e.g. plan.gpus=8")
+    if options.get("fit") is not None and str(options.fit) not in GPUS:
+        raise UserError(f"plan.fit={options.fit!r}; use one of {', '.join(GPUS)}")
     if options.engine is not None and str(options.engine) not in ENGINES:
         raise UserError(f"plan.engine={options.engine!r}; use one of {', '.join(ENGINES)}")
     depths = options.depths
@@ -289,6 +355,17 @@ def format_report(report: dict) -> str:
         inference = report["inference_memory"]
         lines.append(f"  generation, peak device memory by inference mode (batch 1{', CFG' if inference['guided'] else ''}):")
         lines += [f"    {name:34s} {value / GiB:6.2f} GiB" for name, value in inference["modes"].items()]
+    if "fit" in report:
+        f = report["fit"]
+        if not f["fits"]:
+            lines.append(f"  plan.fit: does NOT fit one {f['gpu']} even at batch 1 with every saver "
+                         f"({', '.join(f['savers']) or 'none left'}): {f['peak_at_batch_1'] / GiB:.1f} GiB; "
+                         f"use more devices (plan.gpus=N) or a larger GPU")
+        else:
+            lines.append(f"  plan.fit on {f['gpu']}: batch {f['batch_size']} per device fits "
+                         f"({f['peak'] / GiB:.1f} of {f['budget_bytes'] / GiB:.1f} GiB usable), step ≈ "
+                         f"{f['step_seconds']:.2f} s at {TRAIN_MFU:.0%} MFU; savers: {', '.join(f['savers']) or 'none needed'}")
+            lines.append(f"    paste: {' '.join(f['overrides'])}")
     lines += [f"  note: {n}" for n in report["notes"]]
     how = "every layer simulated" if report["simulated_exactly"] else "two depths simulated, extrapolated per layer"
     lines.append(f"  ({how}; planned in {report['planner_seconds']:.0f} s)")

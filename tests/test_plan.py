@@ -184,3 +184,24 @@ def test_sharding_engines_split_what_they_should(compose_plan, capsys):
 def test_bad_sharding_options_are_one_line(override, message, compose_plan):
     with pytest.raises(UserError, match=message):
         plan(compose_plan(override))
+
+
+def test_fit_names_the_cheapest_savers_and_the_largest_batch_and_they_train(compose_plan, compose_train, monkeypatch,
+                                                                             capsys, tmp_path):
+    """plan.fit on a device a little too small for the step as configured: savers are added cheapest first until
+    batch 1 fits, the largest batch that fits is found, and the printed overrides train."""
+    import pixsig_distill.plan as planner
+    from pixsig_distill.train import run
+
+    as_is = plan(compose_plan("train.batch_size=1"))["per_device"]["peak"]
+    small = planner.GPU("a small test device", 0.999 * as_is / planner.FIT_SHARE / 2**30, 1e12, 1e11)
+    monkeypatch.setitem(planner.GPUS, "small", small)
+    advice = plan(compose_plan("plan.fit=small"))["fit"]
+    assert advice["fits"] and advice["savers"] and advice["peak"] <= advice["budget_bytes"]
+    assert advice["savers"][0] in ("bf16 autocast", "gradient checkpointing (≈ +30 % step time)")
+    assert "8-bit" not in " ".join(advice["savers"])  # cheaper ones were enough here
+    pasted = advice["overrides"]
+    assert pasted[-1] == f"train.batch_size={advice['batch_size']}" and advice["batch_size"] >= 1
+    assert "paste: " + " ".join(pasted) in capsys.readouterr().out
+    summary = run(compose_train(*pasted, "train.max_steps=2", out_dir=tmp_path / "fitted"))
+    assert summary["finished"]

@@ -63,6 +63,14 @@ class DMD:
     """Every setting is required: conf/distill/dmd.yaml is the one home of the defaults, with what each means."""
 
     fake_t_range = (0, 999)  # the fake score's ε-MSE timesteps: every noise level
+    # What `plan.fit` may turn on when a step does not fit, cheapest first (config overrides).
+    MEMORY_SAVERS = {
+        "the generator EMA on the CPU": {"distill.ema_device": "cpu"},
+        "8-bit AdamW (bitsandbytes, CUDA)": {"distill.generator_optimizer._target_": "pixsig_distill.optim.adamw_8bit",
+                                             "distill.fake_optimizer._target_": "pixsig_distill.optim.adamw_8bit"},
+        "a LoRA fake score (rank 64) on the frozen teacher": {"distill.fake_score.lora_rank": 64},
+        "a LoRA generator (rank 64)": {"distill.generator.lora_rank": 64},
+    }
 
     def __init__(self, teacher, *, timesteps, real_guidance_scale: float, fake_updates_per_step: int, dm_t_min: int,
                  dm_t_max: int, generator_optimizer, fake_optimizer, grad_clip: float | None, ema_decay: float | None,

@@ -33,6 +33,7 @@ from .common import EMA, TrainableParameters, accumulated_step, export_network, 
 
 class FineTune:
     method_name = "finetune"
+    MEMORY_SAVERS = {"8-bit AdamW (bitsandbytes, CUDA)": {"distill.optimizer._target_": "pixsig_distill.optim.adamw_8bit"}}  # plan.fit
 
     def __init__(self, teacher, *, lora_rank: int, lora_alpha: float | None, lora_target_modules,
                  caption_dropout: float, ema_decay: float | None, optimizer, grad_clip: float | None,

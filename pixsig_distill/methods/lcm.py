@@ -77,6 +77,7 @@ def _int_in(name: str, value, low: int, high: int, hint: str) -> int:
 
 class LCM:
     method_name = "lcm"
+    MEMORY_SAVERS = {"8-bit AdamW (bitsandbytes, CUDA)": {"distill.optimizer._target_": "pixsig_distill.optim.adamw_8bit"}}  # plan.fit
 
     def __init__(self, teacher, *, num_ddim_timesteps: int, num_inference_steps: int, guidance_w: float,
                  w_embedding: bool, w_min: float, w_max: float, export_w: float | None, ema_decay: float, loss: str,

@@ -44,5 +44,5 @@ def test_an_encoded_folder_holds_each_images_latents_and_only_its_valid_tokens(c
 def test_a_cache_folder_holding_other_images_is_refused_in_one_line(compose_train, tmp_path):
     teacher = instantiate(compose_train().model)
     encode_image_folder(teacher, write_folder(tmp_path / "a", n=3), cache_dir=tmp_path / "cache")
-    with pytest.raises(UserError, match="holds the encodings of other images or of another teacher; give an empty"):
+    with pytest.raises(UserError, match="holds other encodings \(of other images, another teacher, or written by an older version of pixsig-distill\); give an empty"):
         encode_image_folder(teacher, write_folder(tmp_path / "b", n=4), cache_dir=tmp_path / "cache")

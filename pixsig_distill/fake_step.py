@@ -294,22 +294,6 @@ def plannable(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def sharded_networks(cfg: DictConfig) -> dict:
-    """What a sharding engine splits across devices, at full depth on the meta device (nothing allocated): the
-    bytes of the networks training prepares (`method.models`: their parameters, trained or frozen inside them) and
-    the largest of their units, one transformer block, which FSDP2 / ZeRO-3 gather whole for its forward and
-    backward."""
-    cfg = plannable(cfg)
-    teacher, _ = shape_only_teacher(cfg.model)
-    method = build(cfg.distill, teacher=teacher)
-    params = {id(p): p for network in method.models.values() for p in network.parameters()}
-    unit = max((sum(p.numel() * p.element_size() for p in block.parameters())
-                for network in method.models.values() for name, block in network.named_modules()
-                if name.endswith("transformer_blocks.0")), default=0)
-    return {"bytes": float(sum(p.numel() * p.element_size() for p in params.values())), "unit": float(unit),
-            "networks": sorted(method.models)}
-
-
 def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2,
                   segments: list | None = None) -> StepFigures:
     """Build the method of `cfg` with `num_layers` transformer blocks on fake tensors, run `steps` training steps

@@ -27,7 +27,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import UserError
-from .fake_step import _Fakes, predict_step, shape_only_teacher, sharded_networks
+from .fake_step import _Fakes, predict_step, shape_only_teacher
+from .sharding import ENGINES, per_device, sharded_networks
 from .console import entry_point
 
 GiB = 2**30
@@ -210,9 +211,6 @@ def plan(cfg: DictConfig) -> dict:
     return report
 
 
-ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
-
-
 def predict_device(cfg: DictConfig, engine: str, gpus: int):
     """The one-device step, its layer count, and one device's figures on `gpus` devices with `engine`."""
     options = cfg.plan
@@ -277,30 +275,6 @@ def advise_fit(cfg: DictConfig, gpu_name: str, gpus: int, engine: str) -> dict:
                   peak=peak1 + (batch - 1) * per_sample,
                   step_seconds=(flops1 + (batch - 1) * (flops2 - flops1)) / (gpu.bf16_flops * TRAIN_MFU))
     return advice
-
-
-def per_device(step: dict, sharded: dict, engine: str, gpus: int, mixed_precision: str) -> dict:
-    """The peak one device holds when the step runs on `gpus` devices with `engine` (PREDICTED), from the one-device
-    step's figures at its peak and the bytes of the networks training prepares (`fake_step.sharded_networks`):
-
-    * ddp: everything replicated, plus DDP's gradient buckets, a second copy of the gradients;
-    * zero2: gradients and optimizer state split over the devices (ZeRO stage 2);
-    * fsdp2 / zero3: the prepared networks' parameters split too, and two of their units (one transformer block,
-      in bf16 when training in mixed precision) gathered whole at a time: the one computing and the one prefetched.
-
-    The frozen teacher, an EMA and the activations stay whole on every device."""
-    peak, share = step["peak"], 1 - 1 / gpus
-    parts = {"sharded_away": 0.0, "gathered": 0.0, "buckets": 0.0}
-    if gpus > 1:
-        if engine == "ddp":
-            parts["buckets"] = step["grads"]
-        else:
-            parts["sharded_away"] = share * (step["grads"] + step["optimizer"])
-        if engine in ("fsdp2", "zero3"):
-            parts["sharded_away"] += share * sharded["bytes"]
-            parts["gathered"] = 2 * sharded["unit"] * (0.5 if mixed_precision in ("bf16", "fp16") else 1.0)
-    return {"peak": peak - parts["sharded_away"] + parts["gathered"] + parts["buckets"], **parts,
-            "sharded_networks": sharded["networks"], "sharded_bytes": sharded["bytes"], "unit_bytes": sharded["unit"]}
 
 
 def check_plan_options(options: DictConfig) -> None:

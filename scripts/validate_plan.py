@@ -121,8 +121,8 @@ def _real_batch(cfg, teacher, arch) -> dict:
 def predict(overrides: list[str], gpus: int = 1) -> dict:
     from dataclasses import asdict
 
-    from pixsig_distill.fake_step import shape_only_teacher, sharded_networks, simulate_step
-    from pixsig_distill.plan import per_device
+    from pixsig_distill.fake_step import shape_only_teacher, simulate_step
+    from pixsig_distill.sharding import per_device, sharded_networks
 
     cfg = compose(overrides)
     segments: list = []

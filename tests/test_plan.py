@@ -163,7 +163,7 @@ def test_sharding_engines_split_what_they_should(compose_plan, capsys):
     """On N devices: DDP adds gradient buckets; ZeRO-2 splits gradients and optimizer state; FSDP2 / ZeRO-3 also the
     prepared networks' parameters, less two gathered blocks; one device is the one-device plan. (The fsdp2 figures
     are validated against 2-process CPU runs by scripts/validate_plan.py: docs/scaling.md.)"""
-    from pixsig_distill.plan import per_device
+    from pixsig_distill.sharding import per_device
 
     report = plan(compose_plan("plan.gpus=4", "plan.engine=fsdp2"))
     step, device = report["step"], report["per_device"]

@@ -1,0 +1,52 @@
+"""What one device holds when a training step is split over several (`plan.gpus`, `plan.engine`): PREDICTED from
+the one-device step the planner simulates (fake_step.py), validated against 2-process FSDP2 CPU runs
+(scripts/validate_plan.py, docs/scaling.md)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from .config import build
+from .fake_step import plannable, shape_only_teacher
+
+ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
+
+
+def per_device(step: dict, sharded: dict, engine: str, gpus: int, mixed_precision: str) -> dict:
+    """The peak one device holds when the step runs on `gpus` devices with `engine` (PREDICTED), from the one-device
+    step's figures at its peak and the bytes of the networks training prepares (`sharding.sharded_networks`):
+
+    * ddp: everything replicated, plus DDP's gradient buckets, a second copy of the gradients;
+    * zero2: gradients and optimizer state split over the devices (ZeRO stage 2);
+    * fsdp2 / zero3: the prepared networks' parameters split too, and two of their units (one transformer block,
+      in bf16 when training in mixed precision) gathered whole at a time: the one computing and the one prefetched.
+
+    The frozen teacher, an EMA and the activations stay whole on every device."""
+    peak, share = step["peak"], 1 - 1 / gpus
+    parts = {"sharded_away": 0.0, "gathered": 0.0, "buckets": 0.0}
+    if gpus > 1:
+        if engine == "ddp":
+            parts["buckets"] = step["grads"]
+        else:
+            parts["sharded_away"] = share * (step["grads"] + step["optimizer"])
+        if engine in ("fsdp2", "zero3"):
+            parts["sharded_away"] += share * sharded["bytes"]
+            parts["gathered"] = 2 * sharded["unit"] * (0.5 if mixed_precision in ("bf16", "fp16") else 1.0)
+    return {"peak": peak - parts["sharded_away"] + parts["gathered"] + parts["buckets"], **parts,
+            "sharded_networks": sharded["networks"], "sharded_bytes": sharded["bytes"], "unit_bytes": sharded["unit"]}
+
+
+def sharded_networks(cfg: DictConfig) -> dict:
+    """What a sharding engine splits across devices, at full depth on the meta device (nothing allocated): the
+    bytes of the networks training prepares (`method.models`: their parameters, trained or frozen inside them) and
+    the largest of their units, one transformer block, which FSDP2 / ZeRO-3 gather whole for its forward and
+    backward."""
+    cfg = plannable(cfg)
+    teacher, _ = shape_only_teacher(cfg.model)
+    method = build(cfg.distill, teacher=teacher)
+    params = {id(p): p for network in method.models.values() for p in network.parameters()}
+    unit = max((sum(p.numel() * p.element_size() for p in block.parameters())
+                for network in method.models.values() for name, block in network.named_modules()
+                if name.endswith("transformer_blocks.0")), default=0)
+    return {"bytes": float(sum(p.numel() * p.element_size() for p in params.values())), "unit": float(unit),
+            "networks": sorted(method.models)}

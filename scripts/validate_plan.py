@@ -10,7 +10,7 @@ every layer simulated, minus the teacher's own weights (which the measurement's 
 
 The sharded cases run as 2 CPU processes under FSDP2 (`accelerate launch` with conf/accelerate/cpu_fsdp2_2proc.yaml,
 gloo); each process measures itself the same way, and the prediction is the planner's per-device figure
-(`plan.per_device`, engine fsdp2, 2 devices) minus the teacher's weights.
+(`sharding.per_device`, engine fsdp2, 2 devices) minus the teacher's weights.
 """
 
 from __future__ import annotations

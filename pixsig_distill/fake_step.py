@@ -369,7 +369,7 @@ def predict_step(cfg: DictConfig, depths=(1, 2), exact: bool = False,
                  segments: list | None = None) -> tuple[StepFigures, int]:
     """Figures of the full-depth step: simulated at every layer (`exact`) or extrapolated from two depths.
     `segments`, if given, receives the full-depth figures at the peak of every segment of the step (the step's
-    peak is the largest): a sharded device's peak may fall in another segment (plan.per_device)."""
+    peak is the largest): a sharded device's peak may fall in another segment (sharding.per_device)."""
     from .architectures import architecture_of
 
     layers = architecture_of(cfg.model.pretrained).transformer["num_layers"]

@@ -11,10 +11,11 @@ What differs once there are several processes, and more once a strategy shards t
   are gathered with `full_tensor` (a collective: every process calls it), and the optimizer state is
   gathered to the main process in torch's FQN-keyed form (`optimizer_state_dicts`) and scattered back
   on resume (`load_optimizer_states`), so a sharded run resumes with its AdamW moments;
-* DeepSpeed keeps its own optimizer; its checkpoints hold weights and EMA only.
+* under DeepSpeed every trained network is its own engine, stepped by the method (deepspeed_engines.py); its
+  optimizer state is gathered from the ZeRO partitions into the same parameter-name keyed form.
 
-tests/test_multiprocess.py (DDP) and tests/test_fsdp.py (FSDP2) run all of this with two CPU processes
-over gloo; DeepSpeed is not installable here (docs/scaling.md).
+tests/test_multiprocess.py (DDP), tests/test_fsdp.py (FSDP2) and tests/test_deepspeed.py (ZeRO-2/3) run all of
+this with two CPU processes over gloo.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from . import deepspeed_engines
+from .deepspeed_engines import is_deepspeed
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,8 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
                               log_with=list(log_with) if log_with else None, project_config=project)
     if wanted.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _fsdp_on_cpu(accelerator)
+    if wanted.type == "cpu" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        _deepspeed_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise UserError("fsdp_version: 1 is retired in this toolkit; launch with "
                         "pixsig_distill/conf/accelerate/fsdp2_full_shard.yaml or fsdp2_shard_grad_op.yaml "
@@ -95,6 +100,24 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> None:
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does for GPU processes
+
+
+def _deepspeed_on_cpu(accelerator: Accelerator) -> None:
+    """The same switch for a DeepSpeed launch: DeepSpeed's CPU accelerator trains over the gloo group accelerate
+    made (tests/test_deepspeed.py), through accelerate's own DeepSpeed code from here on."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    state = accelerator.state
+    if state.num_processes < 2:
+        return
+    plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables `accelerate launch` set
+    plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.DEEPSPEED
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    state.deepspeed_plugins = {"default": plugin}
+    plugin.select(_from_accelerator_state=True)
+    state._mixed_precision = "no"  # DeepSpeed casts by its own config, as accelerate arranges on GPUs
 
 
 def parameters_sharded(accelerator) -> bool:
@@ -150,12 +173,12 @@ def model_state_dicts(method, accelerator) -> dict[str, dict]:
     for model in method.models.values():
         resharded(model)  # first: checkpoint_modules() may hold the parameters registered now (LoRA adapters)
     modules = method.checkpoint_modules()
-    if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        prepared = {id(accelerator.unwrap_model(model)): model for model in method.models.values()}
-        return {name: accelerator.get_state_dict(prepared[id(module)]) if id(module) in prepared
-                else module.state_dict() for name, module in modules.items()}
-    return {name: {key: full_tensor(value).detach().cpu() for key, value in module.state_dict().items()}
-            for name, module in modules.items()}
+    with contextlib.ExitStack() as gathered:
+        for model in method.models.values():  # ZeRO-3: every trained network's full weights, for a moment
+            gathered.enter_context(full_parameters(accelerator, model))
+        keep = (lambda t: t.clone()) if zero3(accelerator) else (lambda t: t)  # ZeRO-3 frees them on leaving
+        return {name: {key: keep(full_tensor(value).detach().cpu()) for key, value in module.state_dict().items()}
+                for name, module in modules.items()}
 
 
 @contextlib.contextmanager
@@ -199,8 +222,8 @@ def optimizer_state_dicts(method, accelerator) -> dict[str, dict]:
     whose optimizer is its own."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return {}
+    if is_deepspeed(accelerator):
+        return {name: deepspeed_engines.optimizer_state_dict(_model_of(method, name)) for name in method.optimizers}
     sharded = parameters_sharded(accelerator)
     options = StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
     return {name: get_optimizer_state_dict(resharded(_model_of(method, name)), _torch_optimizer(optimizer),
@@ -213,6 +236,10 @@ def load_optimizer_states(states: dict[str, dict], method, accelerator) -> None:
     reads the full state and keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if is_deepspeed(accelerator):
+        for name, state in states.items():
+            deepspeed_engines.load_optimizer_state_dict(_model_of(method, name), state)
+        return
     options = StateDictOptions(full_state_dict=parameters_sharded(accelerator))
     for name, state in states.items():
         optimizer = _torch_optimizer(method.optimizers[name])
@@ -236,10 +263,9 @@ def resumable_optimizers(checkpoint: Path, method, accelerator) -> list[str]:
         saved = json.loads((Path(checkpoint) / "state.json").read_text()).get("optimizer_states", True)
     except (OSError, ValueError, AttributeError):
         saved = True  # load_checkpoint reports the broken checkpoint
-    deepspeed = accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED
-    if deepspeed or not saved:
-        log.warning("resuming from %s without optimizer states (%s): the optimizers start afresh", checkpoint,
-                    "DeepSpeed keeps its own" if deepspeed else "the checkpoint has none")
+    if not saved:
+        log.warning("resuming from %s without optimizer states (the checkpoint has none): the optimizers start "
+                    "afresh", checkpoint)
         return []
     return list(method.optimizers)
 

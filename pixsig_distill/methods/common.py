@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import deepspeed_engines
 from ..distributed import clip_grad_norm, copy_full_into, full_tensor, resharded
 from ..lora import DEFAULT_TARGETS, add_lora, save_lora
 from ..model_card import STUDENT_CARD, write_model_card
@@ -174,6 +175,10 @@ def accumulated_step(accelerator, model, optimizer, micro_losses, grad_clip: flo
     context, so a method that updates two networks per step (DMD: generator, then fake score) would land one of
     them on a non-sync micro-step forever and never update it.
     """
+    if deepspeed_engines.is_deepspeed(accelerator):  # one micro-batch (grad_accum=1): the engine steps itself
+        (micro_loss,) = micro_losses
+        loss = micro_loss()
+        return loss.detach().float(), deepspeed_engines.step(model, loss)
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for i, micro_loss in enumerate(micro_losses):

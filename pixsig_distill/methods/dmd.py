@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType
 
+from .. import deepspeed_engines
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
@@ -139,16 +139,13 @@ class DMD:
         return modules
 
     def prepare(self, accelerator) -> None:
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise UserError("distill=dmd trains two networks (generator and fake score) and accelerate's DeepSpeed "
-                            "integration trains one model per run; launch DMD with "
-                            "pixsig_distill/conf/accelerate/fsdp2_shard_grad_op.yaml (sharded) or ddp.yaml "
-                            "(docs/scaling.md)")
         self.accelerator = accelerator
-        # One prepare call per network with its optimizer: FSDP2 takes one model per call.
-        self.generator, self.optimizers["generator"] = accelerator.prepare(self.generator, self.optimizers["generator"])
-        self.fake_score, self.optimizers["fake_score"] = accelerator.prepare(self.fake_score,
-                                                                             self.optimizers["fake_score"])
+        # One prepare call per network with its optimizer: FSDP2 takes one model per call, DeepSpeed makes an
+        # engine of each.
+        for name in ("generator", "fake_score"):
+            model, self.optimizers[name] = deepspeed_engines.prepare(accelerator, getattr(self, name),
+                                                                     self.optimizers[name], self.grad_clip)
+            setattr(self, name, model)
         self.models = {"generator": self.generator, "fake_score": self.fake_score}
 
     def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict[str, float]:

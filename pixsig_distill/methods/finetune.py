@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import deepspeed_engines
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
@@ -69,8 +70,8 @@ class FineTune:
 
     def prepare(self, accelerator) -> None:
         self.accelerator = accelerator
-        self.transformer, self.optimizers["transformer"] = accelerator.prepare(self.transformer,
-                                                                               self.optimizers["transformer"])
+        self.transformer, self.optimizers["transformer"] = deepspeed_engines.prepare(
+            accelerator, self.transformer, self.optimizers["transformer"], self.grad_clip)
         self.models = {"transformer": self.transformer}
 
     def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from diffusers import LCMScheduler
 
+from .. import deepspeed_engines
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
@@ -145,7 +146,8 @@ class LCM:
         self.accelerator = accelerator
         if self.target is not None:
             self.target.to(accelerator.device)
-        self.student, self.optimizers["student"] = accelerator.prepare(self.student, self.optimizers["student"])
+        self.student, self.optimizers["student"] = deepspeed_engines.prepare(accelerator, self.student,
+                                                                             self.optimizers["student"], self.grad_clip)
         self.models = {"student": self.student}
 
     def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict[str, float]:

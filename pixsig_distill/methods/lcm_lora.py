@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import zero3
+
 from ..errors import UserError
 from ..lora import check_rank
 from .common import TrainableParameters, export_network, lora_network
@@ -45,13 +45,6 @@ class LCMLoRA(LCM):
 
     def update_target(self) -> None:
         pass
-
-    def prepare(self, accelerator) -> None:
-        if zero3(accelerator):  # the checkpoint reads the adapters from the model: ZeRO-3 leaves placeholders there
-            raise UserError("distill=lcm_lora cannot run under DeepSpeed ZeRO-3: its checkpoints read the adapters "
-                            "from the model; use fsdp2_full_shard.yaml, ddp.yaml or deepspeed_zero2.yaml "
-                            "(docs/scaling.md)")
-        super().prepare(accelerator)
 
     def sampling_network(self):
         return self.student

@@ -41,6 +41,19 @@ def step(engine, loss: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float("nan") if norm is None else float(norm))
 
 
+def written_back(model: torch.nn.Module):
+    """A context in which `model`'s ZeRO-3 parameters are whole, and what is written into them is partitioned
+    again on leaving (every process enters it); a no-op for any other model."""
+    import contextlib
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def _torch_optimizer(engine):
     return engine.optimizer.optimizer  # ZeRO's optimizer wraps ours; its param groups hold the flat partitions
 
@@ -49,21 +62,44 @@ def _named_trained(engine):
     return [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
 
 
+def master_weights(engines) -> dict[int, torch.Tensor]:
+    """id(parameter) → its full fp32 master weight, for every trained parameter of `engines` (collective). Under
+    bf16 the module holds bf16 copies; a checkpoint keeps the masters, so a resumed run continues unrounded."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {id(param): safe_get_full_fp32_param(param).detach().cpu().clone()
+            for engine in engines for _, param in _named_trained(engine)}
+
+
+def restore_master_weights(engines, modules: dict[str, torch.nn.Module], saved: dict[str, dict]) -> None:
+    """Write a checkpoint's weights into the fp32 masters of `engines`' trained parameters: under bf16 the engine
+    built its masters from the bf16 cast of the loaded weights (every process calls it)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    trained = {id(param) for engine in engines for _, param in _named_trained(engine)}
+    for name, module in modules.items():
+        for key, param in module.named_parameters():
+            if id(param) in trained:
+                safe_set_full_fp32_param(param, saved[name][key].float())
+
+
 def optimizer_state_dict(engine) -> dict:
     """The full optimizer state of `engine`, keyed by parameter name as torch's `get_optimizer_state_dict` keys it
     (collective: every process calls it)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     inner = _torch_optimizer(engine)
-    steps = [s["step"] for s in inner.state.values() if "step" in s]
-    step = torch.as_tensor(steps[0] if steps else 0.0, dtype=torch.float32).clone()
+    _create_optimizer_state(engine)  # a partition that never had a gradient has none yet: zero moments
+    step = torch.tensor(max([float(s["step"]) for s in inner.state.values() if "step" in s], default=0.0))
     state = {}
     for name, param in _named_trained(engine):
         state[name] = {key: safe_get_full_optimizer_state(param, key).detach().cpu().clone() for key in ADAM_STATES}
         state[name]["step"] = step.clone()
-    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [name for name, _ in
-                                                                              _named_trained(engine)]}
-              for group in inner.param_groups[:1]]
+    names = {id(param): name for name, param in _named_trained(engine)}
+    zero = engine.optimizer
+    members = getattr(zero, "bit16_groups", None) or zero.fp16_groups  # each group's parameters (ZeRO-1/2, ZeRO-3)
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in params]}
+              for group, params in zip(inner.param_groups, members)]
     return {"state": state, "param_groups": groups}
 
 
@@ -83,8 +119,9 @@ def load_optimizer_state_dict(engine, saved: dict) -> None:
 
 
 def _create_optimizer_state(engine) -> None:
-    """AdamW's state for every flat partition, as its first step would create it (ZeRO-1/2 create it lazily, at that
-    step, and only then link each parameter's fragment of it): a resumed run writes the saved moments into it."""
+    """AdamW's state for every flat partition that has none, as its first step would create it (ZeRO-1/2 create it
+    lazily, at that step, and only then link each parameter's fragment of it): a resumed run writes the saved
+    moments into it."""
     inner = _torch_optimizer(engine)
     flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
     if flats is None:
@@ -94,6 +131,7 @@ def _create_optimizer_state(engine) -> None:
         state.setdefault("step", torch.tensor(0.0))
         for key in ADAM_STATES:
             state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO-1/2; ZeRO-3 reads state
-    if link is not None:
-        link()
+    zero = engine.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 (ZeRO-3 reads the state directly)
+        zero._hp_optimizer_states_linked = False  # link again: a group without gradients so far had no state
+        zero._lazy_init_hp_params_optimizer_state()

@@ -173,12 +173,19 @@ def model_state_dicts(method, accelerator) -> dict[str, dict]:
     for model in method.models.values():
         resharded(model)  # first: checkpoint_modules() may hold the parameters registered now (LoRA adapters)
     modules = method.checkpoint_modules()
+    masters = deepspeed_engines.master_weights(method.models.values()) if is_deepspeed(accelerator) else {}
     with contextlib.ExitStack() as gathered:
-        for model in method.models.values():  # ZeRO-3: every trained network's full weights, for a moment
+        for model in method.models.values():  # ZeRO-3: every network's full (frozen) weights, for a moment
             gathered.enter_context(full_parameters(accelerator, model))
         keep = (lambda t: t.clone()) if zero3(accelerator) else (lambda t: t)  # ZeRO-3 frees them on leaving
-        return {name: {key: keep(full_tensor(value).detach().cpu()) for key, value in module.state_dict().items()}
-                for name, module in modules.items()}
+        return {name: _state_dict(module, masters, keep) for name, module in modules.items()}
+
+
+def _state_dict(module: torch.nn.Module, masters: dict[int, torch.Tensor], keep) -> dict[str, torch.Tensor]:
+    """`module`'s full state dict on the CPU, its trained parameters replaced by their masters (DeepSpeed)."""
+    by_name = {name: masters[id(p)] for name, p in module.named_parameters() if id(p) in masters}
+    return {key: by_name[key] if key in by_name else keep(full_tensor(value).detach().cpu())
+            for key, value in module.state_dict().items()}
 
 
 @contextlib.contextmanager
@@ -229,6 +236,18 @@ def optimizer_state_dicts(method, accelerator) -> dict[str, dict]:
     return {name: get_optimizer_state_dict(resharded(_model_of(method, name)), _torch_optimizer(optimizer),
                                            options=options)
             for name, optimizer in method.optimizers.items()}
+
+
+def restore_master_weights(checkpoint: Path, method, accelerator) -> None:
+    """After `prepare`, under DeepSpeed: the checkpoint's fp32 weights into the engines' masters (a bf16 engine
+    made its masters from bf16-rounded weights). Elsewhere the weights loaded before `prepare` are the masters."""
+    if not is_deepspeed(accelerator):
+        return
+    from safetensors.torch import load_file
+
+    modules = method.checkpoint_modules()
+    saved = {name: load_file(str(Path(checkpoint) / f"{name}.safetensors")) for name in modules}
+    deepspeed_engines.restore_master_weights(method.models.values(), modules, saved)
 
 
 def load_optimizer_states(states: dict[str, dict], method, accelerator) -> None:

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .checkpoint import (STATE_FILE, keep_configured_hyperparameters, list_checkpoints, load_checkpoint, read_optimizer_states,
                          resolve_resume, save_checkpoint)
 from .distributed import (check_same_step, load_optimizer_states, model_state_dicts, optimizer_state_dicts,
-                          parameters_sharded, resumable_optimizers, write_rank_digest)
+                          parameters_sharded, restore_master_weights, resumable_optimizers,
+                          write_rank_digest)
 from .draws import StepDraws
 from .config import fingerprint_changes, flat_settings
 from .errors import UserError
@@ -163,6 +164,7 @@ def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed
         check_same_step(accelerator, start_step, out_dir)  # several processes: all from the same checkpoint
         method.prepare(accelerator)
         if path is not None:
+            restore_master_weights(path, method, accelerator)
             _resume_optimizers(path, method, accelerator)
         summary = _run(method, dataset, teacher, cfg, out_dir, seed, start_step, accelerator, fresh_method,
                        tracker_config, fingerprint)

@@ -31,11 +31,12 @@ STEP_FRACTION, TYPICAL = 0.2, 1e-6
 LEARNING_RATES = {"dmd": 2e-5, "lcm_lora": 1e-4, "finetune": 1e-4, "finetune_lora": 5e-4}  # conf/distill/*.yaml
 
 
-def launch(overrides: list[str], tmp_path: Path, processes: int = 2, **env) -> subprocess.CompletedProcess:
+def launch(overrides: list[str], tmp_path: Path, processes: int = 2, config: Path = FSDP_CONFIG,
+           **env) -> subprocess.CompletedProcess:
     if processes == 1:
         command = [sys.executable, "-m", "pixsig_distill.train", *overrides]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                    "--main_process_port", free_port(), "-m", "pixsig_distill.train", *overrides]
     full_env = {k: v for k, v in os.environ.items() if k != "PIXSIG_FAULT_AFTER"}
     full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", DIGEST_ENV: "1", **env})

@@ -143,13 +143,15 @@ class EMA(torch.nn.Module):
     def applied(self, model: torch.nn.Module):
         """`model` with the EMA weights in place for the duration (previews); its own weights come back after.
         A sharded (FSDP2) model is resharded at both ends: a forward without backward leaves its gathered
-        parameters registered, which the sharded backup could not be copied into."""
-        backup = {name: p.detach().to("cpu", copy=True) for name, p in trained_parameters(resharded(model))}
-        self.copy_to(model)
+        parameters registered, which the sharded backup could not be copied into. ZeRO-3 parameters are gathered
+        for the swap and re-partitioned with the written values."""
+        with deepspeed_engines.written_back(model):  # ZeRO-3: full while here, re-partitioned on leaving
+            backup = {name: p.detach().to("cpu", copy=True) for name, p in trained_parameters(resharded(model))}
+            self.copy_to(model)
         try:
             yield model
         finally:
-            with torch.no_grad():
+            with torch.no_grad(), deepspeed_engines.written_back(model):
                 for name, p in trained_parameters(resharded(model)):
                     p.copy_(backup[name].to(p.device))
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import deepspeed_engines
 from ..draws import StepDraws, step_draws
-from ..distributed import full_parameters
+from ..distributed import full_parameters, zero3
 from ..errors import UserError
 from ..sampling import sample_latents
 from ..schedule import add_noise, x0_from_eps
@@ -139,6 +139,10 @@ class DMD:
         return modules
 
     def prepare(self, accelerator) -> None:
+        if zero3(accelerator) and any(term.generator_loss_reads_fake_score for term in self.terms):
+            raise UserError("distill.gan under DeepSpeed ZeRO-3: the generator's GAN loss back-propagates through the "
+                            "fake score, another ZeRO-3 engine, which DeepSpeed does not support; launch DMD2 with "
+                            "deepspeed_zero2.yaml or fsdp2_full_shard.yaml (docs/scaling.md)")
         self.accelerator = accelerator
         # One prepare call per network with its optimizer: FSDP2 takes one model per call, DeepSpeed makes an
         # engine of each.

@@ -66,6 +66,8 @@ class GAN(Term):
     """`real_images`: built with the teacher (conf/distill/gan/real_images/). The other settings, their defaults and
     meaning: conf/distill/dmd2.yaml."""
 
+    generator_loss_reads_fake_score = True  # the generator's GAN loss is the head's logit on the fake score's features
+
     def __init__(self, real_images, generator_weight: float, discriminator_weight: float, block: int | None,
                  hidden: int, head: str, t_min: int | None, t_max: int | None, head_lr: float):
         if real_images is None:

@@ -24,6 +24,10 @@ from ..errors import UserError
 class Term:
     """No-op defaults of the term interface (see the module docstring)."""
 
+    # Does the generator's loss back-propagate through the fake score? DeepSpeed ZeRO-3 cannot run a backward of
+    # one engine through another (checked by DMD.prepare).
+    generator_loss_reads_fake_score = False
+
     def attach(self, dmd) -> None:
         pass
 

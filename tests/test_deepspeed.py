@@ -1,0 +1,72 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 with two CPU processes (gloo) under `accelerate launch`, as docs/scaling.md runs
+them on GPUs (the shipped `cpu_deepspeed_zero{2,3}_2proc.yaml`).
+
+DMD is the hard case: two trained networks, each its own engine. Two claims, as tests/test_fsdp.py makes them for
+FSDP2: two processes × batch b end with the weights AND the optimizer moments of one process × batch 2b, and a
+killed run resumes with its optimizer state. tests/test_deepspeed_methods.py runs the other methods and bf16.
+"""
+
+import json
+
+import pytest
+
+from pixsig_distill.checkpoint import list_checkpoints
+from test_fsdp import (LEARNING_RATES, ROOT, assert_moments_close, assert_weights_close, checkpoint_files, launch)
+from test_multiprocess import assert_in_sync, make_text_cache, scale_out_command
+
+pytest.importorskip("deepspeed")
+
+ZERO_CONFIGS = {stage: ROOT / "pixsig_distill" / "conf" / "accelerate" / f"cpu_deepspeed_{stage}_2proc.yaml"
+                for stage in ("zero2", "zero3")}
+
+
+@pytest.fixture(scope="module")
+def command(tiny_folder, tmp_path_factory):
+    from conftest import tiny_train_overrides
+
+    root = tmp_path_factory.mktemp("deepspeed")
+    cache = make_text_cache(tiny_folder, root / "cache")
+    return scale_out_command(lambda out_dir: tiny_train_overrides(tiny_folder, out_dir), cache, root)
+
+
+@pytest.fixture(scope="module")
+def dmd_reference(command, tmp_path_factory):
+    """One process, the global batch of 4 at once: where both ZeRO stages must end."""
+    reference = tmp_path_factory.mktemp("one_process") / "run"
+    one = launch(command(reference, "train.batch_size=4"), reference.parent, processes=1)
+    assert one.returncode == 0, one.log[-4000:]
+    return reference
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_dmd_matches_one_process_and_resumes_with_its_optimizer_state(stage, command, dmd_reference, tmp_path):
+    networks = ("generator", "fake_score", "generator_ema")
+    out = tmp_path / stage
+    # Both processes killed (SIGKILL) right after step 3, before its checkpoint.
+    crashed = launch(command(out), tmp_path, config=ZERO_CONFIGS[stage], PIXSIG_FAULT_AFTER="step:3")
+    assert crashed.returncode != 0, crashed.log[-4000:]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002"]
+    assert json.loads((out / "checkpoints" / "step-0000002" / "state.json").read_text())["optimizer_states"] is True
+    assert_in_sync(out, 2, networks)  # both processes gathered the same full weights, and rank 0 wrote them
+
+    resumed = launch(command(out), tmp_path, config=ZERO_CONFIGS[stage])
+    assert resumed.returncode == 0, resumed.log[-4000:]
+    assert "(step 2)" in resumed.log and "start afresh" not in resumed.log
+    assert_in_sync(out, 4, networks)
+
+    # Weights and both engines' AdamW moments equal the one-process run's (moments restarted at the resume would
+    # move every weight by ~lr in the next steps).
+    ours, theirs = checkpoint_files(out, 4), checkpoint_files(dmd_reference, 4)
+    assert set(ours) == set(theirs) and {"optimizer-generator.safetensors", "optimizer-fake_score.safetensors"} <= set(
+        ours)
+    for name in ours:
+        if name.startswith("optimizer-"):
+            assert_moments_close(ours[name], theirs[name], name)
+        else:
+            assert_weights_close(ours[name], theirs[name], LEARNING_RATES["dmd"], name)
+
+    from diffusers import PixArtTransformer2DModel
+
+    exported = PixArtTransformer2DModel.from_pretrained(out / "export" / "transformer").state_dict()
+    reference = PixArtTransformer2DModel.from_pretrained(dmd_reference / "export" / "transformer").state_dict()
+    assert_weights_close(exported, reference, LEARNING_RATES["dmd"], "export")

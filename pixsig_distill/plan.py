@@ -315,7 +315,8 @@ def format_report(report: dict) -> str:
         d = report["per_device"]
         lines.append(f"  on {report['gpus']} devices with {report['engine']}: {d['peak'] / GiB:.2f} GiB per device "
                      f"({d['sharded_away'] / GiB:.2f} split away, {d['gathered'] / GiB:.2f} gathered at a time, "
-                     f"{d['buckets'] / GiB:.2f} gradient buckets; sharded: {', '.join(d['sharded_networks'])}); "
+                     f"{d['buckets'] / GiB:.2f} gradient buckets, {d['masters'] / GiB:.2f} DeepSpeed fp32 masters and "
+                     f"gradients; sharded: {', '.join(d['sharded_networks'])}); "
                      f"train.batch_size is per device")
     if "gpu" in report:
         g = report["gpu"]

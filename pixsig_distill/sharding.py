@@ -1,5 +1,5 @@
 """What one device holds when a training step is split over several (`plan.gpus`, `plan.engine`): PREDICTED from
-the one-device step the planner simulates (fake_step.py), validated against 2-process FSDP2 CPU runs
+the one-device step the planner simulates (fake_step.py), validated against 2-process FSDP2 and DeepSpeed CPU runs
 (scripts/validate_plan.py, docs/scaling.md)."""
 
 from __future__ import annotations
@@ -18,21 +18,33 @@ def per_device(step: dict, sharded: dict, engine: str, gpus: int, mixed_precisio
 
     * ddp: everything replicated, plus DDP's gradient buckets, a second copy of the gradients;
     * zero2: gradients and optimizer state split over the devices (ZeRO stage 2);
-    * fsdp2 / zero3: the prepared networks' parameters split too, and two of their units (one transformer block,
-      in bf16 when training in mixed precision) gathered whole at a time: the one computing and the one prefetched.
+    * fsdp2: the prepared networks' parameters split too, and two of their units (one transformer block, in bf16
+      when training in mixed precision) gathered whole at a time: the one computing and the one prefetched;
+    * zero3: DeepSpeed's defaults (`stage3_max_live_parameters`, `stage3_max_reuse_distance`: 1e9 parameters)
+      exceed these networks, so what a forward gathers stays gathered until its backward: no parameter memory is
+      saved, and the gathered copies with their partition buffers add twice the prepared networks' bytes. That
+      term is FITTED to the 2-process CPU measurement of DMD and checked on LCM (docs/scaling.md).
+
+    DeepSpeed (zero2, zero3) also keeps, whatever the precision, an fp32 master copy of the trained parameters and
+    their reduced fp32 gradients, each split over the devices (`masters`).
 
     The frozen teacher, an EMA and the activations stay whole on every device."""
     peak, share = step["peak"], 1 - 1 / gpus
-    parts = {"sharded_away": 0.0, "gathered": 0.0, "buckets": 0.0}
+    parts = {"sharded_away": 0.0, "gathered": 0.0, "buckets": 0.0, "masters": 0.0}
     if gpus > 1:
         if engine == "ddp":
             parts["buckets"] = step["grads"]
         else:
             parts["sharded_away"] = share * (step["grads"] + step["optimizer"])
-        if engine in ("fsdp2", "zero3"):
+        half = 0.5 if mixed_precision in ("bf16", "fp16") else 1.0
+        if engine == "fsdp2":
             parts["sharded_away"] += share * sharded["bytes"]
-            parts["gathered"] = 2 * sharded["unit"] * (0.5 if mixed_precision in ("bf16", "fp16") else 1.0)
-    return {"peak": peak - parts["sharded_away"] + parts["gathered"] + parts["buckets"], **parts,
+            parts["gathered"] = 2 * sharded["unit"] * half
+        if engine == "zero3":  # DeepSpeed's default live-parameter limits exceed these networks: see below
+            parts["gathered"] = 2 * sharded["bytes"] * half
+        if engine in ("zero2", "zero3"):
+            parts["masters"] = 2 * sharded["trained_fp32"] / gpus
+    return {"peak": peak - parts["sharded_away"] + parts["gathered"] + parts["buckets"] + parts["masters"], **parts,
             "sharded_networks": sharded["networks"], "sharded_bytes": sharded["bytes"], "unit_bytes": sharded["unit"]}
 
 
@@ -48,5 +60,6 @@ def sharded_networks(cfg: DictConfig) -> dict:
     unit = max((sum(p.numel() * p.element_size() for p in block.parameters())
                 for network in method.models.values() for name, block in network.named_modules()
                 if name.endswith("transformer_blocks.0")), default=0)
+    trained = sum(p.numel() for p in params.values() if p.requires_grad)
     return {"bytes": float(sum(p.numel() * p.element_size() for p in params.values())), "unit": float(unit),
-            "networks": sorted(method.models)}
+            "trained_fp32": 4.0 * trained, "networks": sorted(method.models)}

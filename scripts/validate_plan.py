@@ -8,9 +8,10 @@ every layer simulated, minus the teacher's own weights (which the measurement's 
 
     python scripts/validate_plan.py [--out docs/results/real_scale/plan_validation.json] [--only dmd2]
 
-The sharded cases run as 2 CPU processes under FSDP2 (`accelerate launch` with conf/accelerate/cpu_fsdp2_2proc.yaml,
-gloo); each process measures itself the same way, and the prediction is the planner's per-device figure
-(`sharding.per_device`, engine fsdp2, 2 devices) minus the teacher's weights.
+The sharded cases run as 2 CPU processes under FSDP2 or DeepSpeed ZeRO-2/3 (`accelerate launch` with
+conf/accelerate/cpu_fsdp2_2proc.yaml or cpu_deepspeed_zero{2,3}_2proc.yaml, gloo); each process measures itself
+the same way, and the prediction is the planner's per-device figure (`sharding.per_device`, that engine,
+2 devices) minus the teacher's weights.
 """
 
 from __future__ import annotations
@@ -42,13 +43,19 @@ CASES = {
     "Σ-512 width, 2 layers, lcm (batch 2)": [*WIDE, "distill=lcm", "train.batch_size=2"],
     "Σ-512 width, 2 layers, lcm_lora (batch 2)": [*WIDE, "distill=lcm_lora", "train.batch_size=2"],
 }
-# Sharded over 2 CPU processes (FSDP2, full shard): train.batch_size is per process.
+# Sharded over 2 CPU processes: (engine, overrides); train.batch_size is per process.
 SHARDED = {
-    "Σ-512 width, 2 layers, dmd, FSDP2 × 2": WIDE,
-    "Σ-512 width, 2 layers, dmd, FSDP2 × 2, checkpointing": [*WIDE, "train.gradient_checkpointing=true"],
-    "Σ-512 width, 2 layers, lcm (batch 2), FSDP2 × 2": [*WIDE, "distill=lcm", "train.batch_size=2"],
+    "Σ-512 width, 2 layers, dmd, FSDP2 × 2": ("fsdp2", WIDE),
+    "Σ-512 width, 2 layers, dmd, FSDP2 × 2, checkpointing": ("fsdp2", [*WIDE, "train.gradient_checkpointing=true"]),
+    "Σ-512 width, 2 layers, lcm (batch 2), FSDP2 × 2": ("fsdp2", [*WIDE, "distill=lcm", "train.batch_size=2"]),
+    "Σ-512 width, 2 layers, dmd, ZeRO-2 × 2": ("zero2", WIDE),
+    "Σ-512 width, 2 layers, dmd, ZeRO-3 × 2": ("zero3", WIDE),
+    "Σ-512 width, 2 layers, dmd, ZeRO-3 × 2, checkpointing": ("zero3", [*WIDE, "train.gradient_checkpointing=true"]),
+    "Σ-512 width, 2 layers, lcm (batch 2), ZeRO-3 × 2": ("zero3", [*WIDE, "distill=lcm", "train.batch_size=2"]),
 }
-FSDP2_2PROC = Path(__file__).resolve().parents[1] / "pixsig_distill" / "conf" / "accelerate" / "cpu_fsdp2_2proc.yaml"
+LAUNCH_CONFIGS = {engine: Path(__file__).resolve().parents[1] / "pixsig_distill" / "conf" / "accelerate" / name
+                  for engine, name in [("fsdp2", "cpu_fsdp2_2proc.yaml"), ("zero2", "cpu_deepspeed_zero2_2proc.yaml"),
+                                       ("zero3", "cpu_deepspeed_zero3_2proc.yaml")]}
 
 
 def compose(overrides: list[str]):
@@ -68,7 +75,7 @@ def _status(field: str) -> int:
 
 def measure(overrides: list[str], sharded: bool = False) -> dict:
     """In this (fresh) process: bytes the training state adds at its peak over the loaded teacher. `sharded`: this
-    process is one of an FSDP2 launch (its accelerator comes from the launch, as in training)."""
+    process is one of a sharded launch (its accelerator comes from the launch, as in training)."""
     import gc
 
     import torch
@@ -118,7 +125,7 @@ def _real_batch(cfg, teacher, arch) -> dict:
             "latents": torch.randn(teacher.latent_shape(n)), "prompt": ["a prompt"] * n}
 
 
-def predict(overrides: list[str], gpus: int = 1) -> dict:
+def predict(overrides: list[str], gpus: int = 1, engine: str = "fsdp2") -> dict:
     from dataclasses import asdict
 
     from pixsig_distill.fake_step import shape_only_teacher, simulate_step
@@ -128,7 +135,7 @@ def predict(overrides: list[str], gpus: int = 1) -> dict:
     segments: list = []
     step = simulate_step(cfg, None, segments=segments)
     sharded = sharded_networks(cfg)
-    device = max((per_device(asdict(s), sharded, "fsdp2", gpus, cfg.train.mixed_precision) for s in segments or [step]),
+    device = max((per_device(asdict(s), sharded, engine, gpus, cfg.train.mixed_precision) for s in segments or [step]),
                  key=lambda d: d["peak"])
     teacher, _ = shape_only_teacher(cfg.model)
     frozen = sum(p.numel() * p.element_size() for m in (teacher.transformer, teacher.vae) for p in m.parameters())
@@ -137,14 +144,14 @@ def predict(overrides: list[str], gpus: int = 1) -> dict:
             **({"predicted_sharding": {k: v for k, v in device.items() if k != "peak"}} if gpus > 1 else {})}
 
 
-def measure_sharded(overrides: list[str], env: dict) -> dict:
-    """The 2 processes of an FSDP2 launch, each measuring itself: the larger of their figures."""
+def measure_sharded(overrides: list[str], env: dict, engine: str) -> dict:
+    """The 2 processes of a launch with `engine`, each measuring itself: the larger of their figures."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_2PROC),
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIGS[engine]),
                            "--main_process_port", port, __file__, "--sharded-worker", *overrides],
                           env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
     ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -172,14 +179,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "sigma512_2layers"
         random_pipeline(REAL, num_layers=2).save_pretrained(folder, safe_serialization=True)
-        for name, overrides in {**CASES, **SHARDED}.items():
+        for name, overrides in {**CASES, **{name: overrides for name, (_, overrides) in SHARDED.items()}}.items():
             if args.only is not None and args.only not in name:
                 continue
             if "model=pixart_sigma_512" in overrides:
                 overrides = [*overrides, f"model.pretrained={folder}", "model.max_sequence_length=300"]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
             if name in SHARDED:
-                measured, predicted = measure_sharded(overrides, env), predict(overrides, gpus=2)
+                engine = SHARDED[name][0]
+                measured, predicted = measure_sharded(overrides, env, engine), predict(overrides, 2, engine)
             else:
                 done = subprocess.run([sys.executable, __file__, "--worker", *overrides], env=env,
                                       capture_output=True, text=True, check=True)

@@ -160,23 +160,31 @@ def test_the_reward_recipes_plan_at_real_size():
 
 
 def test_sharding_engines_split_what_they_should(compose_plan, capsys):
-    """On N devices: DDP adds gradient buckets; ZeRO-2 splits gradients and optimizer state; FSDP2 / ZeRO-3 also the
-    prepared networks' parameters, less two gathered blocks; one device is the one-device plan. (The fsdp2 figures
-    are validated against 2-process CPU runs by scripts/validate_plan.py: docs/scaling.md.)"""
+    """On N devices: DDP adds gradient buckets; ZeRO-2 splits gradients and optimizer state and adds DeepSpeed's
+    fp32 masters and gradients, split; FSDP2 also splits the prepared networks' parameters, less two gathered
+    blocks; ZeRO-3 under DeepSpeed's default limits keeps them gathered (twice their bytes on top of ZeRO-2); one
+    device is the one-device plan. (Validated against 2-process CPU runs by scripts/validate_plan.py:
+    docs/scaling.md.)"""
     from pixsig_distill.sharding import per_device
 
     report = plan(compose_plan("plan.gpus=4", "plan.engine=fsdp2"))
     step, device = report["step"], report["per_device"]
     assert f"on 4 devices with fsdp2: {device['peak'] / 2**30:.2f} GiB per device" in capsys.readouterr().out
     assert device["sharded_networks"] == ["fake_score", "generator"] and 0 < device["unit_bytes"] < device["sharded_bytes"]
-    sharded = {"bytes": device["sharded_bytes"], "unit": device["unit_bytes"], "networks": device["sharded_networks"]}
+    sharded = {"bytes": device["sharded_bytes"], "unit": device["unit_bytes"], "networks": device["sharded_networks"],
+               "trained_fp32": 0.8 * device["sharded_bytes"]}
     moment = {**step, "grads": 1e6, "optimizer": 2e6, "peak": step["peak"] + 3e6}  # a moment holding both
-    peaks = {engine: per_device(moment, sharded, engine, 4, "no")["peak"] for engine in ("ddp", "zero2", "zero3")}
-    assert peaks["zero3"] < peaks["zero2"] < moment["peak"] < peaks["ddp"] == moment["peak"] + 1e6
-    assert peaks["zero2"] == pytest.approx(moment["peak"] - 0.75 * 3e6)
-    assert peaks["zero3"] == pytest.approx(peaks["zero2"] - 0.75 * sharded["bytes"] + 2 * sharded["unit"])
-    assert per_device(moment, sharded, "zero3", 1, "no")["peak"] == moment["peak"]
-    assert per_device(moment, sharded, "zero3", 8, "no")["peak"] < peaks["zero3"]  # more devices, less on each
+    peaks = {engine: per_device(moment, sharded, engine, 4, "no")["peak"]
+             for engine in ("ddp", "zero2", "zero3", "fsdp2")}
+    assert peaks["fsdp2"] < moment["peak"] < peaks["ddp"] == moment["peak"] + 1e6
+    assert peaks["fsdp2"] == pytest.approx(moment["peak"] - 0.75 * (3e6 + sharded["bytes"]) + 2 * sharded["unit"])
+    masters = 2 * sharded["trained_fp32"] / 4  # fp32 master weights and gradients, split 4 ways
+    assert peaks["zero2"] == pytest.approx(moment["peak"] - 0.75 * 3e6 + masters)
+    assert peaks["zero3"] == pytest.approx(peaks["zero2"] + 2 * sharded["bytes"])
+    assert per_device(moment, sharded, "zero3", 8, "bf16")["gathered"] == sharded["bytes"]  # bf16 copies
+    for engine in ("zero2", "zero3", "fsdp2"):
+        assert per_device(moment, sharded, engine, 1, "no")["peak"] == moment["peak"]
+        assert per_device(moment, sharded, engine, 8, "no")["peak"] < peaks[engine]  # more devices, less on each
     assert device["peak"] < step["peak"]  # the plan: sharding the tiny DMD's two networks over 4 devices pays
 
 

@@ -220,7 +220,7 @@ def _memory_tracker():
     return Tracker()
 
 
-def _adamw_8bit_stand_in(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **_):
+def adamw_8bit_stand_in(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **_):
     """bitsandbytes' AdamW8bit holds both moments in uint8 with a float32 scale per 256 values: the same state
     sizes, allocated the same way, with a plain update (bitsandbytes needs CUDA, which the planner does not)."""
     return _StateSizedAdam(params, lr=lr, weight_decay=weight_decay)
@@ -274,24 +274,57 @@ def _fake_batch(cfg: DictConfig, teacher, arch, mode) -> dict:
 
 
 def plannable(cfg: DictConfig) -> DictConfig:
-    """A copy of a train config that builds on fake tensors: what a plan cannot model or must not read is
-    replaced (noted in the report)."""
+    """A copy of a train config that builds on fake tensors. What a plan cannot model or must not read is replaced
+    by what each configured object says: a `_target_` with a `plan_stand_in(node)` gets the node it returns (None:
+    left out), e.g. the regression term (it reads teacher pairs from disk), real-image banks (their shapes only),
+    8-bit AdamW (CUDA only) and DMD's few-step chain (planned as one step)."""
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
-        # The regression loss reads teacher pairs from disk.
-        if cfg.distill.get("regression") is not None:
-            cfg.distill.regression = None
-        if len(cfg.distill.get("timesteps") or []) > 1:  # a few-step chain branches on its draws: plan one step
-            from .methods.backward_simulation import check_timesteps
-
-            cfg.distill.timesteps = check_timesteps(cfg.distill.timesteps)[:1]  # a schedule train refuses, too
-        if OmegaConf.select(cfg, "distill.gan.real_images") is not None:  # their shapes, nothing read or encoded
-            cfg.distill.gan.real_images = {"_target_": f"{__name__}.BlankRealImages", "_partial_": True}
-        for key in ("generator_optimizer", "fake_optimizer", "optimizer"):
-            node = cfg.distill.get(key)
-            if node is not None and str(node.get("_target_", "")).endswith("adamw_8bit"):
-                node["_target_"] = f"{__name__}._adamw_8bit_stand_in"
+        cfg.distill = _stood_in(cfg.distill)
     return cfg
+
+
+def plan_notes(cfg: DictConfig) -> list[str]:
+    """What the plan of `cfg` leaves out or approximates, in the words of each configured object that says so (a
+    `_target_` with `plan_note(node)`)."""
+    notes = []
+
+    def visit(node):
+        note = getattr(_target_of(node), "plan_note", None)
+        if note is not None and note(node):
+            notes.append(note(node))
+        for key in list(node.keys()):
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                visit(child)
+
+    visit(cfg.distill)
+    return notes
+
+
+def _target_of(node: DictConfig):
+    if "_target_" not in node or OmegaConf.is_missing(node, "_target_"):
+        return None
+    from hydra.utils import get_object
+
+    return get_object(str(node._target_))
+
+
+def _stood_in(node):
+    if not isinstance(node, DictConfig):
+        return node
+    stand_in = getattr(_target_of(node), "plan_stand_in", None)
+    if stand_in is not None:
+        node = stand_in(node)
+        if node is None:
+            return None
+        node = node if isinstance(node, DictConfig) else OmegaConf.create(node)
+    with open_dict(node):
+        for key in list(node.keys()):
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                node[key] = _stood_in(child)
+    return node
 
 
 def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2,

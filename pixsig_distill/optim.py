@@ -18,3 +18,11 @@ def adamw_8bit(params, lr: float = 1e-5, betas=(0.9, 0.999), eps: float = 1e-8, 
     except ImportError:
         raise UserError('adamw_8bit needs bitsandbytes: pip install "pixsig-distill[8bit]"') from None
     return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def _plan_with_state_sized_adam(node):
+    """The planner cannot run bitsandbytes (CUDA): it plans an optimizer with 8-bit AdamW's state sizes."""
+    return {**node, "_target_": "pixsig_distill.fake_step.adamw_8bit_stand_in"}
+
+
+adamw_8bit.plan_stand_in = _plan_with_state_sized_adam

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import UserError
-from .fake_step import _Fakes, predict_step, shape_only_teacher
+from .fake_step import _Fakes, plan_notes, predict_step, shape_only_teacher
 from .sharding import ENGINES, per_device, sharded_networks
 from .console import entry_point
 
@@ -176,15 +176,7 @@ def plan(cfg: DictConfig) -> dict:
               "step": {k: v for k, v in asdict(step).items()}, "simulated_exactly": bool(options.exact),
               "gpus": gpus, "engine": engine if gpus > 1 else None, "per_device": device,
               "notes": []}
-    if OmegaConf.select(cfg, "distill.regression", default=None) is not None:
-        report["notes"].append("the regression loss is not modelled (one more generator pass on "
-                               "distill.regression.batch_size pairs, plus LPIPS' VGG if chosen)")
-    chain = len(OmegaConf.select(cfg, "distill.timesteps", default=None) or [])
-    if chain > 1:
-        report["notes"].append(f"the {chain}-step generator's chain (backward simulation) is not simulated: it runs "
-                               f"without gradients (below the step's memory peak) and adds to the FLOPs "
-                               f"{(chain - 1) / 2:g} generator forwards per sample on average for each draw of "
-                               f"generator inputs (the generator's update, every fake-score update after the first)")
+    report["notes"] += plan_notes(cfg)  # what each configured object says the plan leaves out
     if gpu_name is not None:
         gpu = GPUS[gpu_name]
         parts = generation_flops(cfg)

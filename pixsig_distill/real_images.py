@@ -249,6 +249,14 @@ def image_folder_latents(teacher, folder: str | Path, cache_dir: str | Path | No
     return LatentBank(CachedTextDataset(encode_image_folder(teacher, folder, cache_dir)))
 
 
+def blank_real_images(node) -> dict:
+    """What a plan builds instead of a real-image bank: zero rows of the right shapes, nothing read or encoded."""
+    return {"_target_": "pixsig_distill.fake_step.BlankRealImages", "_partial_": True}
+
+
+image_folder_latents.plan_stand_in = blank_real_images
+
+
 def image_folder_dataset(teacher, folder: str | Path, cache_dir: str | Path | None = None) -> CachedTextDataset:
     """A captioned folder as training items (prompt, T5 embedding, mask, VAE latents): what `distill=finetune` trains
     on (`data=images`)."""

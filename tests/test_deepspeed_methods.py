@@ -3,7 +3,7 @@ and an export stock diffusers loads. Under ZeRO-3 (everything sharded; weights g
 previews and checkpoints): LCM (a full student and its target) and LoRA fine-tuning (an EMA swapped in for
 previews); LCM-LoRA in bf16, killed and resumed. DMD2 (backward simulation, the GAN head) under ZeRO-2: ZeRO-3
 refuses it (its GAN loss runs one engine's backward through another). tests/test_deepspeed.py runs DMD under both
-stages, killed and resumed; docs/scaling.md lists what ran by hand beyond these."""
+stages (killed and resumed under ZeRO-2); docs/scaling.md lists what ran by hand beyond these."""
 
 import pytest
 

@@ -28,7 +28,7 @@ from ..distributed import full_parameters, zero3
 from ..errors import UserError
 from ..sampling import sample_latents
 from ..schedule import add_noise, x0_from_eps
-from .backward_simulation import BackwardSimulation
+from .backward_simulation import BackwardSimulation, check_timesteps
 from .common import (EMA, TrainableParameters, accumulated_step, export_network, frozen, lora_network,
                      micro_slices, trainable_copy, trained_network, trained_parameters, weight_sharing_copy)
 
@@ -71,6 +71,24 @@ class DMD:
         "a LoRA fake score (rank 64) on the frozen teacher": {"distill.fake_score.lora_rank": 64},
         "a LoRA generator (rank 64)": {"distill.generator.lora_rank": 64},
     }
+
+    @staticmethod
+    def plan_stand_in(node):
+        """A few-step chain branches on its draws (which step a sample stops at): a plan runs its first step, the
+        one-step generator's memory (a schedule training refuses is refused here too)."""
+        if len(node.get("timesteps") or []) > 1:
+            node.timesteps = check_timesteps(node.timesteps)[:1]
+        return node
+
+    @staticmethod
+    def plan_note(node) -> str | None:
+        chain = len(node.get("timesteps") or [])
+        if chain > 1:
+            return (f"the {chain}-step generator's chain (backward simulation) is not simulated: it runs without "
+                    f"gradients (below the step's memory peak) and adds to the FLOPs {(chain - 1) / 2:g} generator "
+                    f"forwards per sample on average for each draw of generator inputs (the generator's update, every "
+                    f"fake-score update after the first)")
+        return None
 
     def __init__(self, teacher, *, timesteps, real_guidance_scale: float, fake_updates_per_step: int, dm_t_min: int,
                  dm_t_max: int, generator_optimizer, fake_optimizer, grad_clip: float | None, ema_decay: float | None,

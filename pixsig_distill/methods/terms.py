@@ -53,6 +53,15 @@ class Regression(Term):
     """Distance between G(z_i) and the teacher's multi-step sample y_i from the same noise (DMD eq. 9), on its own
     batch of teacher pairs (`python -m pixsig_distill.make_pairs`), once per step."""
 
+    @staticmethod
+    def plan_stand_in(node):
+        return None  # it reads teacher pairs from disk; a plan leaves it out (plan_note)
+
+    @staticmethod
+    def plan_note(node) -> str:
+        return ("the regression loss is not modelled (one more generator pass on distill.regression.batch_size "
+                "pairs, plus LPIPS' VGG if chosen)")
+
     def __init__(self, pairs, weight: float = 0.25, distance: str = "latent_mse", batch_size: int = 8):
         if pairs is None:
             raise UserError("distill.regression needs teacher pairs; make them with python -m "

@@ -17,6 +17,17 @@ import torch  # noqa: E402
 torch.set_num_threads(min(_threads, torch.get_num_threads()))
 
 
+# The longest files first (docs/tests.md): xdist hands out whole files (--dist loadfile), and a long file handed out
+# last keeps one worker busy while the other has nothing left to do.
+LONGEST_FIRST = ["test_real_width.py", "test_fsdp.py", "test_deepspeed_methods.py", "test_plan.py", "test_gan_head.py",
+                 "test_deepspeed.py", "test_multiprocess.py", "test_faults.py", "test_dmd2.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file stays in one piece
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     from pixsig_distill.testing import tiny_pipeline

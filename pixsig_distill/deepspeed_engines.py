@@ -8,13 +8,17 @@ built.
 
 Checkpoints stay safetensors: the optimizer state is gathered from the ZeRO partitions per parameter
 (`safe_get_full_optimizer_state`, a collective) into the same parameter-name keyed form the DDP and FSDP2 runs
-save, and scattered back on resume, so a ZeRO run resumes with its AdamW moments, even on another process count.
+save, and scattered back on resume, so a ZeRO run resumes with its AdamW moments (the files do not depend on the
+process count; resuming on another count is untested). The moments are AdamW's (`exp_avg`, `exp_avg_sq`): an
+optimizer with other state keys (bitsandbytes' 8-bit AdamW) is not supported under DeepSpeed.
 """
 
 from __future__ import annotations
 
 import torch
 from accelerate.utils import DistributedType
+
+from .errors import UserError
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -27,6 +31,10 @@ def prepare(accelerator, model: torch.nn.Module, optimizer, grad_clip: float | N
     """`accelerator.prepare(model, optimizer)`; under DeepSpeed an engine of its own for this network."""
     if not is_deepspeed(accelerator):
         return accelerator.prepare(model, optimizer)
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise UserError(f"{type(optimizer).__name__} under DeepSpeed: checkpoints gather AdamW's moments from ZeRO's "
+                        f"partitions, so DeepSpeed runs take torch.optim.AdamW (the default); use FSDP2 or DDP for "
+                        f"8-bit AdamW (docs/scaling.md)")
     accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = float(grad_clip or 0.0)
     engine, optimizer = accelerator.prepare(model, optimizer)
     accelerator.deepspeed_engine_wrapped = None  # every engine is stepped by `step`, not accelerator.backward

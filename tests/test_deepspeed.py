@@ -72,3 +72,17 @@ def test_zero_dmd_matches_one_process_and_keeps_its_optimizer_state(stage, kille
     exported = PixArtTransformer2DModel.from_pretrained(out / "export" / "transformer").state_dict()
     reference = PixArtTransformer2DModel.from_pretrained(dmd_reference / "export" / "transformer").state_dict()
     assert_weights_close(exported, reference, LEARNING_RATES["dmd"], "export")
+
+
+def test_an_optimizer_without_adams_moments_is_refused_in_one_line():
+    """Checkpoints gather AdamW's moments from ZeRO's partitions: another optimizer stops before any engine is built."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    from pixsig_distill import deepspeed_engines
+    from pixsig_distill.errors import UserError
+
+    accelerator = type("Launch", (), {"distributed_type": DistributedType.DEEPSPEED})()
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(UserError, match="SGD under DeepSpeed.*torch.optim.AdamW"):
+        deepspeed_engines.prepare(accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1), 1.0)

@@ -8,14 +8,14 @@ tracker and FLOP counter. `predict_step` extrapolates two small depths to the re
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from dataclasses import asdict, dataclass
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from .config import build
+from .plan_config import plannable
 
 log = logging.getLogger(__name__)
 
@@ -271,60 +271,6 @@ def _fake_batch(cfg: DictConfig, teacher, arch, mode) -> dict:
         null = (torch.empty(1, arch.max_sequence_length, width, dtype=teacher.dtype),
                 torch.ones(1, arch.max_sequence_length, dtype=torch.long))
     return batch, null
-
-
-def plannable(cfg: DictConfig) -> DictConfig:
-    """A copy of a train config that builds on fake tensors. What a plan cannot model or must not read is replaced
-    by what each configured object says: a `_target_` with a `plan_stand_in(node)` gets the node it returns (None:
-    left out), e.g. the regression term (it reads teacher pairs from disk), real-image banks (their shapes only),
-    8-bit AdamW (CUDA only) and DMD's few-step chain (planned as one step)."""
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        cfg.distill = _stood_in(cfg.distill)
-    return cfg
-
-
-def plan_notes(cfg: DictConfig) -> list[str]:
-    """What the plan of `cfg` leaves out or approximates, in the words of each configured object that says so (a
-    `_target_` with `plan_note(node)`)."""
-    notes = []
-
-    def visit(node):
-        note = getattr(_target_of(node), "plan_note", None)
-        if note is not None and note(node):
-            notes.append(note(node))
-        for key in list(node.keys()):
-            child = node._get_node(key)
-            if isinstance(child, DictConfig):
-                visit(child)
-
-    visit(cfg.distill)
-    return notes
-
-
-def _target_of(node: DictConfig):
-    if "_target_" not in node or OmegaConf.is_missing(node, "_target_"):
-        return None
-    from hydra.utils import get_object
-
-    return get_object(str(node._target_))
-
-
-def _stood_in(node):
-    if not isinstance(node, DictConfig):
-        return node
-    stand_in = getattr(_target_of(node), "plan_stand_in", None)
-    if stand_in is not None:
-        node = stand_in(node)
-        if node is None:
-            return None
-        node = node if isinstance(node, DictConfig) else OmegaConf.create(node)
-    with open_dict(node):
-        for key in list(node.keys()):
-            child = node._get_node(key)
-            if isinstance(child, DictConfig):
-                node[key] = _stood_in(child)
-    return node
 
 
 def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2,

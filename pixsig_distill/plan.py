@@ -27,7 +27,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import UserError
-from .fake_step import _Fakes, plan_notes, predict_step, shape_only_teacher
+from .fake_step import _Fakes, predict_step, shape_only_teacher
+from .plan_config import plan_notes
 from .sharding import ENGINES, per_device, sharded_networks
 from .console import entry_point
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from .config import build
-from .fake_step import plannable, shape_only_teacher
+from .fake_step import shape_only_teacher
+from .plan_config import plannable
 
 ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
 

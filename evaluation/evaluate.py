@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from pixsig_distill.config import build
 from pixsig_distill.errors import UserError
 from pixsig_distill.inference import InferenceMode, add_prompts, load_for_inference
+from pixsig_distill.model_card import DECODER_CARD
 
 from .cache import ImageCache, entry_key, generate_cached, weights_fingerprint
 from .prompts import PromptSet, load_prompt_set
@@ -37,6 +38,8 @@ class RowSpec:
     guidance_scale: float | None = None  # None: the model's own
     card: dict = field(default_factory=dict)
     group: str | None = None  # rows of one recipe trained with different seeds: the report gives their mean ± sd
+    vae: str | None = None  # a tiny decoder (AutoencoderTiny folder) in place of the model's VAE
+    compare_to: str | None = None  # the row (same steps) its paired differences are taken against; None: the teacher
 
     @property
     def method(self) -> str:
@@ -106,12 +109,12 @@ class Models:
     def __init__(self, model_cfg: DictConfig, device: str, mode: InferenceMode | None, teacher=None):
         self.model_cfg, self.device, self.mode, self.loaded = model_cfg, device, mode or InferenceMode(), {}
         if teacher is not None:  # a training run hands over its teacher
-            self.loaded[(True, None)] = teacher
+            self.loaded[(True, None, None)] = teacher
 
     def get(self, row: RowSpec, prompts: list[str] | None = None):
         """The row's model, able to encode `prompts` (with text_encoder.release: T5 loaded alone, prompts encoded,
         T5 freed, before or after the model is loaded)."""
-        key = (row.kind == "teacher", row.path)
+        key = (row.kind == "teacher", row.path, row.vae)
         if key not in self.loaded:
             for other in [k for k in self.loaded if not k[0]]:  # drop the previous student
                 del self.loaded[other]
@@ -124,7 +127,12 @@ class Models:
     def _load(self, row: RowSpec, prompts):
         student = row.path if row.kind != "teacher" else None
         pretrained = row.path if row.kind == "teacher" else None
-        return load_for_inference(self.model_cfg, student, self.device, self.mode, pretrained, prompts)[0]
+        if row.kind == "teacher" and row.path is None and row.vae is not None and (True, None, None) in self.loaded:
+            # the configured teacher is loaded already: the same networks, another decoder
+            from pixsig_distill.decoders import with_decoder
+
+            return with_decoder(self.loaded[(True, None, None)], row.vae)
+        return load_for_inference(self.model_cfg, student, self.device, self.mode, pretrained, prompts, row.vae)[0]
 
 
 def row_settings(row: RowSpec, model_cfg: DictConfig, args: dict, mode: InferenceMode | None, device: str) -> dict:
@@ -138,7 +146,8 @@ def row_settings(row: RowSpec, model_cfg: DictConfig, args: dict, mode: Inferenc
             "weights": weights_fingerprint(row.path or teacher), "teacher": teacher,
             "teacher_weights": weights_fingerprint(teacher), "dtype": dtype or model_cfg.get("torch_dtype"),
             "resolution": model_cfg.get("resolution"), "max_sequence_length": model_cfg.get("max_sequence_length"),
-            "device_type": device.split(":")[0], **quantized}
+            "device_type": device.split(":")[0], **quantized,
+            **({"vae": str(Path(row.vae).resolve()), "vae_weights": weights_fingerprint(row.vae)} if row.vae else {})}
 
 
 # ---- the engine ---------------------------------------------------------------------------------
@@ -221,9 +230,11 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
     main = ev.accelerator.is_main_process
     for row in rows:  # rows of one model are adjacent, so each model loads once
         result = {"name": row.name, "method": row.method, "kind": row.kind, "steps": row.steps, "t_bar": row.t_bar,
-                  "path": row.path, "n_samples": len(ev.prompt_set.prompts), "group": row.group}
+                  "path": row.path, "n_samples": len(ev.prompt_set.prompts), "group": row.group, "vae": row.vae,
+                  "reference": row.compare_to}
         if row.kind == "real":
-            result.update(guidance_scale=None, latency={}, latency_ms=None, latency_transformer_ms=None)
+            result.update(guidance_scale=None, latency={}, latency_ms=None, latency_transformer_ms=None,
+                          latency_stages_ms=None)
             if main:
                 for scorer in ev.scorers.scorers:
                     result.update(scorer.score_real(ev.prompt_set) or {})
@@ -259,6 +270,8 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
             _merge_seed_sets(result, per_set, ev.scorers)
             for mode, key in (("end_to_end", "latency_ms"), ("transformer", "latency_transformer_ms")):
                 result[key] = {"median": lat[mode]["median"], "p90": lat[mode]["p90"]} if mode in lat else None
+            stages = (lat.get("end_to_end") or {}).get("stages") or {}  # T5, transformer steps, VAE of the same runs
+            result["latency_stages_ms"] = {name: s["median"] for name, s in stages.items()} or None
             result["latency"] = {mode: {k: v for k, v in rec.items() if k != "versions"} for mode, rec in lat.items()}
             result["cache"] = main_sets[0].folder.name
             grids.append(main_sets[0].files(n))
@@ -273,20 +286,23 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
 
 
 def add_paired_differences(ev: Evaluation, results: list[dict], paired: list[dict]) -> None:
-    """Every generated row against the reference row (`ev.compare_to`, the teacher at 20 steps): per column, the
-    difference on the same prompts and seeds with a paired bootstrap interval and a verdict (scorer.py)."""
-    if not ev.compare_to:
-        return
-    name, steps = ev.compare_to["name"], ev.compare_to.get("steps")
-    ref = next((i for i, r in enumerate(results) if r["name"] == name and r["kind"] != "real"
-                and (steps is None or r["steps"] == steps)), None)
-    if ref is None:
-        log.warning("no row %s at %s steps to compare the others with: no paired differences", name, steps)
-        return
+    """Every generated row against its reference row: the row its entry names (`compare_to`, at the same steps:
+    e.g. a student with a tiny decoder against the same student with its VAE), else `ev.compare_to` (the teacher
+    at 20 steps). Per column, the difference on the same prompts and seeds with a paired bootstrap interval and a
+    verdict (scorer.py)."""
+    def find(name: str, steps: int | None) -> int | None:
+        return next((i for i, r in enumerate(results) if r["name"] == name and r["kind"] != "real"
+                     and (steps is None or r["steps"] == steps)), None)
+
+    default = find(ev.compare_to["name"], ev.compare_to.get("steps")) if ev.compare_to else None
+    if ev.compare_to and default is None:
+        log.warning("no row %s at %s steps to compare the others with: no paired differences",
+                    ev.compare_to["name"], ev.compare_to.get("steps"))
     for i, result in enumerate(results):
-        if i == ref or result["kind"] == "real":
+        ref = find(result["reference"], result["steps"]) if result.get("reference") else default
+        if ref is None or i == ref or result["kind"] == "real":
             continue
-        result["compared_to"] = f"{name} ({steps_label(results[ref]['steps'])})"
+        result["compared_to"] = f"{results[ref]['name']} ({steps_label(results[ref]['steps'])})"
         for scorer in ev.scorers.scorers:
             for column in scorer.columns:
                 mine, theirs = paired[i].get(scorer.name, {}), paired[ref].get(scorer.name, {})
@@ -300,15 +316,11 @@ def evaluate_export(eval_cfg: DictConfig, model_cfg: DictConfig, teacher, export
     """The end of a training run: the student at its card's eval steps, the teacher at 20 steps (and at the
     student's largest step count), and the real ceiling, scored like the leaderboard; writes eval.md / .json /
     .csv and eval_grid.png into the run folder."""
-    from pixsig_distill.students import read_card
-
     from . import report
 
-    out_dir, card = Path(out_dir), read_card(export)
-    steps = list(eval_cfg.get("steps") or card.get("eval_steps") or [card.get("num_inference_steps", 1)])
+    out_dir = Path(out_dir)
     rows = [RowSpec("real images (another draw)", "real", 0)] if eval_cfg.get("real_row") else []
-    rows += [RowSpec("teacher", "teacher", s) for s in sorted({20, max(steps)}, reverse=True) if s > 1 or s == 20]
-    rows += [RowSpec(card.get("method", "student"), "student", s, str(export), None, card) for s in steps]
+    rows += decoder_rows(export) if (Path(export) / DECODER_CARD).is_file() else student_rows(eval_cfg, export)
     for row in rows:
         check_row_steps(row)
     device = device or str(teacher.device)
@@ -325,6 +337,36 @@ def evaluate_export(eval_cfg: DictConfig, model_cfg: DictConfig, teacher, export
     meta = {**ev.meta(str(model_cfg.pretrained)), "latency": None, "device": device}
     report.write_all(out_dir, "eval", results, meta, images, 8)
     return {"rows": results, "meta": meta}
+
+
+def student_rows(eval_cfg: DictConfig, export) -> list[RowSpec]:
+    """A student export: the teacher at 20 steps (and at the student's largest step count), the student at its
+    card's eval steps."""
+    from pixsig_distill.students import read_card
+
+    card = read_card(export)
+    steps = list(eval_cfg.get("steps") or card.get("eval_steps") or [card.get("num_inference_steps", 1)])
+    rows = [RowSpec("teacher", "teacher", s) for s in sorted({20, max(steps)}, reverse=True) if s > 1 or s == 20]
+    return rows + [RowSpec(card.get("method", "student"), "student", s, str(export), None, card) for s in steps]
+
+
+def decoder_rows(export) -> list[RowSpec]:
+    """A tiny decoder export: the teacher (20 steps), and the student it was trained on if any, each with its VAE
+    and with the tiny decoder, the latter compared image for image with the former."""
+    import json
+
+    from pixsig_distill.students import read_card
+
+    card = json.loads((Path(export) / DECODER_CARD).read_text())
+    rows = [RowSpec("teacher", "teacher", 20),
+            RowSpec("teacher + tiny decoder", "teacher", 20, vae=str(export), compare_to="teacher")]
+    if card.get("student"):
+        student = read_card(card["student"])
+        method, steps = student.get("method", "student"), student.get("num_inference_steps", 1)
+        rows += [RowSpec(method, "student", steps, card["student"], None, student),
+                 RowSpec(f"{method} + tiny decoder", "student", steps, card["student"], None, student,
+                         vae=str(export), compare_to=method)]
+    return rows
 
 
 def reference_row(eval_cfg: DictConfig) -> dict | None:

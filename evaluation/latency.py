@@ -3,7 +3,9 @@
 Two measurements per model and step count:
 
 * `end_to_end` — prompt → image: T5 encoding, the transformer steps (with CFG where the sampler
-  uses it) and the VAE decode; the initial noise is drawn before the clock starts.
+  uses it) and the VAE decode; the initial noise is drawn before the clock starts. The same runs
+  also time each of the three stages (`stages`: text_encoder, transformer, vae), each between two
+  device synchronisations, so a breakdown always adds up to the figure it explains.
 * `transformer` — the denoising loop alone on precomputed prompt embeddings, no T5, no decode.
 
 Every run is bracketed by a device synchronisation (CUDA kernels are asynchronous, so without it
@@ -36,17 +38,35 @@ def summarize(seconds: list[float]) -> dict:
 
 def time_runs(fn, warmup: int = 3, runs: int = 20, sync=lambda: None, clock=time.perf_counter) -> list[float]:
     """Call `fn` `warmup` times untimed, then `runs` times, each timed between two `sync()` calls."""
+    return [total for total, _ in time_stages(lambda lap: fn(), warmup, runs, sync, clock)]
+
+
+def time_stages(fn, warmup: int = 3, runs: int = 20, sync=lambda: None, clock=time.perf_counter):
+    """Like `time_runs`, for an `fn(lap)` that calls `lap(name)` at the end of each of its stages: per run, (total
+    seconds, {stage: seconds}); `lap` synchronises the device, so each stage is charged its own work."""
+    def untimed(name):
+        pass
+
     for _ in range(warmup):
-        fn()
+        fn(untimed)
     sync()
-    times = []
+    out = []
     for _ in range(runs):
+        stages = {}
         sync()
-        began = clock()
-        fn()
+        began = last = clock()
+
+        def lap(name):
+            nonlocal last
+            sync()
+            now = clock()
+            stages[name] = now - last
+            last = now
+
+        fn(lap)
         sync()
-        times.append(clock() - began)
-    return times
+        out.append((clock() - began, stages))
+    return out
 
 
 def device_sync(device: torch.device):
@@ -79,19 +99,25 @@ def measure_latency(model, prompt: str, steps: int | None = None, guidance_scale
 
     noise = initial_noise(model.latent_shape(batch_size), generators(), model.device, model.dtype)
     if mode == "end_to_end":
-        def fn():
+        def fn(lap):
             embeds, mask = model.encode_prompts(prompts)
+            lap("text_encoder")
             latents = model.sample(embeds=embeds, mask=mask, noise=noise, num_inference_steps=steps,
                                    guidance_scale=guidance_scale, timesteps=timesteps, generator=generators())
-            return model.decode(latents)
+            lap("transformer")
+            images = model.decode(latents)
+            lap("vae")
+            return images
     else:
         embeds, mask = model.encode_prompts(prompts)
 
-        def fn():
+        def fn(lap):
             return model.sample(embeds=embeds, mask=mask, noise=noise, num_inference_steps=steps,
                                 guidance_scale=guidance_scale, timesteps=timesteps, generator=generators())
 
-    times = time_runs(fn, warmup, runs, device_sync(model.device))
-    return {"mode": mode, **summarize(times), "warmup": warmup, "batch_size": batch_size,
-            "steps": steps, "device": device_name(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-            "resolution": model.resolution, "versions": versions()}
+    timed = time_stages(fn, warmup, runs, device_sync(model.device))
+    stages = {name: summarize([s[name] for _, s in timed]) for name in (timed[0][1] if timed else {})}
+    return {"mode": mode, **summarize([total for total, _ in timed]), "stages": stages, "warmup": warmup,
+            "batch_size": batch_size, "steps": steps, "device": device_name(model.device),
+            "dtype": str(model.dtype).replace("torch.", ""), "resolution": model.resolution,
+            "decoder": type(model.vae).__name__, "versions": versions()}

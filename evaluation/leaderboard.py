@@ -2,7 +2,9 @@
 
 Rows: the real images (a fresh draw, where the prompt set can make one: the ceiling every metric can
 reach), the teacher at `teacher_steps` (20, and 4 and 1 for contrast), then each of `entries`
-(`{name, path, steps}`; `steps` defaults to the card's `eval_steps`: 1 for DMD, [1, 2, 4] for LCM).
+(`{name, path, steps}`; `steps` defaults to the card's `eval_steps`: 1 for DMD, [1, 2, 4] for LCM; `vae:` a tiny
+decoder for that row, `compare_to:` the row its paired differences are taken against, e.g. the same student
+with its VAE).
 The metrics, prompt set and bootstrap come from the eval preset (`eval=toy`, `eval=coco2014_30k`,
 `eval=mjhq30k`; conf/eval/) through `evaluation.evaluate`, the engine the end-of-training evaluation
 runs too. Writes leaderboard.md / .csv / .json, grid.png and, with several DMD T̄, tbar_sweep.png.
@@ -62,9 +64,16 @@ def parse_rows(cfg: DictConfig, real_row: bool = False) -> list[RowSpec]:
                 if entry.get("method") and card.get("method") != entry["method"]:
                     raise UserError(f"{where}: method={entry['method']} but '{path}' holds a {card.get('method')} "
                                     f"student")
+        vae = entry.get("vae")
+        if vae is not None:
+            vae = str(Path(str(vae)).expanduser())
+            if not Path(vae).is_dir():
+                raise UserError(f"{where}: vae '{vae}' does not exist; give the export/ folder of a "
+                                f"distill=tiny_decoder run")
         default = card.get("eval_steps") or card.get("num_inference_steps", 20)
         for steps in _steps_list(entry.get("steps", default), where):
-            row = RowSpec(name, kind, steps, path, entry.get("guidance_scale"), card, entry.get("group"))
+            row = RowSpec(name, kind, steps, path, entry.get("guidance_scale"), card, entry.get("group"), vae,
+                          entry.get("compare_to"))
             check_row_steps(row)
             rows.append(row)
     seen = set()
@@ -72,6 +81,10 @@ def parse_rows(cfg: DictConfig, real_row: bool = False) -> list[RowSpec]:
         if (row.name, row.steps) in seen:
             raise UserError(f"two rows are named '{row.name}' at {row.steps} steps; give entries distinct names")
         seen.add((row.name, row.steps))
+    for row in rows:
+        if row.compare_to is not None and (row.compare_to, row.steps) not in seen:
+            raise UserError(f"entry '{row.name}': compare_to={row.compare_to!r} names no row at {row.steps} steps; "
+                            f"name an entry (or teacher) evaluated at the same steps")
     if not [r for r in rows if r.kind != "real"]:
         raise UserError("nothing to evaluate: teacher_steps is empty and no entries are given")
     return rows

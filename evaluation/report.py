@@ -22,8 +22,9 @@ PAPER_TABLE = [
 ]
 
 BASE_COLUMNS = ["name", "group", "method", "steps", "t_bar", "guidance_scale"]
-TAIL_COLUMNS = ["latency_median_ms", "latency_p90_ms", "transformer_median_ms", "transformer_p90_ms", "n_samples",
-                "path"]
+STAGES = ("text_encoder", "transformer", "vae")  # the end-to-end breakdown (evaluation/latency.py)
+TAIL_COLUMNS = ["latency_median_ms", "latency_p90_ms", "transformer_median_ms", "transformer_p90_ms",
+                *(f"{stage}_stage_median_ms" for stage in STAGES), "n_samples", "path"]
 
 
 def _label(row: dict) -> str:
@@ -38,6 +39,12 @@ def overlapping_pairs(rows: list[dict], column: dict) -> list[tuple[str, str]]:
             if a[f"{key}_lo"] <= b[f"{key}_hi"] and b[f"{key}_lo"] <= a[f"{key}_hi"]]
 
 
+def breakdown(row: dict) -> str:
+    """`2.9 + 9.3 + 4.7`: the medians of T5, the transformer steps and the VAE decode in the end-to-end runs."""
+    stages = row.get("latency_stages_ms") or {}
+    return " + ".join(_fmt(stages.get(stage), 1) for stage in STAGES) if stages else "—"
+
+
 def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
     columns, lat = meta["columns"], meta.get("latency")
     boot = meta.get("bootstrap") or {}
@@ -50,15 +57,15 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
                                                        else "") + ".", "",
              "| name | method | steps | T̄ | " + " | ".join(c["header"] + (" ↑" if c["better"] == "higher" else " ↓")
                                                         for c in columns)
-             + " | latency median (ms) | p90 (ms) | transformer-only median (ms) | n |",
-             "|" + "---|" * (len(columns) + 8)]
+             + " | latency median (ms) | p90 (ms) | T5 + transformer + VAE (ms) | transformer-only median (ms) | n |",
+             "|" + "---|" * (len(columns) + 9)]
     for r in rows:
         e2e, tr = r.get("latency_ms") or {}, r.get("latency_transformer_ms") or {}
         cells = " | ".join(cell(r, c) for c in columns)
         steps = "" if r.get("kind") == "real" else r["steps"]
         lines.append(f"| {r['name']} | {r['method']} | {steps} | {r.get('t_bar') or ''} | {cells} | "
-                     f"{_fmt(e2e.get('median'), 1)} | {_fmt(e2e.get('p90'), 1)} | {_fmt(tr.get('median'), 1)} | "
-                     f"{r['n_samples']} |")
+                     f"{_fmt(e2e.get('median'), 1)} | {_fmt(e2e.get('p90'), 1)} | {breakdown(r)} | "
+                     f"{_fmt(tr.get('median'), 1)} | {r['n_samples']} |")
     lines += paired_section(rows, meta)
     lines += seeds_section(rows, meta)
     lines += ["", "## What the columns are", ""]
@@ -68,7 +75,8 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
     if lat:
         lines.append(f"- **Latency**: batch {lat['batch_size']}, {lat['warmup']} warm-up + {lat['runs']} timed runs, "
                      f"device synchronised, median and p90 (numpy, linear); end-to-end = T5 + transformer steps + "
-                     f"VAE decode, transformer-only = the denoising loop on precomputed embeddings; "
+                     f"VAE decode, each stage timed in the same runs between device synchronisations (medians); "
+                     f"transformer-only = the denoising loop on precomputed embeddings, timed apart; "
                      f"{lat.get('dtype')}, {lat.get('resolution')} px"
                      + (f"; inference mode: {lat['inference']}" if lat.get("inference") else "") + ".")
     lines += ["", "## Differences the intervals do not resolve", "",
@@ -99,20 +107,25 @@ def paired_cell(row: dict, column: dict) -> str:
 
 
 def paired_section(rows: list[dict], meta: dict) -> list[str]:
-    """The paired comparison of every row with the reference row (the teacher), when the evaluation made one."""
+    """The paired comparison of every row with its reference row (the teacher; a tiny-decoder row: the same model
+    with its own VAE), a table per reference, when the evaluation made one."""
     compared = [r for r in rows if r.get("compared_to")]
     if not compared:
         return []
     columns = [c for c in meta["columns"] if any(r.get(f"{c['key']}_diff") is not None for r in compared)]
     boot = meta.get("bootstrap") or {}
-    lines = ["", f"## Against {compared[0]['compared_to']}, image for image", "",
-             f"Each row minus the reference on the same prompts and seeds, with a {100 * boot.get('confidence', 0.95):.0f}"
-             f" % paired bootstrap interval ({boot.get('resamples')} resamples of the same image indices in both "
-             f"rows; FID and CMMD recomputed on each resample). **better** / **worse**: the interval excludes 0 on "
-             f"that side (the arrow says which side is good); **not resolved**: it does not.", "",
-             "| row | " + " | ".join(f"Δ {c['header']} {'↑' if c['better'] == 'higher' else '↓'}" for c in columns)
-             + " |", "|" + "---|" * (len(columns) + 1)]
-    lines += [f"| {_label(r)} | " + " | ".join(paired_cell(r, c) for c in columns) + " |" for r in compared]
+    lines = []
+    for reference in dict.fromkeys(r["compared_to"] for r in compared):
+        lines += ["", f"## Against {reference}, image for image", "",
+                  f"Each row minus the reference on the same prompts and seeds, with a "
+                  f"{100 * boot.get('confidence', 0.95):.0f} % paired bootstrap interval ({boot.get('resamples')} "
+                  f"resamples of the same image indices in both rows; FID and CMMD recomputed on each resample). "
+                  f"**better** / **worse**: the interval excludes 0 on that side (the arrow says which side is "
+                  f"good); **not resolved**: it does not.", "",
+                  "| row | " + " | ".join(f"Δ {c['header']} {'↑' if c['better'] == 'higher' else '↓'}" for c in columns)
+                  + " |", "|" + "---|" * (len(columns) + 1)]
+        lines += [f"| {_label(r)} | " + " | ".join(paired_cell(r, c) for c in columns) + " |"
+                  for r in compared if r["compared_to"] == reference]
     return lines
 
 
@@ -179,8 +192,9 @@ def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
         writer.writeheader()
         for r in rows:
             e2e, tr = r.get("latency_ms") or {}, r.get("latency_transformer_ms") or {}
+            stages = {f"{stage}_stage_median_ms": ms for stage, ms in (r.get("latency_stages_ms") or {}).items()}
             writer.writerow({**r, "latency_median_ms": e2e.get("median"), "latency_p90_ms": e2e.get("p90"),
-                             "transformer_median_ms": tr.get("median"), "transformer_p90_ms": tr.get("p90")})
+                             "transformer_median_ms": tr.get("median"), "transformer_p90_ms": tr.get("p90"), **stages})
 
 
 def write_json(path: Path, rows: list[dict], meta: dict) -> None:

@@ -63,6 +63,11 @@ def load_models(cfg: DictConfig) -> list[DemoModel]:
         student, spec = load_student(folder, model_cfg, device=cfg.device, dtype=cfg.dtype)
         label = "/".join(folder.resolve().parts[-3:-1]) if folder.name == "export" else folder.name
         models.append(DemoModel(f"{spec.method} · {label}", student, spec))
+    if cfg.get("vae"):  # each model again, decoded by the tiny decoder (the same networks, shared)
+        from .decoders import with_decoder
+
+        models += [DemoModel(f"{m.name} + tiny decoder", with_decoder(m.model, cfg.vae), m.spec, m.is_teacher)
+                   for m in list(models)]
     return models
 
 

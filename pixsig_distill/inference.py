@@ -9,9 +9,13 @@ One place for `generate`, the leaderboard's generation and `scripts/benchmark.py
 * `offload=model|sequential`: diffusers' CPU offload hooks (`enable_model_cpu_offload`,
   `enable_sequential_cpu_offload`; they need an accelerator device);
 * `compile=true` (`compile_mode=`): torch.compile of the transformer, in place;
-* `dtype=`: the weights' dtype.
+* `dtype=`: the weights' dtype;
+* `text_encoder.trim=true` (the default): T5 over the batch's longest prompt instead of `max_sequence_length`
+  padded tokens — the padding is masked, so the images stay the same;
+* `vae=PATH`: a tiny decoder (`distill=tiny_decoder`'s export, diffusers `AutoencoderTiny`) instead of the VAE.
 
-With quantization off none of them changes an image beyond the dtype's rounding (tests/test_inference.py).
+With quantization off and the model's own VAE none of them changes an image beyond the dtype's rounding
+(tests/test_inference.py); a tiny decoder approximates the VAE (the leaderboard compares the two image for image).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class InferenceMode:
     offload: str = "none"
     quantization: str = "none"          # of the text encoder
     release_text_encoder: bool = False
+    trim_text: bool = True              # T5 over the longest prompt of the batch
+    vae: str | None = None              # a tiny decoder folder instead of the model's VAE
 
     @classmethod
     def from_config(cls, cfg) -> "InferenceMode":
@@ -45,7 +51,8 @@ class InferenceMode:
         mode = cls(dtype=cfg.get("dtype"), compile=cfg.get("compile", False),
                    compile_mode=str(cfg.get("compile_mode", "default")), offload=str(cfg.get("offload", "none")),
                    quantization=str(text_encoder.get("quantization", "none")),
-                   release_text_encoder=text_encoder.get("release", False))
+                   release_text_encoder=text_encoder.get("release", False),
+                   trim_text=text_encoder.get("trim", True), vae=cfg.get("vae"))
         mode.check()
         return mode
 
@@ -60,6 +67,8 @@ class InferenceMode:
             raise UserError(f"text_encoder.quantization={self.quantization!r}; use none, 8bit or 4bit")
         if not isinstance(self.release_text_encoder, bool):
             raise UserError(f"text_encoder.release={self.release_text_encoder!r}; use true or false")
+        if not isinstance(self.trim_text, bool):
+            raise UserError(f"text_encoder.trim={self.trim_text!r}; use true or false")
         if self.offload != "none" and not torch.cuda.is_available():
             raise UserError(f"offload={self.offload} moves each model to the GPU when it runs and back after; this "
                             f"machine has no GPU (on the CPU everything already sits in main memory): use offload=none")
@@ -82,8 +91,14 @@ class InferenceMode:
             return BitsAndBytesConfig(load_in_8bit=True)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
 
-    def apply(self, model) -> None:
-        """Offload hooks and compilation on a loaded `Teacher`-shaped model (teacher or student)."""
+    def apply(self, model, vae: str | None = None) -> None:
+        """The decoder (`vae`, else this mode's), trimmed prompts, offload hooks and compilation on a loaded
+        `Teacher`-shaped model (teacher or student)."""
+        from .decoders import use_decoder
+
+        model.trim_text = self.trim_text
+        if vae or self.vae:
+            use_decoder(model, vae or self.vae)
         if self.offload != "none":
             model.enable_cpu_offload(sequential=self.offload == "sequential")
         if self.compile:
@@ -96,11 +111,14 @@ class InferenceMode:
         parts.append(f"T5 {self.quantization}" if self.quantization != "none" else "T5 full precision")
         if self.release_text_encoder:
             parts.append("T5 released after encoding")
+        parts.append("prompts trimmed to the longest" if self.trim_text else "prompts padded")
+        if type(model.vae).__name__ != "AutoencoderKL":
+            parts.append(f"decoder {type(model.vae).__name__}")
         return ", ".join(parts)
 
 
 def load_for_inference(model_cfg, student=None, device: str = "auto", mode: InferenceMode | None = None,
-                       pretrained: str | None = None, prompts: list[str] | None = None):
+                       pretrained: str | None = None, prompts: list[str] | None = None, vae: str | None = None):
     """(model, SamplerSpec): the teacher of `model_cfg` (another teacher folder with `pretrained`) or the student
     export `student`, loaded and set up as `mode` says.
 
@@ -132,7 +150,7 @@ def load_for_inference(model_cfg, student=None, device: str = "auto", mode: Infe
     if encoded is not None:
         _remember(model, encoded)
     model.text_source = source  # add_prompts encodes further prompts from there
-    mode.apply(model)
+    mode.apply(model, vae)  # `vae`: this model's decoder (a leaderboard row's), over the mode's
     return model, spec
 
 

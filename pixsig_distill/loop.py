@@ -50,6 +50,7 @@ class Method(Protocol):
     def train_step(self, batch: dict, draws: StepDraws, micro_batches: int = 1) -> dict[str, float]: ...
     def sample(self, embeds: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
     def export(self, out_dir: Path) -> Path: ...
+    # Optional: `decode(latents) -> images` (a method that trains a decoder); previews use it over the teacher's VAE.
 
 
 @dataclass
@@ -371,7 +372,8 @@ def _save_preview(method, teacher, previews, path: Path, write: bool = True) -> 
     latents = method.sample(embeds, mask, noise)
     if not write:
         return
-    images = to_uint8(teacher.decode(latents))
+    decode = getattr(method, "decode", teacher.decode)  # a method that trains a decoder shows its own images
+    images = to_uint8(decode(latents))
     save_grid(images, path, columns=len(noise), scale=max(1, 128 // images.shape[1]))  # small images only
     return np.concatenate(list(images), axis=1)  # one row, (H, W·n, 3) uint8: what the trackers show
 

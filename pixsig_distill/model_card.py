@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 STUDENT_CARD = "pixsig_student.json"  # the sampling recipe an export carries
+DECODER_CARD = "pixsig_decoder.json"  # what a tiny decoder export (distill=tiny_decoder) decodes
 
 CARD_FILE = "README.md"
 SAMPLES_FILE = "samples.png"
@@ -138,25 +139,47 @@ def _evaluation(evaluation: dict) -> list[str]:
     return lines + [""]
 
 
+def decoder_snippet(card: dict, folder: str, prompt: str = EXAMPLE_PROMPT) -> str:
+    """Python that samples the teacher (or the student the decoder was trained with) through this tiny decoder."""
+    source = card.get("student") or card.get("teacher")
+    return "\n".join(["import torch", "from diffusers import AutoencoderTiny, PixArtSigmaPipeline",
+                      f'vae = AutoencoderTiny.from_pretrained("{folder}")',
+                      f'pipe = PixArtSigmaPipeline.from_pretrained("{source}", vae=vae)  # any PixArt model of this VAE',
+                      f'image = pipe("{prompt}", generator=torch.Generator().manual_seed(0)).images[0]',
+                      'image.save("sample.png")'])
+
+
 def write_model_card(export: str | Path, training: dict | None = None, evaluation: dict | None = None,
                      samples: str | Path | None = None) -> Path:
-    """(Re)write `export/README.md` from the export's card and whatever is known about its training and
-    evaluation; `samples` (an image) is copied in as samples.png."""
+    """(Re)write `export/README.md` from the export's card (a student's, or a tiny decoder's) and whatever is known
+    about its training and evaluation; `samples` (an image) is copied in as samples.png."""
     export = Path(export)
-    card = json.loads((export / STUDENT_CARD).read_text())
+    decoder = (export / DECODER_CARD).is_file()
+    card = json.loads((export / (DECODER_CARD if decoder else STUDENT_CARD)).read_text())
     if samples is not None and Path(samples).is_file():
         shutil.copyfile(samples, export / SAMPLES_FILE)
-    title = f"{card.get('method', 'student').upper()} student of {Path(str(card.get('teacher') or 'a teacher')).name}"
-    lines = [_front_matter(card), f"# {title}", "",
-             "Distilled with pixsig-distill from a PixArt teacher; it samples with the stock diffusers pipeline "
-             "below.", "", "## Sampling recipe", "", *_recipe(card), ""]
+    teacher_name = Path(str(card.get('teacher') or 'a teacher')).name
+    if decoder:
+        lines = [_front_matter(card), f"# Tiny decoder for {teacher_name}", "",
+                 "diffusers `AutoencoderTiny` (the TAESD architecture), distilled with pixsig-distill to decode the "
+                 "latents of its PixArt teacher's VAE; a pipeline takes it as `vae=`. Only the decoder is trained: "
+                 "encode with the teacher's VAE.", "",
+                 f"- latents: {card.get('latent_channels')} channels, ×{card.get('vae_scale_factor')} upsampling, "
+                 f"{card.get('resolution')} px; trained on encoded real images"
+                 + (f" and the samples of `{card['student']}`" if card.get("student") else ""), ""]
+    else:
+        title = f"{card.get('method', 'student').upper()} student of {teacher_name}"
+        lines = [_front_matter(card), f"# {title}", "",
+                 "Distilled with pixsig-distill from a PixArt teacher; it samples with the stock diffusers pipeline "
+                 "below.", "", "## Sampling recipe", "", *_recipe(card), ""]
     if training:
         lines += _training(training)
     if evaluation:
         lines += _evaluation(evaluation)
     if (export / SAMPLES_FILE).is_file():
         lines += ["## Samples", "", f"![samples]({SAMPLES_FILE})", ""]
-    lines += ["## Use", "", "```python", snippet(card, str(export.resolve())), "```", ""]
+    use = (decoder_snippet if decoder else snippet)(card, str(export.resolve()))
+    lines += ["## Use", "", "```python", use, "```", ""]
     path = export / CARD_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines))

@@ -91,3 +91,26 @@ def scheduler_class(card: dict):
 
 def teacher_spec(teacher: Teacher) -> SamplerSpec:
     return SamplerSpec("teacher", teacher.num_inference_steps, teacher.guidance_scale)
+
+
+def student_on_teacher(folder: str | Path, teacher: Teacher) -> tuple[Teacher, SamplerSpec]:
+    """A student export's transformer and scheduler on the teacher's own T5, VAE and device: a sampler that costs
+    one more transformer, not a second T5 (what `distill=tiny_decoder` draws the student's samples from)."""
+    from .teacher import _load_transformer, pipeline_class
+
+    card = read_card(folder)
+    transformer = _load_transformer(str(folder), teacher.dtype)
+    if transformer.config.in_channels != teacher.latent_channels or transformer.config.sample_size * \
+            teacher.vae_scale_factor != teacher.resolution:
+        raise UserError(f"student '{folder}' makes other latents than this teacher ({teacher.resolution} px, "
+                        f"{teacher.latent_channels} channels); give a student distilled from model.pretrained")
+    scheduler = scheduler_class(card).from_pretrained(str(Path(folder) / "scheduler"))
+    components = {**teacher.pipe.components, "transformer": transformer, "scheduler": scheduler}
+    model = Teacher(pipeline_class(transformer)(**components), max_sequence_length=teacher.max_sequence_length,
+                    guidance_scale=card.get("guidance_scale", 1.0), num_inference_steps=card["num_inference_steps"],
+                    device=str(teacher.device))
+    if teacher._null is not None:  # no T5 (cached text): the teacher's cached empty prompt serves CFG
+        model.set_null_embedding(*teacher._null)
+    spec = SamplerSpec(card["method"], card["num_inference_steps"], card.get("guidance_scale", 1.0),
+                       card.get("timesteps"), card)
+    return model, spec

@@ -183,12 +183,25 @@ def _load_error_message(name: str, err: Exception) -> str:
     return f"could not load model '{name}': {first_line}; re-save or re-download the folder"
 
 
+def fit_length(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (B, L, D) and masks (B, L) cut or zero-padded to `length` tokens. Only masked positions are cut
+    or added, and masked positions do not reach the output: the transformer's cross-attention gives them no weight."""
+    have = embeds.shape[1]
+    if have >= length:
+        if have > length and bool(mask[:, length:].any()):
+            raise ValueError(f"cutting embeddings to {length} tokens would drop unmasked ones")
+        return embeds[:, :length], mask[:, :length]
+    pad = length - have
+    return (torch.cat([embeds, embeds.new_zeros(embeds.shape[0], pad, embeds.shape[2])], 1),
+            torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], 1))
+
+
 class Teacher:
     """Frozen PixArt-Σ: prompts → embeddings, guided ε / x0, its own sampler, VAE decode."""
 
     def __init__(self, pipe: PixArtSigmaPipeline, max_sequence_length: int = 300, guidance_scale: float = 4.5,
                  num_inference_steps: int = 20, scheduler: str | None = None, resolution: int | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", trim_text: bool = False):
         self.pipe = pipe.to(resolve_device(device))
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
             if module is not None:
@@ -199,6 +212,9 @@ class Teacher:
                                 f"such as DPMSolverMultistepScheduler or DDIMScheduler")
             pipe.scheduler = scheduler_like(getattr(diffusers, scheduler), pipe.scheduler.config)
         self.max_sequence_length = max_sequence_length
+        # Inference (text_encoder.trim): T5 runs over the batch's longest prompt, not max_sequence_length padded
+        # tokens. The padding is masked in T5 and in the transformer's cross-attention, so images do not change.
+        self.trim_text = trim_text
         self.guidance_scale = guidance_scale
         self.num_inference_steps = num_inference_steps
         self.vae_scale_factor = pipe.vae_scale_factor
@@ -262,17 +278,28 @@ class Teacher:
     # ---- text ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 embeddings (B, L, D) and attention masks (B, L) exactly as the pipeline computes them."""
+        """T5 embeddings (B, L, D) and attention masks (B, L) exactly as the pipeline computes them; with
+        `trim_text`, L is the longest prompt's token count instead of `max_sequence_length`."""
         if self.pipe.text_encoder is None:
             if prompts and all(p in self._known for p in prompts):  # e.g. training previews from the text cache
-                return (torch.stack([self._known[p][0] for p in prompts]),
-                        torch.stack([self._known[p][1] for p in prompts]))
+                embeds = torch.stack([self._known[p][0] for p in prompts])
+                mask = torch.stack([self._known[p][1] for p in prompts])
+                return fit_length(embeds, mask, int(mask.sum(1).max())) if self.trim_text else (embeds, mask)
             raise UserError("this teacher was loaded without its text encoder; use cached embeddings "
                             "(data=cached) or load it with model.load_text_encoder=true")
+        length = self.prompt_tokens(prompts) if self.trim_text else self.max_sequence_length
         embeds, mask, _, _ = self.pipe.encode_prompt(
             list(prompts), do_classifier_free_guidance=False, device=self.device, clean_caption=False,
-            max_sequence_length=self.max_sequence_length)
+            max_sequence_length=length)
         return embeds.to(self.dtype), mask
+
+    def prompt_tokens(self, prompts: list[str]) -> int:
+        """T5 tokens of the longest prompt (end-of-sequence included, at most max_sequence_length), tokenized as
+        the pipeline does (lower-cased, stripped): padding to it truncates nothing."""
+        texts = self.pipe._text_preprocessing(list(prompts), clean_caption=False)
+        ids = self.pipe.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_sequence_length,
+                                  add_special_tokens=True, return_tensors="pt").input_ids
+        return int(ids.shape[1])
 
     def add_prompt_embeddings(self, prompts: list[str], embeds: torch.Tensor, mask: torch.Tensor) -> None:
         """Cached embeddings (B, L, D) of some prompts: `encode_prompts` answers them when T5 is not loaded."""
@@ -286,11 +313,12 @@ class Teacher:
         """Use a cached empty-prompt embedding (1, L, D) when T5 is not loaded."""
         self._null = (embeds, mask)
 
-    def null_embedding(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty-prompt embedding used as the unconditional branch of CFG (cached)."""
+    def null_embedding(self, batch_size: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty-prompt embedding used as the unconditional branch of CFG (cached), `length` tokens long
+        (the conditional embeddings' length, which trimmed encoding varies) when given."""
         if self._null is None:
             self._null = self.encode_prompts([""])
-        embeds, mask = self._null
+        embeds, mask = self._null if length is None else fit_length(*self._null, length)
         return embeds.expand(batch_size, -1, -1), mask.expand(batch_size, -1)
 
     # ---- denoiser ----------------------------------------------------------------------------
@@ -323,7 +351,7 @@ class Teacher:
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if scale <= 1.0:
             return self.eps(x_t, t, embeds, mask, transformer)
-        null_embeds, null_mask = null if null is not None else self.null_embedding(x_t.shape[0])
+        null_embeds, null_mask = null if null is not None else self.null_embedding(x_t.shape[0], embeds.shape[1])
         # One batched call [uncond, cond], as the pipeline does, so results match it bit for bit.
         both = self.eps(torch.cat([x_t, x_t]), torch.cat([t.expand(x_t.shape[0])] * 2),
                         torch.cat([null_embeds, embeds]), torch.cat([null_mask, mask]), transformer)
@@ -348,7 +376,7 @@ class Teacher:
         if noise is None:
             noise = initial_noise(self.latent_shape(embeds.shape[0]), generator, self.device, self.dtype)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        null = self.null_embedding(embeds.shape[0]) if scale > 1.0 else None
+        null = self.null_embedding(embeds.shape[0], embeds.shape[1]) if scale > 1.0 else None
 
         def eps_fn(x_t, t):
             return self.guided_eps(x_t, t, embeds, mask, scale, null)

@@ -19,7 +19,7 @@ import pixsig_distill.sampling
 from evaluation.cache import ImageCache
 from evaluation.clip_score import CLIPScorer
 from evaluation.fid import FID, InceptionFeatures
-from evaluation.latency import summarize, time_runs
+from evaluation.latency import summarize, time_runs, time_stages
 from evaluation.leaderboard import run as leaderboard
 from evaluation.prompts import load_prompt_set
 from evaluation.scorer import ScoringContext
@@ -150,6 +150,22 @@ def test_latency_statistics_on_a_fake_clock():
     assert stats["median"] == pytest.approx(3.0) and stats["runs"] == 5
     assert stats["p90"] == pytest.approx(4 + 0.6 * 6)  # linear between the 4th and 5th of 5 sorted runs
     assert summarize([0.005])["p90"] == pytest.approx(5.0)
+
+
+def test_stage_times_add_up_to_the_run_they_split():
+    ticks = iter(np.arange(0, 100, 1.0))  # every clock read is one second later than the last
+    syncs = []
+
+    def three_stages(lap):
+        for name in ("text_encoder", "transformer", "vae"):
+            lap(name)
+
+    runs = time_stages(three_stages, warmup=1, runs=2, sync=lambda: syncs.append(1), clock=lambda: next(ticks))
+    assert len(runs) == 2
+    for total, stages in runs:
+        assert list(stages) == ["text_encoder", "transformer", "vae"] and all(v == 1.0 for v in stages.values())
+        assert total == pytest.approx(sum(stages.values()) + 1)  # the clock read after the last stage's sync
+    assert len(syncs) == 1 + 2 * (2 + 3)  # after warm-up; around every run and at every stage's end
 
 
 # ---- prompt sets and the image cache ------------------------------------------------------------

@@ -86,7 +86,7 @@ class FineTune:
         dropped = (gen.rand(b) < self.caption_dropout).to(device)
         if self.caption_dropout > 0:  # the empty prompt for dropped rows: the unconditional branch CFG needs
             # (not `dropped.any()`: the planner runs this step on fake tensors, which have no values to branch on)
-            null_embeds, null_mask = self.teacher.null_embedding(b)
+            null_embeds, null_mask = self.teacher.null_embedding(b, embeds.shape[1])
             embeds = torch.where(dropped[:, None, None], null_embeds.to(embeds.dtype), embeds)
             mask = torch.where(dropped[:, None], null_mask.to(mask.dtype), mask)
         x_t = add_noise(x0, noise, t, self.teacher.alphas_cumprod)
@@ -114,7 +114,7 @@ class FineTune:
     def sample(self, embeds, mask, noise) -> torch.Tensor:
         """The teacher's own sampler (steps, CFG) with the fine-tuned weights."""
         with self.sampling_network() as network:
-            null = self.teacher.null_embedding(embeds.shape[0])
+            null = self.teacher.null_embedding(embeds.shape[0], embeds.shape[1])
 
             def eps_fn(x, t):
                 return self.teacher.guided_eps(x, t, embeds, mask, null=null, transformer=network)

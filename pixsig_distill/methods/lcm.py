@@ -204,7 +204,7 @@ class LCM:
         x_t = x_t.to(self.teacher.dtype)
         if not self.w_embedding and self.guidance_w == 0:  # decided by the config, not by the data (planner)
             return self.teacher.eps(x_t, t, embeds, mask)
-        null_embeds, null_mask = self.teacher.null_embedding(x_t.shape[0])
+        null_embeds, null_mask = self.teacher.null_embedding(x_t.shape[0], embeds.shape[1])
         both = self.teacher.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null_embeds, embeds]),
                                 torch.cat([null_mask, mask]))
         eps_uncond, eps_cond = both.float().chunk(2)

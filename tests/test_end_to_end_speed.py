@@ -134,12 +134,14 @@ def test_tiny_decoder_bad_input_is_one_line(compose_generate, decoder_export, ti
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(UserError, match="decodes 4-channel latents ×4, but this model makes 4-channel latents ×2"):
         generate(compose_generate("prompt=x", "n_images=1", f"vae={tmp_path / 'other'}"))
-    with pytest.raises(UserError, match="student_share=0.5 but no distill.student"):
+    with pytest.raises(UserError, match="needs real latents: data=images"):
         from pixsig_distill.methods.tiny_decoder import TinyDecoder
 
-        TinyDecoder(Teacher.from_pretrained(str(tiny_folder), device="cpu"), decoder={}, latents=None, student=None,
-                    student_share=0.5, pixel_weight=1.0, lpips_weight=0.0, adversarial_weight=0.0,
-                    discriminator_channels=8, ema_decay=None, optimizer=torch.optim.AdamW, grad_clip=None)
+        method = TinyDecoder(Teacher.from_pretrained(str(tiny_folder), device="cpu"), decoder={}, latents=None,
+                             student=None, student_share=0.0, pixel_weight=1.0, lpips_weight=0.0, lpips=None,
+                             adversarial_weight=0.0, discriminator_channels=8, ema_decay=None,
+                             optimizer=torch.optim.AdamW, grad_clip=None)
+        method.train_step({"prompt": ["x"]}, torch.Generator())
 
 
 # ---- trimmed text encoding ----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pixsig_distill.methods.dmd as dmd_module
 import pixsig_distill.methods.finetune as finetune_module
 import pixsig_distill.methods.gan as gan_module
 import pixsig_distill.methods.lcm as lcm_module
+import pixsig_distill.methods.tiny_decoder as tiny_decoder_module
 from pixsig_distill.config import build
 from pixsig_distill.schedule import add_noise
 
@@ -247,8 +248,38 @@ def test_finetune_moves_the_model_to_the_new_data(distill):
     assert after < 0.2 * before, (before, after)
 
 
+# ---- tiny decoder: its images → the teacher VAE's images of the same latents --------------------------------
+def decoder_distance(method, teacher, latents) -> float:
+    with torch.no_grad():
+        return float((method.decode(latents) - teacher.decode(latents).clamp(-1, 1)).abs().mean())
+
+
+def decoder_learns(steps: int = 40):
+    """The toy teacher's VAE is the answer: a fresh AutoencoderTiny trained on encoded toy images, measured on
+    other images' latents."""
+    from pixsig_distill.config import _toy_asset
+    from pixsig_distill.draws import StepDraws
+    from pixsig_distill.teacher import Teacher
+    from pixsig_distill.toy.real_latents import toy_real_latents
+
+    toy = Teacher.from_pretrained(_toy_asset("teacher"), max_sequence_length=16, device="cpu")
+    method = method_from_yaml(toy, "tiny_decoder", "distill.latents.n=64", "distill.ema_decay=null")
+    held_out = toy_real_latents(toy, n=32, seed=99).sample(32, StepDraws(torch.Generator().manual_seed(1)), "cpu",
+                                                          torch.float32)[0]
+    before = decoder_distance(method, toy, held_out)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        method.train_step({"prompt": [""] * 16}, gen)
+    return before, decoder_distance(method, toy, held_out)
+
+
+def test_tiny_decoder_learns_to_decode_like_the_teachers_vae():
+    before, after = decoder_learns()
+    assert after < 0.5 * before, (before, after)
+
+
 # ---- every method has a learning test, and each test catches a wrong direction ------------------------------
-LEARNING_TESTS = {"dmd", "dmd2", "lcm", "lcm_lora", "finetune", "finetune_lora"}
+LEARNING_TESTS = {"dmd", "dmd2", "lcm", "lcm_lora", "finetune", "finetune_lora", "tiny_decoder"}
 
 
 def test_every_method_has_a_learning_test():
@@ -286,6 +317,8 @@ SABOTAGE = {
                                          lambda t: lcm_learns(t), lambda before, after: after < 0.1 * before),
     "finetune_loss_negated": (lambda mp: mp.setattr(finetune_module.F, "mse_loss", _negate(F.mse_loss)),
                               lambda t: finetune_learns(), lambda before, after: after < 0.2 * before),
+    "decoder_pixel_loss_negated": (lambda mp: mp.setattr(tiny_decoder_module.F, "l1_loss", _negate(F.l1_loss)),
+                                   lambda t: decoder_learns(), lambda before, after: after < 0.5 * before),
 }
 
 

@@ -131,3 +131,27 @@ def test_sigma_512_reward_guided_two_step_dmd(real_width_folder, tmp_path):
     card, latents = _stock_sample(tmp_path / "run" / "export", PixArtSigmaPipeline)
     assert card["timesteps"] == [400, 200] and card["reward_clip_stand_in"] == 1.0
     assert latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()
+
+
+@pytest.mark.slow
+def test_tiny_decoder_recipe_at_real_width(real_width_folder, tmp_path):
+    """conf/experiment/pixart_sigma_1024_tiny_decoder.yaml (TAESD layout, the real SDXL VAE as the target, latents
+    from an encoded image folder) at 512 px for speed: one step, an export that stock diffusers loads as `vae=`."""
+    from diffusers import AutoencoderTiny
+    from test_finetune import write_folder
+
+    images = write_folder(tmp_path / "images", n=1, size=512)
+    folder = real_width_folder(SIGMA_512, 2)  # the other 512-px tests' folder
+    summary = _train(folder, "pixart_sigma_512", tmp_path / "run", "experiment=pixart_sigma_1024_tiny_decoder",
+                     f"data.folder={images}", "distill.lpips_weight=0", "train.mixed_precision=no", "train.batch_size=1",
+                     steps=1)
+    logs = summary["last_logs"]
+    assert summary["finished"] and {"loss_pixel", "loss_adv", "loss_discriminator"} <= set(logs)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    decoder = AutoencoderTiny.from_pretrained(tmp_path / "run" / "export")
+    assert list(decoder.config.decoder_block_out_channels) == [64, 64, 64, 64]  # the TAESD layout
+    pipe = PixArtSigmaPipeline.from_pretrained(folder, vae=decoder)
+    assert pipe.vae_scale_factor == 8  # the SDXL VAE's: the same latent grid
+    with torch.no_grad():
+        image = decoder.decode(torch.randn(1, 4, 64, 64)).sample
+    assert image.shape == (1, 3, 512, 512)

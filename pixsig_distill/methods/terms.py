@@ -91,13 +91,9 @@ class Regression(Term):
 
     def _lpips_distance(self, teacher, x0, target) -> torch.Tensor:
         if self._lpips is None:
-            try:
-                from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+            from ..perceptual import LPIPS
 
-                self._lpips = LearnedPerceptualImagePatchSimilarity(net_type="vgg").to(x0.device).eval()
-            except Exception as err:
-                raise UserError(f"LPIPS needs VGG weights that could not be loaded ({err}); download them "
-                                f"where there is internet or use distill.regression.distance=latent_mse") from None
+            self._lpips = LPIPS("vgg", offline_hint="use distill.regression.distance=latent_mse").to(x0.device)
         scale = teacher.vae.config.scaling_factor
         images = teacher.vae.decode(x0 / scale).sample.clamp(-1, 1)
         with torch.no_grad():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from ..draws import StepDraws, step_draws
 from ..errors import UserError
 from ..model_card import DECODER_CARD, write_model_card
 from .common import EMA, accumulated_step, trained_parameters
+
+log = logging.getLogger(__name__)
 
 
 class PatchDiscriminator(torch.nn.Module):
@@ -49,14 +52,14 @@ class TinyDecoder:
     method_name = "tiny_decoder"
 
     def __init__(self, teacher, *, decoder: dict, latents, student: str | None, student_share: float,
-                 pixel_weight: float, lpips_weight: float, adversarial_weight: float, discriminator_channels: int,
-                 ema_decay: float | None, optimizer, grad_clip: float | None):
+                 pixel_weight: float, lpips_weight: float, lpips, adversarial_weight: float,
+                 discriminator_channels: int, ema_decay: float | None, optimizer, grad_clip: float | None):
         """Every setting is required: conf/distill/tiny_decoder.yaml is the one home of the defaults."""
         if not 0 <= student_share <= 1:
             raise UserError(f"distill.student_share={student_share}; use a fraction in [0, 1]")
         if student_share > 0 and not student:
-            raise UserError(f"distill.student_share={student_share} but no distill.student: give a student export "
-                            f"(e.g. distill.student=outputs/train/dmd_toy/t_bar=400/export) or student_share=0")
+            log.warning("distill.student_share=%s without distill.student: training on real latents only (give a "
+                        "student export to decode its samples too)", student_share)
         for name, weight in (("pixel_weight", pixel_weight), ("lpips_weight", lpips_weight),
                              ("adversarial_weight", adversarial_weight)):
             if weight < 0:
@@ -67,6 +70,8 @@ class TinyDecoder:
         self.student_share = float(student_share) if student else 0.0
         self.student_folder = str(student) if student else None
         self.student = None  # loaded on first use: a plan or a resume check need not read it
+        # Real latents: the batch's own when the data has them (data=images: an encoded, cached image folder), else
+        # random rows of this bank (the toy world's renders, or a folder encoded for the decoder alone).
         self.bank = latents(teacher=teacher) if callable(latents) else latents
         self.decoder = tiny_decoder_like(teacher.vae, **decoder).train()
         self.decoder.encoder.requires_grad_(False)  # the latents come from the teacher's encoder
@@ -78,7 +83,9 @@ class TinyDecoder:
             self.discriminator = PatchDiscriminator(discriminator_channels)
             self.models["discriminator"] = self.discriminator
             self.optimizers["discriminator"] = optimizer(self.discriminator.parameters())
-        self._lpips = None
+        # built now (weights downloaded, or one line offline) only when it is used: a partial of perceptual.LPIPS
+        self.lpips = (lpips(offline_hint="set distill.lpips_weight=0") if callable(lpips) and not isinstance(
+            lpips, torch.nn.Module) else lpips) if self.weights["lpips"] > 0 else None
         self.accelerator = None
 
     # ---- loop interface ---------------------------------------------------------------------
@@ -111,8 +118,14 @@ class TinyDecoder:
             noise = gen.randn(self.teacher.latent_shape(n_student)).to(device, self.teacher.dtype)
             parts.append(self._student_samples(batch["embeds"][:n_student], batch["mask"][:n_student], noise))
         if b - n_student:
-            parts.append(self.bank.sample(b - n_student, gen, device, self.teacher.dtype)[0])
-        return torch.cat([p.float() for p in parts])
+            if "latents" in batch:
+                parts.append(batch["latents"][n_student:])
+            elif self.bank is not None:
+                parts.append(self.bank.sample(b - n_student, gen, device, self.teacher.dtype)[0])
+            else:
+                raise UserError("distill=tiny_decoder needs real latents: data=images data.folder=DIR, or "
+                                "distill/latents=folder distill.latents.folder=DIR (distill/latents=toy on model=toy)")
+        return torch.cat([p.to(device, torch.float32) for p in parts])
 
     @torch.no_grad()
     def _student_samples(self, embeds, mask, noise) -> torch.Tensor:
@@ -136,7 +149,7 @@ class TinyDecoder:
             image = self.decoder.decode(z[rows], return_dict=False)[0].float()
             terms = {"pixel": F.l1_loss(image, target[rows])}
             if self.weights["lpips"] > 0:
-                terms["lpips"] = self.lpips(image.clamp(-1, 1), target[rows])
+                terms["lpips"] = self.lpips.to(image.device)(image.clamp(-1, 1), target[rows])
             if self.weights["adv"] > 0:
                 terms["adv"] = -self.discriminator(image).mean()  # hinge GAN, generator side
             for name, value in terms.items():
@@ -167,19 +180,6 @@ class TinyDecoder:
         value, norm = accumulated_step(self.accelerator, self.discriminator, self.optimizers["discriminator"],
                                        [lambda rows=rows: loss(rows) for rows in parts], self.grad_clip)
         return {"loss_discriminator": value, "grad_norm_discriminator": norm}
-
-    def lpips(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """LPIPS (VGG) between images in [-1, 1]; its weights load once, or one line says how to go without."""
-        if self._lpips is None:
-            try:
-                from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-                self._lpips = LearnedPerceptualImagePatchSimilarity(net_type="vgg").to(image.device).eval()
-                self._lpips.requires_grad_(False)
-            except Exception as err:
-                raise UserError(f"LPIPS needs VGG weights that could not be loaded ({str(err).splitlines()[0]}); "
-                                f"download them where there is internet or set distill.lpips_weight=0") from None
-        return self._lpips(image, target)
 
     # ---- inference and export -----------------------------------------------------------------
     def sampling_decoder(self):

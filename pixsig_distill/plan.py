@@ -6,8 +6,9 @@ training steps — every forward and backward pass and optimizer step the method
 tracker (`torch.distributed._tools.mem_tracker.MemTracker`) and FLOP counter. It prints the predicted peak
 memory of one device split into parameters, gradients, optimizer state and activations, and the FLOPs of a
 step; with `plan.gpu=h100|h200|a100|l40s|4090`, a roofline estimate of the step time and of 1-step and
-20-step generation latency. Everything it prints is a PREDICTION (docs/real_scale.md has the measurements
-that validate it).
+20-step generation latency per part (T5, transformer, decoder; `plan.vae=tiny` and `plan.prompt_tokens=N` for
+a tiny decoder and trimmed prompts: pixsig_distill/plan_latency.py). Everything it prints is a PREDICTION
+(docs/real_scale.md has the measurements that validate it).
 
 To stay fast on a CPU, it simulates the transformer at two small depths and extrapolates linearly to the real
 depth (parameters, gradients, optimizer state, activations and FLOPs of identical blocks add up);
@@ -16,18 +17,19 @@ depth (parameters, gradients, optimizer state, activations and FLOPs of identica
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import UserError
-from .fake_step import _Fakes, predict_step, shape_only_teacher
+from .fake_step import predict_step
+from .plan_latency import (INFER_MFU, QUANTIZED_SHARE, check_generation_options, format_generation,  # noqa: F401
+                           generation_flops, generation_memory, generation_report, inference_memory,
+                           roofline_latency)
 from .plan_config import plan_notes
 from .sharding import ENGINES, per_device, sharded_networks
 from .console import entry_point
@@ -56,106 +58,6 @@ GPUS = {  # vendor datasheet peaks (dense, no sparsity); memory as nvidia-smi re
     "4090": GPU("NVIDIA GeForce RTX 4090 24GB", 24.0, 165e12, 1.008e12),
 }
 TRAIN_MFU = 0.4      # share of the peak a well-tuned training step reaches (a typical figure, not a measurement)
-INFER_MFU = 0.6
-
-
-# ---- generation latency ------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _generation_calls(cfg: DictConfig, transformer_batch: int = 1):
-    """The three calls of one image on fake tensors, as {part: (module, call)}: T5 over the prompt, one transformer
-    call at `transformer_batch` (2 = the CFG batch), the VAE decode; run them inside the context."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with open_dict(cfg):
-        model_cfg = copy.deepcopy(cfg.model)
-        model_cfg.load_text_encoder = True
-    teacher, arch = shape_only_teacher(model_cfg)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fakes = _Fakes(mode)
-    parts = {"text_encoder": teacher.pipe.text_encoder, "transformer": teacher.transformer, "vae": teacher.vae}
-    for module in parts.values():
-        fakes.module(module)
-    batch, tokens = transformer_batch, arch.max_sequence_length
-    with mode, torch.no_grad():
-        latents = torch.empty(teacher.latent_shape(batch), dtype=teacher.dtype)
-        embeds = torch.empty(batch, tokens, arch.transformer["caption_channels"], dtype=teacher.dtype)
-        calls = {"text_encoder": lambda: parts["text_encoder"](torch.zeros(1, tokens, dtype=torch.long)),
-                 "transformer": lambda: teacher.eps(latents, torch.tensor([500]), embeds,
-                                                    torch.ones(batch, tokens, dtype=torch.long)),
-                 "vae": lambda: teacher.vae.decode(latents[:1])}
-        yield {name: (parts[name], call) for name, call in calls.items()}
-
-
-def _weight_bytes(module: torch.nn.Module) -> float:
-    return float(sum(p.numel() * p.element_size() for p in module.parameters()))
-
-
-def generation_flops(cfg: DictConfig) -> dict:
-    """FLOPs and weight bytes of one image: T5 over the prompt, one transformer call, the VAE decode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    out = {}
-    with _generation_calls(cfg) as calls:
-        for name, (module, call) in calls.items():
-            counter = FlopCounterMode(display=False)
-            with counter:
-                call()
-            out[name] = {"flops": float(counter.get_total_flops()), "weight_bytes": _weight_bytes(module)}
-    return out
-
-
-def generation_memory(cfg: DictConfig, guided: bool = True) -> dict:
-    """Weight bytes and peak bytes of one call of each part at batch 1 (the transformer at the CFG batch of 2),
-    on fake tensors under torch's memory tracker: what the inference modes below combine."""
-    from .fake_step import _memory_tracker
-
-    out = {}
-    with _generation_calls(cfg, 2 if guided else 1) as calls:
-        for name, (module, call) in calls.items():
-            tracker = _memory_tracker()
-            tracker.track_external(module)
-            with tracker:
-                call()
-            peak = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
-            out[name] = {"weight_bytes": _weight_bytes(module), "peak_bytes": float(peak)}
-    return out
-
-
-# Bytes per T5 weight relative to bf16 once quantized (bitsandbytes keeps layer norms and the embedding in 16 bits;
-# ignored here): the planner's assumption, not a measurement.
-QUANTIZED_SHARE = {"none": 1.0, "8bit": 0.5, "4bit": 0.25}
-
-
-def inference_memory(parts: dict) -> dict:
-    """Predicted peak device memory of generation per inference mode, from `generation_memory`'s parts."""
-    def with_t5(quantization):
-        t5 = parts["text_encoder"]
-        weights = t5["weight_bytes"] * QUANTIZED_SHARE[quantization]
-        return weights, weights + (t5["peak_bytes"] - t5["weight_bytes"])
-
-    tr, vae = parts["transformer"], parts["vae"]
-    image_weights = tr["weight_bytes"] + vae["weight_bytes"]
-    image_peak = image_weights + max(tr["peak_bytes"] - tr["weight_bytes"], vae["peak_bytes"] - vae["weight_bytes"])
-    modes = {}
-    for quantization in QUANTIZED_SHARE:
-        t5_weights, t5_peak = with_t5(quantization)
-        label = "" if quantization == "none" else f", T5 {quantization}"
-        modes[f"all resident{label}"] = max(t5_peak + image_weights, t5_weights + image_peak)
-        modes[f"text_encoder.release{label}"] = max(t5_peak, image_peak)
-        modes[f"offload=model{label}"] = max(t5_peak, tr["peak_bytes"], vae["peak_bytes"])
-    return modes
-
-
-def roofline_latency(parts: dict, gpu: GPU, steps: int, cfg_calls: int) -> float:
-    """Seconds for one image: each network call takes max(FLOPs / (peak·MFU), weights / bandwidth)."""
-    def call(name: str, batch: int = 1) -> float:
-        figures = parts[name]
-        return max(batch * figures["flops"] / (gpu.bf16_flops * INFER_MFU), figures["weight_bytes"] / gpu.bandwidth)
-
-    return call("text_encoder") + steps * call("transformer", cfg_calls) + call("vae")
-
-
 # ---- the report --------------------------------------------------------------------------------
 
 def plan(cfg: DictConfig) -> dict:
@@ -166,7 +68,7 @@ def plan(cfg: DictConfig) -> dict:
     gpu_name = None if options.gpu is None else str(options.gpu)  # `plan.gpu=4090` arrives as an integer
     if gpu_name is not None and gpu_name not in GPUS:
         raise UserError(f"plan.gpu={gpu_name!r}; use one of {', '.join(GPUS)} (or null for memory only)")
-    check_plan_options(options)
+    check_plan_options(options, cfg.model)
     began = time.time()
     gpus, engine = int(options.gpus), str(options.engine or "ddp")
     step, layers, device = predict_device(cfg, engine, gpus)
@@ -180,19 +82,15 @@ def plan(cfg: DictConfig) -> dict:
     report["notes"] += plan_notes(cfg)  # what each configured object says the plan leaves out
     if gpu_name is not None:
         gpu = GPUS[gpu_name]
-        parts = generation_flops(cfg)
-        guided = 2 if float(cfg.model.get("guidance_scale", 1.0)) > 1 else 1
         report["gpu"] = {"name": gpu.name, "memory_gib": gpu.memory_gib, "fits": gpu.fits(device["peak"]),
                          "step_seconds_at_peak": step.flops / gpu.bf16_flops,
                          "step_seconds": step.flops / (gpu.bf16_flops * TRAIN_MFU), "train_mfu": TRAIN_MFU,
-                         "latency_1_step_s": roofline_latency(parts, gpu, 1, 1),
-                         "latency_teacher_s": roofline_latency(parts, gpu, int(cfg.model.get("num_inference_steps", 20)),
-                                                               guided),
-                         "teacher_steps": int(cfg.model.get("num_inference_steps", 20)), "teacher_cfg_calls": guided,
-                         "infer_mfu": INFER_MFU, "parts": parts}
+                         **generation_report(cfg, gpu)}
     if options.get("inference"):
         guided = float(cfg.model.get("guidance_scale", 1.0)) > 1
         report["inference_memory"] = {"resolution": cfg.model.get("resolution"), "guided": guided,
+                                      "decoder": str(options.get("vae", "full")),
+                                      "prompt_tokens": options.get("prompt_tokens"),
                                       "modes": inference_memory(generation_memory(cfg, guided))}
     if options.get("fit") is not None:
         report["fit"] = advise_fit(cfg, str(options.fit), gpus, engine)
@@ -270,14 +168,16 @@ def advise_fit(cfg: DictConfig, gpu_name: str, gpus: int, engine: str) -> dict:
     return advice
 
 
-def check_plan_options(options: DictConfig) -> None:
-    """plan.depths, plan.gpus, plan.engine and plan.out, refused in one line before minutes of simulation."""
+def check_plan_options(options: DictConfig, model_cfg: DictConfig | None = None) -> None:
+    """plan.depths, plan.gpus, plan.engine, plan.vae, plan.prompt_tokens and plan.out, refused in one line before
+    minutes of simulation."""
     if isinstance(options.gpus, bool) or not isinstance(options.gpus, int) or options.gpus < 1:
         raise UserError(f"plan.gpus={options.gpus!r}; give the number of devices, e.g. plan.gpus=8")
     if options.get("fit") is not None and str(options.fit) not in GPUS:
         raise UserError(f"plan.fit={options.fit!r}; use one of {', '.join(GPUS)}")
     if options.engine is not None and str(options.engine) not in ENGINES:
         raise UserError(f"plan.engine={options.engine!r}; use one of {', '.join(ENGINES)}")
+    check_generation_options(options, model_cfg)
     depths = options.depths
     if not (OmegaConf.is_list(depths) and len(depths) == 2
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in depths)
@@ -316,12 +216,13 @@ def format_report(report: dict) -> str:
         lines += [f"  on {g['name']}: {'fits' if g['fits'] else 'does NOT fit'} in {FIT_SHARE:.0%} of its "
                   f"{g['memory_gib']:.0f} GiB; step "
                   f"≈ {g['step_seconds']:.2f} s at {g['train_mfu']:.0%} MFU (≥ {g['step_seconds_at_peak']:.2f} s at peak)",
-                  f"  generation (roofline, {g['infer_mfu']:.0%} MFU, batch 1): 1 step ≈ "
-                  f"{1000 * g['latency_1_step_s']:.0f} ms; teacher {g['teacher_steps']} steps × "
-                  f"{g['teacher_cfg_calls']} calls ≈ {1000 * g['latency_teacher_s']:.0f} ms (T5 + transformer + VAE)"]
+                  *format_generation(g)]
     if "inference_memory" in report:
         inference = report["inference_memory"]
-        lines.append(f"  generation, peak device memory by inference mode (batch 1{', CFG' if inference['guided'] else ''}):")
+        lean = (", tiny decoder" if inference.get("decoder") == "tiny" else "") + (
+            f", {inference['prompt_tokens']} prompt tokens" if inference.get("prompt_tokens") else "")
+        guided = ", CFG" if inference["guided"] else ""
+        lines.append(f"  generation, peak device memory by inference mode (batch 1{guided}{lean}):")
         lines += [f"    {name:34s} {value / GiB:6.2f} GiB" for name, value in inference["modes"].items()]
     if "fit" in report:
         f = report["fit"]

@@ -12,9 +12,10 @@ tokens (with a local word-level tokenizer: the encoder always sees 300 padded to
 Measured per configuration (`--config toy` runs the same on the toy components, fp32 on CPU):
 
 - latency with `evaluation/latency.py` (batch 1, warm-up, device sync around every run, median and
-  p90): end-to-end (prompt → image: T5, the transformer steps, VAE decode) and transformer-only, for the
-  teacher (20 DPM-Solver++ steps with CFG 4.5, both branches in one batched call) and a one-step student
-  (one DDPM step from T̄ = 400 without CFG: how the DMD student samples); per dtype, with torch.compile
+  p90): end-to-end (prompt → image: T5, the transformer steps, VAE decode; the table splits it into the
+  three stages' medians) and transformer-only, for the teacher (20 DPM-Solver++ steps with CFG 4.5,
+  both branches in one batched call) and a one-step student (one DDPM step from T̄ = 400 without CFG:
+  how the DMD student samples); per dtype, with torch.compile
   off and on (the transformer and the VAE decoder are compiled), attention through PyTorch SDPA
   (diffusers' AttnProcessor2_0; `--attention eager` for the unfused reference); peak memory per run;
 - DMD training at 512 px: the time and peak memory of one `DMD.train_step` (generator update with the
@@ -22,7 +23,7 @@ Measured per configuration (`--config toy` runs the same on the toy components, 
   gradient checkpointing. Resident: generator and fake score (fp32 weights, AdamW each, bf16 autocast),
   the frozen bf16 teacher and the generator's EMA; T5 is not (training reads cached embeddings).
 
-Writes `benchmark.json` and `benchmark.md` to --out, with the targets beside the figures.
+Writes `benchmark.json` and `benchmark.md` to --out, with the targets beside the figures (scripts/benchmark_report.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from typing import Callable, NamedTuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: benchmark_report.py
+
+from benchmark_report import TARGETS, check_targets, markdown  # noqa: E402,F401  (TARGETS: re-exported)
 
 from evaluation.latency import device_name, device_sync, measure_latency, summarize, time_runs, versions  # noqa: E402
 from pixsig_distill.architectures import KNOWN, T5_XXL  # noqa: E402
@@ -47,12 +51,6 @@ from pixsig_distill.architectures import KNOWN, T5_XXL  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "a large red circle in the center on a white background"
 GIB = 1024**3
-TARGETS = {
-    "student_e2e_ms": 40.0,       # 1-step end-to-end at 512 px on an H100
-    "teacher_student_ratio": 13.0,  # teacher (20 steps, CFG) / student (1 step), end-to-end
-    "train_memory_gib": 80.0,     # DMD training at 512 px fits an 80 GB GPU ...
-    "train_batch": 4,             # ... at batch >= 4
-}
 
 
 # ---- components -----------------------------------------------------------------------------------
@@ -269,76 +267,6 @@ def dmd_training(config: str, batch_sizes: list[int], checkpointing: list[str], 
     del teacher, parts
     free(device)
     return records
-
-
-# ---- targets and report ---------------------------------------------------------------------------
-
-def check_targets(latencies: list[dict], training: list[dict], device: torch.device) -> list[dict]:
-    """The targets beside the figures; a target is only judged on the hardware and size it names."""
-    on_h100 = device.type == "cuda" and "H100" in torch.cuda.get_device_name(device)
-    where = "" if on_h100 else f" (measured on {device_name(device)}, not an H100: not judged)"
-    e2e = {(r["dtype"], r["compile"], r["model"]): r["median"] for r in latencies
-           if r["config"] == "sigma_512" and r["mode"] == "end_to_end"}
-    students = {k[:2]: v for k, v in e2e.items() if k[2] == "student_1step"}
-    out = []
-    if students:
-        best = min(students, key=students.get)
-        ms, ratio = students[best], e2e.get((*best, "teacher"), float("nan")) / students[best]
-        out.append({"target": f"1-step end-to-end at 512 px <= {TARGETS['student_e2e_ms']:.0f} ms on an H100",
-                    "measured": f"{ms:.1f} ms ({best[0]}, compile {best[1]})" + where,
-                    "met": (ms <= TARGETS["student_e2e_ms"]) if on_h100 else None})
-        out.append({"target": f"teacher-20 / student-1 end-to-end >= {TARGETS['teacher_student_ratio']:.0f}",
-                    "measured": f"{ratio:.1f}x ({best[0]}, compile {best[1]})" + where,
-                    "met": (ratio >= TARGETS["teacher_student_ratio"]) if on_h100 else None})
-    fits = [r for r in training if r["config"] == "sigma_512" and r["status"] == "ok"
-            and r["peak_reserved_gib"] is not None and r["peak_reserved_gib"] <= TARGETS["train_memory_gib"]]
-    if any(r["config"] == "sigma_512" for r in training):
-        largest = max((r["batch_size"] for r in fits), default=0)
-        judged = device.type == "cuda"
-        out.append({"target": f"DMD training at 512 px fits in {TARGETS['train_memory_gib']:.0f} GB at batch "
-                              f">= {TARGETS['train_batch']}",
-                    "measured": f"largest batch within {TARGETS['train_memory_gib']:.0f} GiB reserved: {largest}",
-                    "met": (largest >= TARGETS["train_batch"]) if judged else None})
-    if not out:
-        out.append({"target": "all targets are for the real PixArt-Σ 512 on an H100",
-                    "measured": "not judged: run without --config toy on a GPU", "met": None})
-    return out
-
-
-def fmt(value, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def markdown(result: dict) -> str:
-    meta = result["meta"]
-    lines = [f"# PixArt-Σ benchmark ({', '.join(meta['configs'])})", "",
-             f"Device: {meta['device']}; torch {meta['versions']['torch']}, diffusers {meta['versions']['diffusers']}; "
-             f"random weights; {meta['runs']} timed runs after {meta['warmup']} warm-up runs; "
-             f"{meta['date']}.", ""]
-    if result["latency"]:
-        lines += ["## Latency (batch 1)", "",
-                  "| config | model | dtype | compile | attention | mode | median ms | p90 ms | peak alloc GiB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in result["latency"]:
-            lines.append(f"| {r['config']} | {r['model']} | {r['dtype']} | {r['compile']} | {r['attention']} | "
-                         f"{r['mode']} | {r['median']:.2f} | {r['p90']:.2f} | {fmt(r['peak_allocated_gib'])} |")
-        lines.append("")
-    if result["training"]:
-        lines += ["## DMD training step", "",
-                  "| config | batch | grad ckpt | precision | step median ms | samples/s | peak alloc GiB | "
-                  "peak reserved GiB | status |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in result["training"]:
-            ok = r["status"] == "ok"
-            lines.append(f"| {r['config']} | {r['batch_size']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
-                         f"{r['mixed_precision']} | {fmt(r['step_ms']['median'] if ok else None, 1)} | "
-                         f"{fmt(r['samples_per_s'] if ok else None)} | {fmt(r['peak_allocated_gib'])} | "
-                         f"{fmt(r['peak_reserved_gib'])} | {r['status']} |")
-        lines.append("")
-    lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    for t in result["targets"]:
-        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "no")
-        lines.append(f"| {t['target']} | {t['measured']} | {met} |")
-    return "\n".join(lines) + "\n"
 
 
 def parse_list(text: str) -> list[str]:

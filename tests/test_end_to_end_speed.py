@@ -119,6 +119,22 @@ def test_leaderboard_rows_with_the_tiny_decoder_are_paired_with_the_same_student
     assert "T5 + transformer + VAE (ms)" in markdown
 
 
+def test_demo_shows_every_model_again_with_the_tiny_decoder(decoder_export, student_export, tiny_folder):
+    from pixsig_distill.demo import generate_all, load_models
+
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose("demo", overrides=["model=pixart_sigma_512", f"model.pretrained={tiny_folder}",
+                                         "model.torch_dtype=float32", "model.max_sequence_length=16", "device=cpu",
+                                         f"student={student_export}", f"vae={decoder_export / 'export'}"])
+    models = load_models(cfg)
+    assert [m.name.endswith("+ tiny decoder") for m in models] == [False, False, True, True]
+    assert [type(m.model.vae).__name__ for m in models] == ["AutoencoderKL"] * 2 + ["AutoencoderTiny"] * 2
+    assert models[2].model.transformer is models[0].model.transformer  # the same networks, another decoder
+    out = generate_all(models, "a red circle", 0, 2, 4.5)
+    images = [np.asarray(image, dtype=float) for image in out[0::2]]
+    assert np.abs(images[1] - images[3]).mean() > 0  # the student's image through either decoder
+
+
 def test_tiny_decoder_bad_input_is_one_line(compose_generate, decoder_export, tiny_folder, tmp_path):
     with pytest.raises(UserError, match="no config.json there"):
         generate(compose_generate("prompt=x", "n_images=1", f"vae={tmp_path}"))

@@ -99,6 +99,47 @@ def test_plan_report_says_it_is_a_prediction_and_uses_the_real_architecture(comp
     assert report["gpu"]["latency_teacher_s"] > report["gpu"]["latency_1_step_s"] > 0
 
 
+def test_tiny_decoder_and_trimmed_prompts_shrink_their_parts_of_the_predicted_latency():
+    """Σ-512 by shape: the tiny decoder's part is far below the VAE's and 32 prompt tokens shrink T5's part (down to
+    reading its weights) and, a little, the transformer's cross-attention; the config's plan.vae/prompt_tokens count."""
+    from hydra import compose, initialize_config_module
+
+    from pixsig_distill.plan import GPUS
+    from pixsig_distill.plan_latency import format_generation, generation_report
+
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose("plan", overrides=["model=pixart_sigma_512", "eval=none", "plan.gpu=h100",
+                                         "model.pretrained=PixArt-alpha/PixArt-Sigma-XL-2-512-MS"])
+    g = generation_report(cfg, GPUS["h100"])
+    full, lean = g["latency_1_step_parts_s"], g["lean_1_step"]["latency_1_step_parts_s"]
+    assert g["decoder"] == "full" and g["prompt_tokens"] is None and g["padded_tokens"] == 300
+    assert g["latency_1_step_s"] == pytest.approx(sum(full.values()))  # the old key: the sum of its parts
+    assert lean["vae"] < full["vae"] / 5 and lean["text_encoder"] < full["text_encoder"]
+    assert lean["transformer"] < full["transformer"] and g["lean_1_step"]["prompt_tokens"] == 32
+    assert g["lean_1_step"]["parts"]["vae"]["flops"] < g["parts"]["vae"]["flops"] / 10
+    assert "text_encoder" in g["lean_1_step"]["memory_bound"]  # T5 over 32 tokens: its 9.5 GB of weights
+    lines = format_generation(g)
+    assert "roofline PREDICTION" in lines[0] and "T5 over 300 padded tokens" in lines[0]
+    assert any("with the tiny decoder and 32-token prompts" in line for line in lines)
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose("plan", overrides=["model=pixart_sigma_512", "eval=none", "plan.vae=tiny",
+                                         "plan.prompt_tokens=32",
+                                         "model.pretrained=PixArt-alpha/PixArt-Sigma-XL-2-512-MS"])
+    configured = generation_report(cfg, GPUS["h100"])
+    assert "lean_1_step" not in configured and configured["decoder"] == "tiny"
+    assert configured["latency_1_step_s"] == pytest.approx(g["lean_1_step"]["latency_1_step_s"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("plan.vae=small", "plan.vae='small'; use full"), ("plan.prompt_tokens=0", "plan.prompt_tokens=0; give"),
+    ("plan.prompt_tokens=many", "plan.prompt_tokens='many'; give"), ("plan.prompt_tokens=true", "=True; give"),
+    ("plan.prompt_tokens=17", "more than this model's max_sequence_length=16")])
+def test_bad_generation_options_are_one_line(override, message, compose_plan):
+    with pytest.raises(UserError, match=message) as raised:
+        plan(compose_plan(override, "plan.gpu=h100"))
+    assert "\n" not in str(raised.value)
+
+
 def test_plan_cli_bad_gpu_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pixsig_distill.plan", "plan.gpu=tpu"], capture_output=True,
                           text=True, cwd=tmp_path)

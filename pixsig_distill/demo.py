@@ -63,6 +63,8 @@ def load_models(cfg: DictConfig) -> list[DemoModel]:
         student, spec = load_student(folder, model_cfg, device=cfg.device, dtype=cfg.dtype)
         label = "/".join(folder.resolve().parts[-3:-1]) if folder.name == "export" else folder.name
         models.append(DemoModel(f"{spec.method} · {label}", student, spec))
+    for m in models:  # T5 over the prompt's own tokens, not 300 padded ones: the same images (inference.py)
+        m.model.trim_text = True
     if cfg.get("vae"):  # each model again, decoded by the tiny decoder (the same networks, shared)
         from .decoders import with_decoder
 

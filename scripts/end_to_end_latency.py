@@ -3,11 +3,12 @@
     python scripts/end_to_end_latency.py --student outputs/train/dmd_toy/t_bar=400/export \
         --vae outputs/train/tiny_decoder_toy/dmd_tbar400/export --out docs/results/toy_tiny_decoder/latency
 
-Four ways to run the same student on the same prompt (batch 1): prompts padded to `max_sequence_length` or trimmed
-to the prompt (inference `text_encoder.trim`), and the model's VAE or the tiny decoder (inference `vae=`). Each is
-timed by `evaluation.latency.measure_latency` (warm-up, then timed runs, each stage between device
-synchronisations); the four take turns over `--rounds` rounds so that drift of the machine falls on all of them,
-and each figure is the median over all its runs. Prints a table with the T5 / transformer / VAE breakdown and the
+The same student on the same prompt (batch 1), run the ways that matter: the model's VAE with prompts padded to
+`max_sequence_length` (before) and trimmed to the prompt (inference `text_encoder.trim`), then each tiny decoder
+(`--vae`, one or more; inference `vae=`) with padded and with trimmed prompts. Each is timed by
+`evaluation.latency.measure_latency` (warm-up, then timed runs, each stage between device synchronisations); the
+variants take turns over `--rounds` rounds so that drift of the machine falls on all of them, and each figure is the
+median of the rounds' medians. Prints a table with the T5 / transformer / VAE breakdown and the
 ratio to the first row, and writes <out>.json and <out>.md.
 """
 
@@ -27,7 +28,7 @@ PROMPT = "a large red circle in the center on a white background"
 STAGES = ("text_encoder", "transformer", "vae")
 
 
-def measure(student: str, vae: str, model: str, rounds: int, runs: int, device: str) -> dict:
+def measure(student: str, vaes: list[str], model: str, rounds: int, runs: int, device: str) -> dict:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
@@ -38,9 +39,11 @@ def measure(student: str, vae: str, model: str, rounds: int, runs: int, device: 
     with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
         model_cfg = OmegaConf.to_container(compose("train", overrides=[f"model={model}"]).model, resolve=True)
     full, spec = load_student(student, model_cfg, device=device)
-    tiny = with_decoder(full, vae)  # the same networks, the tiny decoder
-    variants = {"VAE, padded prompts": (full, False), "VAE, trimmed prompts": (full, True),
-                "tiny decoder, padded prompts": (tiny, False), "tiny decoder, trimmed prompts": (tiny, True)}
+    variants = {"VAE, padded prompts": (full, False), "VAE, trimmed prompts": (full, True)}
+    for vae in vaes:  # the same networks, a tiny decoder
+        tiny, label = with_decoder(full, vae), Path(vae).parent.name if Path(vae).name == "export" else Path(vae).name
+        variants.update({f"tiny decoder {label}, padded prompts": (tiny, False),
+                         f"tiny decoder {label}, trimmed prompts": (tiny, True)})
     times = {name: {"total": [], **{s: [] for s in STAGES}} for name in variants}
     sampler = {"steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale, "timesteps": spec.timesteps}
     for _ in range(rounds):
@@ -56,7 +59,7 @@ def measure(student: str, vae: str, model: str, rounds: int, runs: int, device: 
     for row in rows:
         row["ratio"] = row["total"] / rows[0]["total"]
     tokens = {"padded": full.max_sequence_length, "trimmed": full.prompt_tokens([PROMPT])}
-    return {"student": student, "vae": vae, "model": model, "prompt": PROMPT, "tokens": tokens, "rounds": rounds,
+    return {"student": student, "vae": vaes, "model": model, "prompt": PROMPT, "tokens": tokens, "rounds": rounds,
             "runs_per_round": runs, "batch_size": 1, "device": device_name(full.device), "rows": rows,
             "versions": versions(), "statistic": "median over rounds of each round's median (ms)"}
 
@@ -76,7 +79,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", required=True, help="a student export folder")
-    parser.add_argument("--vae", required=True, help="a tiny decoder export folder (distill=tiny_decoder)")
+    parser.add_argument("--vae", required=True, nargs="+", help="tiny decoder export folders (distill=tiny_decoder)")
     parser.add_argument("--model", default="toy", help="the model config the student belongs to")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=20)

@@ -119,6 +119,26 @@ def test_leaderboard_rows_with_the_tiny_decoder_are_paired_with_the_same_student
     assert "T5 + transformer + VAE (ms)" in markdown
 
 
+def test_end_of_training_evaluation_of_a_decoder_pairs_each_model_with_its_vae(decoder_export, tiny_folder,
+                                                                               tmp_path):
+    """evaluate_export reads the export's card: for a decoder, the teacher and the student it was trained on, each
+    with its VAE and with the decoder, the latter paired with the former."""
+    from evaluation.evaluate import evaluate_export
+
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["model=pixart_sigma_512", f"model.pretrained={tiny_folder}",
+                                          "model.torch_dtype=float32", "model.max_sequence_length=16",
+                                          "model.resolution=16", "eval.n_samples=4", "eval.batch_size=4",
+                                          "eval.metrics=[clip]", "eval.bootstrap.resamples=10", "eval.real_row=false",
+                                          f"eval.teacher_cache_dir={tmp_path / 'teacher'}"])
+    teacher = Teacher.from_pretrained(str(tiny_folder), max_sequence_length=16, device="cpu")
+    result = evaluate_export(cfg.eval, cfg.model, teacher, decoder_export / "export", tmp_path / "eval")
+    rows = [(r["name"], r["steps"], r.get("compared_to")) for r in result["rows"]]
+    assert rows == [("teacher", 20, None), ("teacher + tiny decoder", 20, "teacher (20 steps)"),
+                    ("dmd", 1, "teacher (20 steps)"), ("dmd + tiny decoder", 1, "dmd (1 step)")]
+    assert "## Against dmd (1 step), image for image" in (tmp_path / "eval" / "eval.md").read_text()
+
+
 def test_demo_shows_every_model_again_with_the_tiny_decoder(decoder_export, student_export, tiny_folder):
     from pixsig_distill.demo import generate_all, load_models
 

@@ -180,6 +180,31 @@ def test_tiny_decoder_bad_input_is_one_line(compose_generate, decoder_export, ti
         method.train_step({"prompt": ["x"]}, torch.Generator())
 
 
+@pytest.mark.parametrize("engine,stage,adversarial,message", [
+    ("FSDP", None, 0.0, "needs no sharding; launch it with DDP"),
+    ("DEEPSPEED", 3, 0.0, "needs no sharding; launch it with DDP"),
+    ("DEEPSPEED", 2, 0.1, "adversarial_weight > 0 under DeepSpeed"),
+])
+def test_tiny_decoder_refuses_what_it_cannot_run_in_one_line(tiny_folder, engine, stage, adversarial, message):
+    """FSDP2 wraps transformer blocks (a decoder has none, and ~1M weights need no shards); DeepSpeed cannot run the
+    decoder's GAN loss through a second engine. Checked in `prepare`, before any step."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pixsig_distill.methods.tiny_decoder import TinyDecoder
+
+    method = TinyDecoder(Teacher.from_pretrained(str(tiny_folder), device="cpu"), decoder={"channels": 8},
+                         latents=None, student=None, student_share=0.0, pixel_weight=1.0, lpips_weight=0.0, lpips=None,
+                         adversarial_weight=adversarial, discriminator_channels=8, ema_decay=None,
+                         optimizer=torch.optim.AdamW, grad_clip=None)
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}})
+    accelerator = SimpleNamespace(distributed_type=getattr(DistributedType, engine),
+                                  state=SimpleNamespace(deepspeed_plugin=plugin))
+    with pytest.raises(UserError, match=message):
+        method.prepare(accelerator)
+
+
 # ---- trimmed text encoding ----------------------------------------------------------------------------------
 
 def test_trimmed_prompts_make_the_same_images_with_fewer_tokens():

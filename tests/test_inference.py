@@ -27,7 +27,7 @@ def test_releasing_t5_gives_the_same_images(compose_generate, tmp_path):
 
 
 def test_a_released_model_holds_no_t5_and_encodes_new_prompts_from_t5_alone(compose_generate):
-    cfg = compose_generate("prompt=x", "text_encoder.release=true")
+    cfg = compose_generate("prompt=x", "text_encoder.release=true", "text_encoder.trim=false")  # 16 tokens, as T5 ran
     mode = InferenceMode.from_config(cfg)
     model, _ = load_for_inference(cfg.model, None, "cpu", mode, prompts=["a red circle"])
     assert model.pipe.text_encoder is None and model.can_encode(["a red circle"])
@@ -35,7 +35,7 @@ def test_a_released_model_holds_no_t5_and_encodes_new_prompts_from_t5_alone(comp
     from pixsig_distill.inference import add_prompts
 
     add_prompts(model, ["a blue square"], cfg.model, "cpu", mode)
-    plain, _ = load_for_inference(cfg.model, None, "cpu", InferenceMode())
+    plain, _ = load_for_inference(cfg.model, None, "cpu", InferenceMode(trim_text=False))
     ours, theirs = model.encode_prompts(["a blue square"]), plain.encode_prompts(["a blue square"])
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(ours, theirs))
     assert np.array_equal(model.null_embedding(1)[0].numpy(), plain.null_embedding(1)[0].numpy())
@@ -67,8 +67,9 @@ def test_release_on_a_real_width_model(tmp_path):
         cfg = compose("generate", overrides=["model=pixart_sigma_512", f"model.pretrained={folder}",
                                              "model.torch_dtype=float32", "device=cpu", "prompt=x"])
     prompts = ["a red circle", "a blue square on a white background"]
-    plain, _ = load_for_inference(cfg.model, None, "cpu", InferenceMode())
-    released, _ = load_for_inference(cfg.model, None, "cpu", InferenceMode(release_text_encoder=True), prompts=prompts)
+    plain, _ = load_for_inference(cfg.model, None, "cpu", InferenceMode(trim_text=False))  # all 300 tokens
+    released, _ = load_for_inference(cfg.model, None, "cpu", InferenceMode(release_text_encoder=True, trim_text=False),
+                                     prompts=prompts)
     assert released.pipe.text_encoder is None and plain.pipe.text_encoder is not None
     (e1, m1), (e2, m2) = plain.encode_prompts(prompts), released.encode_prompts(prompts)
     assert e1.shape == (2, 300, 4096) and torch.equal(e1, e2) and torch.equal(m1, m2)

@@ -150,8 +150,7 @@ def test_tiny_decoder_recipe_at_real_width(real_width_folder, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     decoder = AutoencoderTiny.from_pretrained(tmp_path / "run" / "export")
     assert list(decoder.config.decoder_block_out_channels) == [64, 64, 64, 64]  # the TAESD layout
-    pipe = PixArtSigmaPipeline.from_pretrained(folder, vae=decoder)
-    assert pipe.vae_scale_factor == 8  # the SDXL VAE's: the same latent grid
+    assert 2 ** (len(decoder.config.block_out_channels) - 1) == 8  # a pipeline's vae_scale_factor: the SDXL VAE's
     with torch.no_grad():
         image = decoder.decode(torch.randn(1, 4, 64, 64)).sample
     assert image.shape == (1, 3, 512, 512)

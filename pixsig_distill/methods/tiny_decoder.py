@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..decoders import tiny_decoder_like
+from ..distributed import full_parameters
 from ..draws import StepDraws, step_draws
 from ..errors import UserError
 from ..model_card import DECODER_CARD, write_model_card
@@ -69,12 +70,18 @@ class TinyDecoder:
         self.grad_clip = grad_clip
         self.student_share = float(student_share) if student else 0.0
         self.student_folder = str(student) if student else None
-        self.student = None  # loaded on first use: a plan or a resume check need not read it
+        if student:
+            from ..students import read_card
+
+            read_card(student)  # a folder that is not a student export: one line now, not at the first step
+        self.student = None  # loaded on first use: a plan or a resume check need not read its weights
         # Real latents: the batch's own when the data has them (data=images: an encoded, cached image folder), else
         # random rows of this bank (the toy world's renders, or a folder encoded for the decoder alone).
         self.bank = latents(teacher=teacher) if callable(latents) else latents
-        self.decoder = tiny_decoder_like(teacher.vae, **decoder).train()
-        self.decoder.encoder.requires_grad_(False)  # the latents come from the teacher's encoder
+        # The trained network is the AutoencoderTiny's decoder alone (its forward is the decode: what DDP, FSDP2 and
+        # DeepSpeed wrap); the export is the whole AutoencoderTiny, its encoder untrained (encode with the VAE).
+        self.autoencoder = tiny_decoder_like(teacher.vae, **decoder)
+        self.decoder = self.autoencoder.decoder.train()
         self.ema = None if ema_decay is None else EMA(self.decoder, ema_decay)
         self.models = {"decoder": self.decoder}
         self.discriminator = None
@@ -83,9 +90,8 @@ class TinyDecoder:
             self.discriminator = PatchDiscriminator(discriminator_channels)
             self.models["discriminator"] = self.discriminator
             self.optimizers["discriminator"] = optimizer(self.discriminator.parameters())
-        # built now (weights downloaded, or one line offline) only when it is used: a partial of perceptual.LPIPS
-        self.lpips = (lpips(offline_hint="set distill.lpips_weight=0") if callable(lpips) and not isinstance(
-            lpips, torch.nn.Module) else lpips) if self.weights["lpips"] > 0 else None
+        # a partial of perceptual.LPIPS, built (weights downloaded, or one line offline) only when it is used
+        self.lpips = lpips(offline_hint="set distill.lpips_weight=0") if self.weights["lpips"] > 0 else None
         self.accelerator = None
 
     # ---- loop interface ---------------------------------------------------------------------
@@ -101,6 +107,15 @@ class TinyDecoder:
     def prepare(self, accelerator) -> None:
         from .. import deepspeed_engines
 
+        from ..distributed import parameters_sharded
+
+        if parameters_sharded(accelerator):  # FSDP2 wraps transformer blocks; a decoder of ~1M weights needs no shards
+            raise UserError("distill=tiny_decoder trains a decoder of about a million weights: it needs no sharding; "
+                            "launch it with DDP (conf/accelerate/ddp.yaml) or DeepSpeed ZeRO-2, not FSDP2 or ZeRO-3")
+        if deepspeed_engines.is_deepspeed(accelerator) and self.discriminator is not None:
+            raise UserError("distill.adversarial_weight > 0 under DeepSpeed: the decoder's GAN loss back-propagates "
+                            "through the discriminator, a second engine, which DeepSpeed 0.19 does not take; launch "
+                            "it with DDP (conf/accelerate/ddp.yaml), or set distill.adversarial_weight=0")
         self.accelerator = accelerator
         for name in list(self.models):
             self.models[name], self.optimizers[name] = deepspeed_engines.prepare(
@@ -146,7 +161,7 @@ class TinyDecoder:
         logs = {}
 
         def decoder_loss(rows: slice):
-            image = self.decoder.decode(z[rows], return_dict=False)[0].float()
+            image = self.decoder(z[rows]).float()  # DecoderTiny: latents → images in [-1, 1]
             terms = {"pixel": F.l1_loss(image, target[rows])}
             if self.weights["lpips"] > 0:
                 terms["lpips"] = self.lpips.to(image.device)(image.clamp(-1, 1), target[rows])
@@ -165,13 +180,14 @@ class TinyDecoder:
             self.discriminator.requires_grad_(True)
             logs.update(self._discriminator_step(z, target, parts))
         if self.ema is not None:
-            self.ema.update(self._unwrap(self.decoder))
+            with full_parameters(self.accelerator, self.decoder) as network:  # FSDP2: gathered for the average
+                self.ema.update(network)
         return logs
 
     def _discriminator_step(self, z, target, parts) -> dict:
         """Hinge loss: E[relu(1 − h(VAE(z)))] + E[relu(1 + h(D(z)))] (Lim & Ye 2017)."""
         with torch.no_grad():
-            fake = self._unwrap(self.decoder).decode(z, return_dict=False)[0].float()
+            fake = self._unwrap(self.decoder)(z).float()
 
         def loss(rows: slice):
             return (F.relu(1 - self.discriminator(target[rows])).mean()
@@ -198,7 +214,7 @@ class TinyDecoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Previews show what the tiny decoder makes of the latents (the loop decodes with this when it exists)."""
         with self.sampling_decoder() as decoder:
-            return decoder.decode(latents.float(), return_dict=False)[0].clamp(-1, 1)
+            return decoder(latents.float()).clamp(-1, 1)
 
     def card(self) -> dict:
         vae = self.teacher.vae
@@ -212,8 +228,8 @@ class TinyDecoder:
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        with torch.no_grad(), self.sampling_decoder() as decoder:
-            decoder.save_pretrained(tmp, safe_serialization=True)
+        with torch.no_grad(), self.sampling_decoder():  # the EMA weights, in place in the autoencoder's decoder
+            self.autoencoder.save_pretrained(tmp, safe_serialization=True)
         (tmp / DECODER_CARD).write_text(json.dumps(self.card(), indent=1))
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.replace(out_dir)

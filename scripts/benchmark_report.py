@@ -85,3 +85,16 @@ def markdown(result: dict) -> str:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "no")
         lines.append(f"| {t['target']} | {t['measured']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def write_report(out: str | None, result: dict, text: str) -> None:
+    """Print the markdown; with `out`, also write <out>.json (the figures) and <out>.md (the table)."""
+    import json
+    from pathlib import Path
+
+    print(text)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(text)

@@ -15,7 +15,6 @@ ratio to the first row, and writes <out>.json and <out>.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from evaluation.latency import device_name, measure_latency, versions  # noqa: E402
+from benchmark_report import write_report  # noqa: E402
 
 PROMPT = "a large red circle in the center on a white background"
 STAGES = ("text_encoder", "transformer", "vae")
@@ -87,13 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     args = parser.parse_args(argv)
     result = measure(args.student, args.vae, args.model, args.rounds, args.runs, args.device)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        out.with_suffix(".md").write_text(text)
+    write_report(args.out, result, markdown(result))
     return result
 
 

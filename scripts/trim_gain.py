@@ -12,7 +12,6 @@ warm-up). Full-depth figures are the per-layer time × depth plus the rest: an e
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -24,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pixsig_distill.architectures import KNOWN, T5_XXL  # noqa: E402
+from benchmark_report import write_report  # noqa: E402
 
 SIGMA_1024 = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
 
@@ -101,13 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure([int(t) for t in args.tokens.split(",")], args.t5_layers, args.transformer_layers, args.runs)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        out.with_suffix(".md").write_text(text)
+    write_report(args.out, result, markdown(result))
     return result
 
 

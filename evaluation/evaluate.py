@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pixsig_distill.config import build
+from pixsig_distill.decoders import decoder_folder
 from pixsig_distill.errors import UserError
 from pixsig_distill.inference import InferenceMode, add_prompts, load_for_inference
 from pixsig_distill.model_card import DECODER_CARD
@@ -120,7 +121,7 @@ class Models:
                 del self.loaded[other]
             gc.collect()
             self.loaded[key] = self._load(row, prompts)
-        elif prompts and not self.loaded[key].can_encode(prompts):
+        if prompts and not self.loaded[key].can_encode(prompts):  # e.g. a decoder's copy of a loaded teacher
             add_prompts(self.loaded[key], prompts, self.model_cfg, self.device, self.mode)
         return self.loaded[key]
 
@@ -135,6 +136,11 @@ class Models:
         return load_for_inference(self.model_cfg, student, self.device, self.mode, pretrained, prompts, row.vae)[0]
 
 
+def row_vae(row: RowSpec, mode: InferenceMode | None) -> str | None:
+    """The tiny decoder a row decodes with: its entry's `vae:`, else the run's `vae=`, else none (the VAE)."""
+    return row.vae or (mode.vae if mode else None)
+
+
 def row_settings(row: RowSpec, model_cfg: DictConfig, args: dict, mode: InferenceMode | None, device: str) -> dict:
     """Everything that shapes a row's images: its cache key is a hash of this (compile, offload and releasing T5
     do not change them; a quantized T5 does)."""
@@ -147,7 +153,8 @@ def row_settings(row: RowSpec, model_cfg: DictConfig, args: dict, mode: Inferenc
             "teacher_weights": weights_fingerprint(teacher), "dtype": dtype or model_cfg.get("torch_dtype"),
             "resolution": model_cfg.get("resolution"), "max_sequence_length": model_cfg.get("max_sequence_length"),
             "device_type": device.split(":")[0], **quantized,
-            **({"vae": str(Path(row.vae).resolve()), "vae_weights": weights_fingerprint(row.vae)} if row.vae else {})}
+            **({"vae": str(decoder_folder(vae).resolve()), "vae_weights": weights_fingerprint(decoder_folder(vae))}
+               if (vae := row_vae(row, mode)) else {})}
 
 
 # ---- the engine ---------------------------------------------------------------------------------
@@ -230,7 +237,7 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
     main = ev.accelerator.is_main_process
     for row in rows:  # rows of one model are adjacent, so each model loads once
         result = {"name": row.name, "method": row.method, "kind": row.kind, "steps": row.steps, "t_bar": row.t_bar,
-                  "path": row.path, "n_samples": len(ev.prompt_set.prompts), "group": row.group, "vae": row.vae,
+                  "path": row.path, "n_samples": len(ev.prompt_set.prompts), "group": row.group, "vae": row_vae(row, ev.mode),
                   "reference": row.compare_to}
         if row.kind == "real":
             result.update(guidance_scale=None, latency={}, latency_ms=None, latency_transformer_ms=None,

@@ -21,7 +21,7 @@ PAPER_TABLE = [
     {"method": "teacher 20 steps", "fid": 9.273, "clip": 0.2863, "time_s": 1.44},
 ]
 
-BASE_COLUMNS = ["name", "group", "method", "steps", "t_bar", "guidance_scale"]
+BASE_COLUMNS = ["name", "group", "method", "steps", "t_bar", "guidance_scale", "vae"]
 STAGES = ("text_encoder", "transformer", "vae")  # the end-to-end breakdown (evaluation/latency.py)
 TAIL_COLUMNS = ["latency_median_ms", "latency_p90_ms", "transformer_median_ms", "transformer_p90_ms",
                 *(f"{stage}_stage_median_ms" for stage in STAGES), "n_samples", "path"]
@@ -175,20 +175,21 @@ def seeds_section(rows: list[dict], meta: dict) -> list[str]:
     return lines
 
 
-def csv_columns(meta: dict) -> list[str]:
+def csv_columns(meta: dict, rows: list[dict] = ()) -> list[str]:
     keys = []
     for column in meta["columns"]:
         keys += [column["key"]] + ([f"{column['key']}_lo", f"{column['key']}_hi"] if column["interval"] else [])
         if meta.get("seed_sets", 1) > 1:
             keys.append(f"{column['key']}_seed_std")
-    if meta.get("compare_to"):
-        keys += [f"{c['key']}_{part}" for c in meta["columns"] for part in ("diff", "diff_lo", "diff_hi", "verdict")]
+    if meta.get("compare_to") or any(r.get("compared_to") for r in rows):  # the teacher, or a row's own reference
+        keys += ["compared_to"] + [f"{c['key']}_{part}" for c in meta["columns"]
+                                   for part in ("diff", "diff_lo", "diff_hi", "verdict")]
     return BASE_COLUMNS + keys + TAIL_COLUMNS
 
 
 def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, csv_columns(meta), extrasaction="ignore")
+        writer = csv.DictWriter(f, csv_columns(meta, rows), extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             e2e, tr = r.get("latency_ms") or {}, r.get("latency_transformer_ms") or {}

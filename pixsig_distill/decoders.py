@@ -50,6 +50,12 @@ def check_decoder_fits(decoder, vae_scale_factor: int, latent_channels: int, whe
                         f"model's VAE (python -m pixsig_distill.train distill=tiny_decoder model=...)")
 
 
+def decoder_folder(folder: str | Path) -> Path:
+    """The folder that holds the decoder's config and weights: `folder`, or its `vae/` for a pipeline folder."""
+    folder = Path(str(folder)).expanduser()
+    return folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
+
+
 def load_decoder(folder: str | Path, dtype: torch.dtype, device) -> torch.nn.Module:
     """An `AutoencoderTiny` folder (a `distill=tiny_decoder` export, or a TAESD release) loaded by diffusers from
     safetensors only; one line when the folder is not one."""
@@ -57,9 +63,7 @@ def load_decoder(folder: str | Path, dtype: torch.dtype, device) -> torch.nn.Mod
 
     from .teacher import refuse_pickle_weights
 
-    folder = Path(str(folder)).expanduser()
-    if (folder / "vae" / "config.json").is_file():  # a pipeline folder (or a tiny_decoder export): its vae/
-        folder = folder / "vae"
+    folder = decoder_folder(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UserError(f"vae={folder}: no config.json there; give the export/ folder of a distill=tiny_decoder run "

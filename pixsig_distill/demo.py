@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -54,6 +55,10 @@ def load_models(cfg: DictConfig) -> list[DemoModel]:
     folders = find_students(cfg.students_root) if folders is None else folders
     for folder in folders:
         read_card(folder)  # one clear line for a folder that is not a student export
+    if cfg.get("vae"):  # and for a folder that is not a tiny decoder, before any model loads
+        from .decoders import load_decoder
+
+        load_decoder(cfg.vae, torch.float32, "cpu")
     overrides = {"device": cfg.device, **({"torch_dtype": cfg.dtype} if cfg.dtype else {})}
     teacher = build(cfg.model, **overrides)
     name = Path(str(cfg.model.pretrained)).name

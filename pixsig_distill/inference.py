@@ -162,7 +162,9 @@ def add_prompts(model, prompts: list[str], model_cfg, device: str, mode: Inferen
 
 
 def encode_alone(source: str, prompts: list[str], model_cfg, device: str, mode: InferenceMode) -> dict:
-    """prompt → (T5 embedding, mask), with T5 and its tokenizer loaded alone from `source` and freed after."""
+    """prompt → (T5 embedding, mask), with T5 and its tokenizer loaded alone from `source` and freed after. Each is
+    kept at max_sequence_length tokens (a job's prompts are cached once, whatever batch they later share); with
+    text_encoder.trim the model cuts a batch of them to its longest prompt when they are read back."""
     from .teacher import load_pipeline, resolve_device, resolve_dtype
 
     dtype = resolve_dtype(mode.dtype or model_cfg.get("torch_dtype", "float32"))

@@ -117,6 +117,14 @@ def test_leaderboard_rows_with_the_tiny_decoder_are_paired_with_the_same_student
     markdown = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "## Against s (1 step), image for image" in markdown and "| s_tiny (1) | " in markdown
     assert "T5 + transformer + VAE (ms)" in markdown
+    header = (tmp_path / "lb" / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert {"vae", "compared_to", "clip_diff", "vae_stage_median_ms"} <= set(header)
+    # `vae=` for the whole run decodes every row with it: the teacher's images are others, under another cache key
+    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+        again = leaderboard(compose("leaderboard", overrides=base + ["entries=[]", "latency.enabled=false",
+                                                                     f"vae={export}"]))
+    teacher = next(r for r in again["rows"] if r["name"] == "teacher")
+    assert teacher["vae"] == str(export) and teacher["cache"] != rows["teacher"]["cache"]
 
 
 def test_end_of_training_evaluation_of_a_decoder_pairs_each_model_with_its_vae(decoder_export, tiny_folder,

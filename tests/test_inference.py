@@ -73,10 +73,12 @@ def test_release_on_a_real_width_model(tmp_path):
     assert released.pipe.text_encoder is None and plain.pipe.text_encoder is not None
     (e1, m1), (e2, m2) = plain.encode_prompts(prompts), released.encode_prompts(prompts)
     assert e1.shape == (2, 300, 4096) and torch.equal(e1, e2) and torch.equal(m1, m2)
-    assert torch.equal(plain.null_embedding(1)[0], released.null_embedding(1)[0])
+    # The empty prompt is encoded in a batch of its own by one and with the job's prompts by the other: with more
+    # than one thread the BLAS may sum in another order, so equal to float rounding (bit for bit on one thread).
+    assert torch.allclose(plain.null_embedding(1)[0], released.null_embedding(1)[0], atol=1e-5, rtol=0)
     x = torch.randn(plain.latent_shape(2), generator=torch.Generator().manual_seed(0))
     t = torch.tensor([999, 999])
-    assert torch.equal(plain.guided_eps(x, t, e1, m1), released.guided_eps(x, t, e2, m2))
+    assert torch.allclose(plain.guided_eps(x, t, e1, m1), released.guided_eps(x, t, e2, m2), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -92,11 +92,13 @@ def _read(path: Path) -> dict:
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
-def random_pipeline(name: str, num_layers: int = 2, seed: int = 0, text_width_only: bool = True):
+def random_pipeline(name: str, num_layers: int = 2, seed: int = 0, text_width_only: bool = True,
+                    sample_size: int | None = None):
     """A random-weight pipeline of a known architecture at reduced depth (real widths, real VAE).
 
     `text_width_only`: a tiny random T5 whose output has the real width (4096) instead of the 4.7B encoder, with a
-    locally built tokenizer (nothing is downloaded)."""
+    locally built tokenizer (nothing is downloaded). `sample_size`: a smaller latent canvas than the checkpoint's
+    (same widths, fewer image tokens), for runs that test the widths and not the resolution."""
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
@@ -107,7 +109,8 @@ def random_pipeline(name: str, num_layers: int = 2, seed: int = 0, text_width_on
 
     arch = KNOWN[name]
     torch.manual_seed(seed)
-    transformer = PixArtTransformer2DModel(**{**arch.transformer, "num_layers": num_layers})
+    transformer = PixArtTransformer2DModel(**{**arch.transformer, "num_layers": num_layers,
+                                              "sample_size": sample_size or arch.transformer["sample_size"]})
     vae = AutoencoderKL(**arch.vae)
     tokenizer = build_t5_tokenizer(TINY_WORDS, model_max_length=arch.max_sequence_length)
     text_config = dict(arch.text_encoder)

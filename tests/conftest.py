@@ -19,8 +19,8 @@ torch.set_num_threads(min(_threads, torch.get_num_threads()))
 
 # The longest files first (docs/tests.md): xdist hands out whole files (--dist loadfile), and a long file handed out
 # last keeps one worker busy while the other has nothing left to do.
-LONGEST_FIRST = ["test_real_width.py", "test_fsdp.py", "test_deepspeed_methods.py", "test_plan.py", "test_gan_head.py",
-                 "test_deepspeed.py", "test_multiprocess.py", "test_faults.py", "test_dmd2.py"]
+LONGEST_FIRST = ["test_plan.py", "test_real_width.py", "test_deepspeed_methods.py", "test_fsdp.py", "test_deepspeed.py",
+                 "test_faults.py", "test_multiprocess.py", "test_bad_input.py", "test_learning.py"]
 
 
 def pytest_collection_modifyitems(items):

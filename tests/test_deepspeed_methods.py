@@ -8,7 +8,7 @@ stages (killed and resumed under ZeRO-2); docs/scaling.md lists what ran by hand
 import pytest
 
 from test_deepspeed import ZERO_CONFIGS
-from test_fsdp import LEARNING_RATES, assert_weights_close, checkpoint_files, differences, launch
+from test_fsdp import LEARNING_RATES, assert_weights_close, checkpoint_files, differences, launch, train_here
 from test_multiprocess import assert_in_sync, make_text_cache
 
 pytest.importorskip("deepspeed")
@@ -58,8 +58,7 @@ def reference(command, tmp_path_factory):
     def _reference(method):
         if method not in runs:
             out = tmp_path_factory.mktemp(f"one_process_{method}") / "run"
-            one = launch(command(method, out, "train.batch_size=4"), out.parent, processes=1)
-            assert one.returncode == 0, one.log[-4000:]
+            train_here(command(method, out, "train.batch_size=4"))
             runs[method] = out
         return runs[method]
     return _reference

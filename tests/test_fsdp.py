@@ -46,6 +46,24 @@ def launch(overrides: list[str], tmp_path: Path, processes: int = 2, config: Pat
     return result
 
 
+def train_here(overrides: list[str]) -> dict:
+    """The one-process reference run, in this process: the same `run(cfg)` that `python -m pixsig_distill.train`
+    calls, without a launch's ~10 s of imports."""
+    from hydra import compose, initialize_config_module
+
+    from pixsig_distill.train import run
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+            cfg = compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
+        summary = run(cfg)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # train.deterministic=true sets it process-wide
+    assert summary["finished"], summary
+    return summary
+
+
 def differences(a: dict, b: dict):
     assert set(a) == set(b)
     return torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
@@ -82,8 +100,7 @@ def test_fsdp2_matches_one_process_and_resumes_with_its_optimizer_state(method, 
 
     # The reference: one process, the global batch of 4 at once.
     reference = tmp_path / "one_process"
-    one = launch(command(reference, *extra, "train.batch_size=4"), tmp_path, processes=1)
-    assert one.returncode == 0, one.log[-4000:]
+    train_here(command(reference, *extra, "train.batch_size=4"))
 
     # FSDP2, 2 processes × 2, both killed (SIGKILL) right after step 3, before its checkpoint.
     out = tmp_path / "fsdp"
@@ -152,8 +169,7 @@ def test_fsdp2_runs_dmd2_as_one_process_does(tiny_folder, tiny_train_args, compo
              "distill/gan/real_images=folder",
              f"distill.gan.real_images.folder={folder}", f"distill.gan.real_images.cache_dir={bank}"]
     reference, out = tmp_path / "one_process", tmp_path / "fsdp"
-    one = launch(command(reference, *extra, "train.batch_size=4"), tmp_path, processes=1)
-    assert one.returncode == 0, one.log[-4000:]
+    train_here(command(reference, *extra, "train.batch_size=4"))
     two = launch(command(out, *extra), tmp_path)
     assert two.returncode == 0, two.log[-4000:]
     networks = ("generator", "fake_score", "generator_ema")
@@ -187,8 +203,7 @@ def test_fsdp2_fine_tunes_as_one_process_does(method, networks, tiny_folder, tin
                                            "train.max_steps=2", f"hydra.run.dir={tmp_path / 'hydra'}", *extra]
 
     reference, out = tmp_path / "one_process", tmp_path / "fsdp"
-    one = launch(command(reference, "train.batch_size=4"), tmp_path, processes=1)
-    assert one.returncode == 0, one.log[-4000:]
+    train_here(command(reference, "train.batch_size=4"))
     two = launch(command(out), tmp_path)
     assert two.returncode == 0, two.log[-4000:]
     assert_in_sync(out, 2, networks)

@@ -1,8 +1,11 @@
 """The real PixArt configurations at full width and reduced depth, random weights, on the CPU.
 
-Hidden 1152, 16 heads, caption channels 4096, 300 T5 tokens (120 for α), 4-channel latents at 64×64 (512 px)
-and 128×128 (1024 px) and the real VAE; a tiny random T5 whose output is 4096 wide. Each method trains two
-steps (one at 1024 px), exports, and stock diffusers samples the export. PixArt-α 1024 takes size conditions."""
+Hidden 1152, 16 heads, caption channels 4096, 300 T5 tokens (120 for α), the real VAE; a tiny random T5 whose
+output is 4096 wide. DMD trains at the real canvases, 64×64 latents (512 px) and 128×128 (1024 px, one layer);
+PixArt-α 1024 too (its size conditions exist only there). The other methods and recipes train at the same
+widths on a 16×16 canvas (128 px, 256 image tokens instead of 4096), which tests the widths, not the
+resolution. Each run trains one step (at the real canvases) or two, exports, and stock diffusers samples the
+export."""
 
 import json
 
@@ -17,18 +20,21 @@ SIGMA_512 = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
 SIGMA_1024 = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
 ALPHA_1024 = "PixArt-alpha/PixArt-XL-2-1024-MS"
 MODEL_CONFIG = {SIGMA_512: "pixart_sigma_512", SIGMA_1024: "pixart_sigma_1024", ALPHA_1024: "pixart_alpha_1024"}
+SMALL_CANVAS = 16  # latent side: 128 px
 
 
 @pytest.fixture(scope="module")
 def real_width_folder(tmp_path_factory):
     folders = {}
 
-    def make(name: str, num_layers: int):
-        if (name, num_layers) not in folders:
+    def make(name: str, num_layers: int, sample_size: int | None = None):
+        key = name, num_layers, sample_size
+        if key not in folders:
             folder = tmp_path_factory.mktemp(name.split("/")[-1])
-            random_pipeline(name, num_layers=num_layers).save_pretrained(folder, safe_serialization=True)
-            folders[name, num_layers] = folder
-        return folders[name, num_layers]
+            random_pipeline(name, num_layers=num_layers, sample_size=sample_size).save_pretrained(
+                folder, safe_serialization=True)
+            folders[key] = folder
+        return folders[key]
 
     return make
 
@@ -64,11 +70,12 @@ def _stock_sample(export, pipeline_class, output_type="latent"):
 ])
 def test_sigma_512_every_method_trains_exports_and_samples_in_stock_diffusers(method, overrides, real_width_folder,
                                                                              tmp_path):
-    folder = real_width_folder(SIGMA_512, 2)
-    summary = _train(folder, "pixart_sigma_512", tmp_path / method, *overrides)
+    side = 64 if method == "dmd" else SMALL_CANVAS  # DMD at the real 512-px canvas, the others at the same widths
+    folder = real_width_folder(SIGMA_512, 2, None if method == "dmd" else SMALL_CANVAS)
+    summary = _train(folder, "pixart_sigma_512", tmp_path / method, *overrides, steps=1 if method == "dmd" else 2)
     assert summary["finished"]
     card, latents = _stock_sample(tmp_path / method / "export", PixArtSigmaPipeline)
-    assert card["resolution"] == 512 and latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()
+    assert card["resolution"] == 8 * side and latents.shape == (1, 4, side, side) and torch.isfinite(latents).all()
     if method == "dmd":  # once, the whole way: the real VAE decodes a 512-px image
         _, images = _stock_sample(tmp_path / method / "export", PixArtSigmaPipeline, output_type="np")
         assert images.shape == (1, 512, 512, 3)
@@ -103,45 +110,48 @@ def test_alpha_1024_size_conditions_train_and_export_to_the_alpha_pipeline(real_
 def test_sigma_512_dmd2_with_an_image_folder_lora_fake_score_and_checkpointing(real_width_folder, tmp_path):
     """2-step DMD2 at real width: the GAN head on the LoRA fake score, real images from a captioned folder encoded
     by the real VAE, checkpointed activations (the generator's GAN term reads through the frozen fake score).
-    The toy world's shapes, the default real images, are refused for a 512-px model."""
+    The toy world's shapes, the default real images, are refused for a model of another resolution."""
     from pixsig_distill.errors import UserError
     from test_finetune import write_folder
 
-    folder, images = real_width_folder(SIGMA_512, 2), write_folder(tmp_path / "images", n=2, size=512)
+    folder = real_width_folder(SIGMA_512, 2, SMALL_CANVAS)
+    images = write_folder(tmp_path / "images", n=2, size=8 * SMALL_CANVAS)
     common = ["distill=dmd2", "distill.timesteps=[999,499]", "distill.fake_updates_per_step=1",
               "distill.fake_score.lora_rank=8", "train.gradient_checkpointing=true"]
-    with pytest.raises(UserError, match="toy world's shapes .* not a 512-px model"):
+    with pytest.raises(UserError, match=f"toy world's shapes .* not a {8 * SMALL_CANVAS}-px model"):
         _train(folder, "pixart_sigma_512", tmp_path / "toy_images", *common)
     summary = _train(folder, "pixart_sigma_512", tmp_path / "run", *common, "distill/gan/real_images=folder",
                      f"distill.gan.real_images.folder={images}")
     assert summary["finished"] and {"loss_gan_g", "loss_gan_d"} <= set(summary["last_logs"])
     card, latents = _stock_sample(tmp_path / "run" / "export", PixArtSigmaPipeline)
-    assert card["timesteps"] == [999, 499] and latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()
+    assert card["timesteps"] == [999, 499] and latents.shape == (1, 4, SMALL_CANVAS, SMALL_CANVAS)
+    assert torch.isfinite(latents).all()
 
 
 @pytest.mark.slow
 def test_sigma_512_reward_guided_two_step_dmd(real_width_folder, tmp_path):
     """The reward recipe at real width: 2 steps by backward simulation, the reward read through the real VAE's
     decoder and a stand-in of HPSv2's image tower (full width, 2 layers), checkpointed activations."""
-    folder = real_width_folder(SIGMA_512, 2)
+    folder = real_width_folder(SIGMA_512, 2, SMALL_CANVAS)
     summary = _train(folder, "pixart_sigma_512", tmp_path / "run", "+distill/rewards=clip_stand_in",
                      "distill.rewards.clip_stand_in.reward.layers=2", "distill.timesteps=[400,200]",
                      "distill.fake_updates_per_step=1", "train.gradient_checkpointing=true", steps=1)
     assert summary["finished"] and "reward_clip_stand_in" in summary["last_logs"]
     card, latents = _stock_sample(tmp_path / "run" / "export", PixArtSigmaPipeline)
     assert card["timesteps"] == [400, 200] and card["reward_clip_stand_in"] == 1.0
-    assert latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()
+    assert latents.shape == (1, 4, SMALL_CANVAS, SMALL_CANVAS) and torch.isfinite(latents).all()
 
 
 @pytest.mark.slow
 def test_tiny_decoder_recipe_at_real_width(real_width_folder, tmp_path):
     """conf/experiment/pixart_sigma_1024_tiny_decoder.yaml (TAESD layout, the real SDXL VAE as the target, latents
-    from an encoded image folder) at 512 px for speed: one step, an export that stock diffusers loads as `vae=`."""
+    from an encoded image folder) on the small canvas for speed: one step, an export that stock diffusers loads
+    as `vae=`."""
     from diffusers import AutoencoderTiny
     from test_finetune import write_folder
 
-    images = write_folder(tmp_path / "images", n=1, size=512)
-    folder = real_width_folder(SIGMA_512, 2)  # the other 512-px tests' folder
+    images = write_folder(tmp_path / "images", n=1, size=8 * SMALL_CANVAS)
+    folder = real_width_folder(SIGMA_512, 2, SMALL_CANVAS)  # the other small-canvas tests' folder
     summary = _train(folder, "pixart_sigma_512", tmp_path / "run", "experiment=pixart_sigma_1024_tiny_decoder",
                      f"data.folder={images}", "distill.lpips_weight=0", "train.mixed_precision=no", "train.batch_size=1",
                      steps=1)

@@ -32,13 +32,10 @@ STEP_FRACTION, TYPICAL = 0.2, 1e-6
 LEARNING_RATES = {"dmd": 2e-5, "lcm_lora": 1e-4, "finetune": 1e-4, "finetune_lora": 5e-4}  # conf/distill/*.yaml
 
 
-def launch(overrides: list[str], tmp_path: Path, processes: int = 2, config: Path = FSDP_CONFIG,
-           **env) -> subprocess.CompletedProcess:
-    if processes == 1:
-        command = [sys.executable, "-m", "pixsig_distill.train", *overrides]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                   "--main_process_port", free_port(), "-m", "pixsig_distill.train", *overrides]
+def launch(overrides: list[str], tmp_path: Path, config: Path = FSDP_CONFIG, **env) -> subprocess.CompletedProcess:
+    """Two processes under `accelerate launch` with `config`."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--main_process_port", free_port(), "-m", "pixsig_distill.train", *overrides]
     full_env = {k: v for k, v in os.environ.items() if k != "PIXSIG_FAULT_AFTER"}
     full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", DIGEST_ENV: "1", **env})
     result = subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=900)
@@ -94,7 +91,7 @@ def checkpoint_files(out: Path, step: int) -> dict:
     ("lcm_lora", ("lora",)),
 ])
 def test_fsdp2_matches_one_process_and_resumes_with_its_optimizer_state(method, networks, tiny_folder,
-                                                                        tiny_train_args, tmp_path):
+                                                                        tiny_train_args, tmp_path, capsys, caplog):
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
     extra = [f"distill={method}", "distill.pair_steps=2"] if method != "dmd" else []
 
@@ -111,15 +108,18 @@ def test_fsdp2_matches_one_process_and_resumes_with_its_optimizer_state(method, 
     assert state["optimizer_states"] is True
     assert_in_sync(out, 2, networks)  # both processes gathered the same full weights, and rank 0 wrote them
 
-    # DMD resumes on another process count: one process with the global batch reads the gathered states.
+    # DMD resumes on another process count: one process with the global batch (here, in this process) reads the
+    # gathered states.
     if method == "dmd":
-        resumed = launch(command(out, *extra, "train.batch_size=4"), tmp_path, processes=1)
+        capsys.readouterr()
+        train_here(command(out, *extra, "train.batch_size=4"))
+        log = capsys.readouterr().out + caplog.text
     else:
         resumed = launch(command(out, *extra), tmp_path)
-    assert resumed.returncode == 0, resumed.log[-4000:]
-    assert "(step 2)" in resumed.log and "start afresh" not in resumed.log
-    if method != "dmd":
+        assert resumed.returncode == 0, resumed.log[-4000:]
+        log = resumed.log
         assert_in_sync(out, 4, networks)
+    assert "(step 2)" in log and "start afresh" not in log
 
     # Weights and optimizer moments at step 4 equal the one-process run's (restarted moments would not: AdamW's
     # first steps after a restart move every weight by ~lr).

@@ -166,10 +166,12 @@ def test_threads_share_the_cores():
 def test_dmd2_plans_with_a_folder_it_never_reads_and_names_what_it_leaves_out(compose_plan, capsys):
     """DMD2's real images are shapes to the planner (the folder need not exist); the few-step chain, which branches
     on its draws, is planned as one step and said so."""
-    one = plan(compose_plan("distill=dmd2", "distill/gan/real_images=folder", "distill.gan.real_images.folder=/nowhere"))
-    four = plan(compose_plan("distill=dmd2", "distill.timesteps=[999,749,499,249]"))
+    one_update = "distill.fake_updates_per_step=1"  # for time: each further fake-score update repeats the first
+    one = plan(compose_plan("distill=dmd2", "distill/gan/real_images=folder", "distill.gan.real_images.folder=/nowhere",
+                            one_update))
+    four = plan(compose_plan("distill=dmd2", "distill.timesteps=[999,749,499,249]", one_update))
     assert not one["notes"] and "4-step generator's chain (backward simulation) is not simulated" in four["notes"][0]
-    dmd = plan(compose_plan("distill.fake_updates_per_step=3"))
+    dmd = plan(compose_plan(one_update))
     # the GAN head's parameters and its real-image forwards cost more than DMD's step at the same settings
     assert one["step"]["params"] > dmd["step"]["params"] and one["step"]["flops"] > dmd["step"]["flops"]
 
@@ -194,7 +196,8 @@ def test_the_reward_recipes_plan_at_real_size():
 
     with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
         cfg = compose("plan", overrides=["experiment=pixart_sigma_512_dmd_reward", "plan.gpu=h100",
-                                         "distill.rewards.clip_stand_in.reward.layers=4"])
+                                         "distill.rewards.clip_stand_in.reward.layers=4",
+                                         "distill.fake_updates_per_step=1"])  # for time
     report = plan(cfg)
     assert report["gpu"]["name"] and report["step"]["params"] > 0
     assert any("2-step generator's chain" in note for note in report["notes"])

@@ -56,28 +56,28 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
                       f"{accelerator.device}, {cfg.train.max_steps} steps of {cfg.train.batch_size} × "
                       f"{cfg.train.grad_accum}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _log_to(out_dir / "train.log")
-    if accelerator.is_main_process:
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    loop_cfg = LoopConfig(**OmegaConf.to_container(cfg.train, resolve=True))
-    if teacher.pipe.text_encoder is None and hasattr(dataset, "preview_rows") and loop_cfg.preview_prompts:
-        # No T5 to encode the preview prompts: preview cached prompts instead (those of them in the cache).
-        items = [dataset[row] for row in dataset.preview_rows(list(loop_cfg.preview_prompts))]
-        loop_cfg.preview_prompts = [item["prompt"] for item in items]
-        teacher.add_prompt_embeddings(loop_cfg.preview_prompts, torch.stack([item["embeds"] for item in items]),
-                                      torch.stack([item["mask"] for item in items]))
-    summary = train(method, dataset, teacher, loop_cfg, out_dir, seed=cfg.seed, resume=cfg.resume,
-                    accelerator=accelerator, fresh_method=lambda: build(cfg.distill, teacher=teacher),
-                    tracker_config=OmegaConf.to_container(cfg, resolve=True), fingerprint=run_fingerprint(cfg))
-    if summary.get("export"):
-        print(f"student exported to {summary['export']}")
-        facts = training_facts(cfg, summary, accelerator)
-        previews = sorted((out_dir / "samples").glob("step-*.png"))
-        write_model_card(summary["export"], facts, samples=previews[-1] if previews else None)
-        if cfg.eval.get("metrics"):
-            summary["eval"] = evaluate(cfg, teacher, summary["export"], out_dir)
-            write_model_card(summary["export"], facts, summary["eval"], samples=out_dir / "eval_grid.png")
-    return summary
+    with _logging_to(out_dir / "train.log"):
+        if accelerator.is_main_process:
+            (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        loop_cfg = LoopConfig(**OmegaConf.to_container(cfg.train, resolve=True))
+        if teacher.pipe.text_encoder is None and hasattr(dataset, "preview_rows") and loop_cfg.preview_prompts:
+            # No T5 to encode the preview prompts: preview cached prompts instead (those of them in the cache).
+            items = [dataset[row] for row in dataset.preview_rows(list(loop_cfg.preview_prompts))]
+            loop_cfg.preview_prompts = [item["prompt"] for item in items]
+            teacher.add_prompt_embeddings(loop_cfg.preview_prompts, torch.stack([item["embeds"] for item in items]),
+                                          torch.stack([item["mask"] for item in items]))
+        summary = train(method, dataset, teacher, loop_cfg, out_dir, seed=cfg.seed, resume=cfg.resume,
+                        accelerator=accelerator, fresh_method=lambda: build(cfg.distill, teacher=teacher),
+                        tracker_config=OmegaConf.to_container(cfg, resolve=True), fingerprint=run_fingerprint(cfg))
+        if summary.get("export"):
+            print(f"student exported to {summary['export']}")
+            facts = training_facts(cfg, summary, accelerator)
+            previews = sorted((out_dir / "samples").glob("step-*.png"))
+            write_model_card(summary["export"], facts, samples=previews[-1] if previews else None)
+            if cfg.eval.get("metrics"):
+                summary["eval"] = evaluate(cfg, teacher, summary["export"], out_dir)
+                write_model_card(summary["export"], facts, summary["eval"], samples=out_dir / "eval_grid.png")
+        return summary
 
 
 def training_facts(cfg: DictConfig, summary: dict, accelerator) -> dict:
@@ -95,17 +95,27 @@ def training_facts(cfg: DictConfig, summary: dict, accelerator) -> dict:
             "method settings": ", ".join(f"{k}={v}" for k, v in keys.items())}
 
 
-def _log_to(path: Path) -> None:
-    """Everything a run writes goes under out_dir, the log included (Hydra logs to its own run folder,
-    which is out_dir only by default)."""
+@contextlib.contextmanager
+def _logging_to(path: Path):
+    """Everything a run writes goes under out_dir, the log included (Hydra logs to its own run folder, which is
+    out_dir only by default). The handler leaves with the run: a later run in the same process (a sweep, a
+    notebook) must not write into this one's log."""
     root = logging.getLogger()
     if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in root.handlers):
+        yield
         return
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    level = root.level
     root.addHandler(handler)
-    if root.level > logging.INFO:
+    if level > logging.INFO:
         root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(level)
 
 
 def evaluate(cfg: DictConfig, teacher, export: str, out_dir: Path) -> dict:

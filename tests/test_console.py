@@ -27,3 +27,20 @@ def test_console_shows_our_lines_and_the_log_file_keeps_the_rest(tiny_train_args
     log = (out / "train.log").read_text()
     assert "step 2/2" in log and "evaluated dmd2 (2 steps)" in log
     assert "pixsig_distill" in log and any(word in log for word in CHATTER)  # the chatter is kept, in the file
+
+
+def test_a_run_in_process_takes_its_log_file_with_it(compose_train, tmp_path):
+    """`run(cfg)` twice in one process (a sweep, a notebook): the first run's log file gets none of the second's
+    lines, and no handler is left on the root logger."""
+    import logging
+
+    from pixsig_distill.train import run
+
+    handlers = list(logging.getLogger().handlers)
+    first, second = tmp_path / "first", tmp_path / "second"
+    run(compose_train(out_dir=first))
+    assert logging.getLogger().handlers == handlers
+    run(compose_train(out_dir=second))
+    assert f"checkpoint {first / 'checkpoints'}" in (first / "train.log").read_text()
+    assert f"checkpoint {second / 'checkpoints'}" in (second / "train.log").read_text()
+    assert str(second) not in (first / "train.log").read_text()

@@ -168,8 +168,8 @@ def _compose(config_name: str, overrides: list[str], hydra_config: bool = False)
 
 def rewrite_aliases(config_name: str, argv: list[str]) -> list[str]:
     """`prompt_file=x` → `prompts=x` (etc.) where the entry point knows the new key and not the old one."""
-    if any(arg.startswith("-") for arg in argv):
-        return argv
+    if any(arg.startswith("-") for arg in argv) or not any(arg.partition("=")[0] in ALIASES for arg in argv):
+        return argv  # nothing to rewrite: no composition (each costs a third of a second)
     try:
         keys = set(_compose(config_name, []).keys())
     except Exception:  # the real error is reported by compose_error

@@ -1,6 +1,13 @@
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# The README's test install skips pip's bytecode compilation (--no-compile: pip compiles every file of every package,
+# one at a time, for half the install's time); Python compiles a module when it is first imported and caches that.
+# With PYTHONDONTWRITEBYTECODE set it would cache nothing, and each of the suite's ~50 Python processes would compile
+# torch, diffusers and transformers again (about 15 s each).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 # pytest-xdist workers (pyproject: -n 2) share the cores: each takes its share, and so do the processes it starts
 # (threads.py: two processes with a thread per core each ran 50× slower than one with one thread). Set before
 # torch (and with it numpy's OpenBLAS, which sizes its thread pool once, at import) is imported: the evaluation's
@@ -79,6 +86,20 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def no_log_file_outlives_its_test():
+    """A command's `main()` called in the test process leaves Hydra's job log (`<job>.log` in the run folder) on the
+    root logger, as Hydra does for the one job of a process. The test's folder is deleted when it passes; a later
+    test's first log record would then reopen that file (after a later Hydra job closed it) and fail."""
+    import logging
+
+    before = set(logging.root.handlers)
+    yield
+    for handler in [h for h in logging.root.handlers if isinstance(h, logging.FileHandler) and h not in before]:
+        logging.root.removeHandler(handler)
+        handler.close()
 
 
 @pytest.fixture

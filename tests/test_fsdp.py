@@ -9,20 +9,22 @@ The same tiny scale-out command as tests/test_multiprocess.py, launched with the
 * a killed run resumes with its optimizer state: killed after step 3, rerun, it ends where the
   uninterrupted one-process run ends, moments included (a restart of AdamW's moments would not). DMD's rerun is
   one process with the global batch: the gathered states resume on another process count.
+
+Most launches fork their ranks from preloaded imports with the environment `accelerate launch` gives them
+(tests/launching.py); the bf16 LCM test runs the real command.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import launching
+from launching import ROOT, Launch
 from pixsig_distill.checkpoint import list_checkpoints
-from test_multiprocess import DIGEST_ENV, ROOT, assert_in_sync, free_port, make_text_cache, scale_out_command
+from test_multiprocess import assert_in_sync, make_text_cache, scale_out_command
 
 FSDP_CONFIG = ROOT / "pixsig_distill" / "conf" / "accelerate" / "cpu_fsdp2_2proc.yaml"
 # Two processes sum the gradient in another order than one (float32 rounding, ~1e-7 relative). AdamW divides by
@@ -32,15 +34,9 @@ STEP_FRACTION, TYPICAL = 0.2, 1e-6
 LEARNING_RATES = {"dmd": 2e-5, "lcm_lora": 1e-4, "finetune": 1e-4, "finetune_lora": 5e-4}  # conf/distill/*.yaml
 
 
-def launch(overrides: list[str], tmp_path: Path, config: Path = FSDP_CONFIG, **env) -> subprocess.CompletedProcess:
-    """Two processes under `accelerate launch` with `config`."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--main_process_port", free_port(), "-m", "pixsig_distill.train", *overrides]
-    full_env = {k: v for k, v in os.environ.items() if k != "PIXSIG_FAULT_AFTER"}
-    full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", DIGEST_ENV: "1", **env})
-    result = subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=900)
-    result.log = result.stdout + result.stderr
-    return result
+def launch(overrides: list[str], tmp_path: Path, config: Path = FSDP_CONFIG, real: bool = False, **env) -> Launch:
+    """Two processes as `accelerate launch --config_file config` starts them (tests/launching.py)."""
+    return launching.launch(overrides, tmp_path, config, real=real, **env)
 
 
 def train_here(overrides: list[str]) -> dict:
@@ -146,7 +142,7 @@ def test_fsdp2_runs_lcm_with_bf16_and_gradient_checkpointing(tiny_folder, tiny_t
     out = tmp_path / "run"
     result = launch(command(out, "distill=lcm", "distill.pair_steps=2", "train.max_steps=2",
                             "train.mixed_precision=bf16", "train.gradient_checkpointing=true"),
-                    tmp_path)
+                    tmp_path, real=True)  # the real launcher with this config
     assert result.returncode == 0, result.log[-4000:]
     assert_in_sync(out, 2, ("student", "target"))
     assert (out / "export" / "pixsig_student.json").is_file()

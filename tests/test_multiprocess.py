@@ -3,24 +3,22 @@
 The command is the documented scale-out one at tiny size: cached T5 embeddings (data=cached,
 model.load_text_encoder=false), launched with the shipped CPU config. `accelerate launch --cpu
 --num_processes 2` would start a single process (accelerate's CPU launcher expects mpirun), hence the
-config (torchrun launcher) plus device=cpu (gloo).
+config (torchrun launcher) plus device=cpu (gloo). Most launches fork their ranks from preloaded imports with the
+environment `accelerate launch` gives them (tests/launching.py); the DMD2 test runs the real command.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import launching
+from launching import ROOT, Launch
 from pixsig_distill.checkpoint import list_checkpoints
-from pixsig_distill.distributed import DIGEST_ENV, state_digest
+from pixsig_distill.distributed import state_digest
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "pixsig_distill" / "conf" / "accelerate" / "cpu_2proc.yaml"
 NETWORKS = ("generator", "fake_score", "generator_ema")
 
@@ -38,19 +36,8 @@ def make_text_cache(tiny_folder, out: Path) -> Path:
     return cache_text(cfg)
 
 
-def free_port() -> str:
-    """A free TCP port for the launch's rendezvous (two test workers may launch at once; 29500 would clash)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def launch(overrides: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-               "--main_process_port", free_port(), "-m", "pixsig_distill.train", *overrides]
-    full_env = {k: v for k, v in os.environ.items() if k != "PIXSIG_FAULT_AFTER"}
-    full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", DIGEST_ENV: "1", **env})
-    return subprocess.run(command, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=900)
+def launch(overrides: list[str], tmp_path: Path, real: bool = False, **env) -> Launch:
+    return launching.launch(overrides, tmp_path, CPU_CONFIG, real=real, **env)
 
 
 def rank_digests(out_dir: Path, step: int) -> list[dict]:
@@ -86,14 +73,14 @@ def test_two_processes_stay_in_sync_and_resume_after_a_crash(tiny_folder, tiny_t
 
     # Both processes are killed (SIGKILL) right after step 3, before its checkpoint (tests/test_faults.py's hook).
     crashed = launch(overrides, tmp_path, PIXSIG_FAULT_AFTER="step:3")
-    assert crashed.returncode != 0, crashed.stdout[-2000:] + crashed.stderr[-2000:]
+    assert crashed.returncode != 0, crashed.log[-4000:]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002"]
     # The processes saw different batches and noise, yet after the all-reduced updates their weights agree.
     assert_in_sync(out, 2)
 
     # The same command again: both processes resume from step 2 and finish; no checkpoint step is lost.
     resumed = launch(overrides, tmp_path)
-    log = resumed.stdout + resumed.stderr
+    log = resumed.log
     assert resumed.returncode == 0, log[-4000:]
     assert "resuming from" in log and "(step 2)" in log
     summary = json.loads((out / "train_summary.json").read_text())
@@ -122,7 +109,7 @@ def test_lcm_students_stay_in_sync(method, names, tiny_folder, tiny_train_args, 
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
     out = tmp_path / "run"
     result = launch(command(out, f"distill={method}", "train.max_steps=2", "distill.pair_steps=2"), tmp_path)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert result.returncode == 0, result.log[-4000:]
     assert_in_sync(out, 2, names)
 
 
@@ -179,8 +166,8 @@ def test_dmd2_under_ddp_matches_one_process(tiny_folder, tiny_train_args, compos
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
     extra = ["distill=dmd2", "distill.timesteps=[999,499]", "train.max_steps=2", "distill/gan/real_images=folder",
              f"distill.gan.real_images.folder={folder}", f"distill.gan.real_images.cache_dir={bank}"]
-    result = launch(command(tmp_path / "ddp", *extra), tmp_path)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    result = launch(command(tmp_path / "ddp", *extra), tmp_path, real=True)  # the real launcher with this config
+    assert result.returncode == 0, result.log[-4000:]
     assert_in_sync(tmp_path / "ddp", 2, NETWORKS)
     fake = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-0000002" / "fake_score.safetensors"))
     assert any(k.startswith("gan_head.") for k in fake)

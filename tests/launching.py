@@ -9,7 +9,7 @@ tiny model for a second or two: the suite's 19 launches were a third of its CPU 
   launching a script that only saves its environment, so the YAML → environment translation stays accelerate's;
 * forks each rank from a server process that imported the training stack once (multiprocessing's forkserver with a
   preload: a clean single-threaded parent, not the test process and its state), where it runs the `__main__` of
-  `pixsig_distill.train`, as `python -m` does;
+  `pixsig_distill.train`, as `python -m` does (`run_module` does the same for one process of any command);
 * takes the other ranks down when one fails, as torchrun does.
 
 `launch(..., real=True)` runs the real command. Each shipped CPU config keeps tests that do, so the launcher path
@@ -37,10 +37,10 @@ CONFIGS = ROOT / "pixsig_distill" / "conf" / "accelerate"
 DIGEST_ENV = "PIXSIG_RANK_DIGESTS"  # pixsig_distill.distributed.DIGEST_ENV (not imported: this module stays light)
 ENTRY = "pixsig_distill.train"
 
-# What a rank imports on its way to the end of a run, imported once in the fork server. A module left out is imported
-# by every rank (slower, not different).
-PRELOAD = ["pixsig_distill.train", "pixsig_distill.loop", "pixsig_distill.teacher", "pixsig_distill.data",
-           "pixsig_distill.lora", "pixsig_distill.threads", "pixsig_distill.real_images",
+# What a forked command imports on its way to the end of a run, imported once in the fork server. A module left out is
+# imported by every forked process (slower, not different).
+PRELOAD = ["pixsig_distill.train", "evaluation.leaderboard", "pixsig_distill.loop", "pixsig_distill.teacher",
+           "pixsig_distill.data", "pixsig_distill.lora", "pixsig_distill.threads", "pixsig_distill.real_images",
            *(f"pixsig_distill.methods.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "pixsig_distill/methods")])),
            "hydra._internal.core_plugins.basic_launcher", "hydra._internal.core_plugins.basic_sweeper",
            "hydra._internal.core_plugins.importlib_resources_config_source", "hydra._internal.logging_config",
@@ -82,20 +82,37 @@ def launch(overrides: list[str], cwd: Path, config: Path, real: bool = False, ti
         done = subprocess.run(command, cwd=cwd, env=base, capture_output=True, text=True, timeout=timeout)
         return Launch(done.returncode, done.stdout + done.stderr)
 
+    port = free_port()
+    ranks = [_start(ENTRY, overrides, {**base, **added, "MASTER_PORT": port}, cwd)
+             for added in rank_environments(config)]
+    returncode = _supervise([process for process, _, _ in ranks], timeout)
+    return Launch(returncode, "".join(_collect(out) + _collect(err) for _, out, err in ranks))
+
+
+def run_module(module: str, args: list[str], cwd: Path, env: dict, timeout: float = 600):
+    """`python -m module *args` with exactly `env`, forked from the preloaded server: a process of its own (it can be
+    killed, it holds its own locks) without the imports. Not for what happens at start-up: the server imported
+    everything with the test process's environment (HF_HUB_OFFLINE, say, is read at import)."""
+    process, out, err = _start(module, args, env, cwd)
+    returncode = _supervise([process], timeout)
+    return subprocess.CompletedProcess([module, *args], returncode, _collect(out), _collect(err))
+
+
+def _start(module: str, args: list[str], env: dict, cwd: Path):
+    """A process forked from the server, running `module` as `python -m` does; its stdout and stderr go to files."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)  # read when the server starts (once per test process)
-    port, logs = free_port(), []
-    ranks = []
-    for rank, added in enumerate(rank_environments(config)):
-        logs.append(Path(cwd) / f"rank-{rank}-{time.monotonic_ns()}.log")
-        rank_env = {**base, **added, "MASTER_PORT": port}
-        ranks.append(context.Process(target=_run_rank, args=(rank_env, overrides, logs[-1], str(cwd))))
-        ranks[-1].start()
-    returncode = _supervise(ranks, timeout)
-    log = "".join(path.read_text(errors="replace") for path in logs if path.exists())
-    for path in logs:
-        path.unlink(missing_ok=True)
-    return Launch(returncode, log)
+    stem = Path(cwd) / f".forked-{time.monotonic_ns()}"
+    out, err = stem.with_suffix(".out"), stem.with_suffix(".err")
+    process = context.Process(target=_run_module, args=(module, args, env, str(cwd), out, err))
+    process.start()
+    return process, out, err
+
+
+def _collect(path: Path) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    path.unlink(missing_ok=True)
+    return text
 
 
 def rank_environments(config: Path) -> list[dict]:
@@ -135,12 +152,12 @@ def _supervise(ranks: list, timeout: float) -> int:
     return failed
 
 
-def _run_rank(env: dict, overrides: list[str], log: Path, cwd: str) -> None:
-    """In the forked rank: its environment, output and arguments, then `python -m pixsig_distill.train`'s code."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+def _run_module(module: str, args: list[str], env: dict, cwd: str, out: Path, err: Path) -> None:
+    """In the forked process: its environment, output and arguments, then `python -m module`'s code."""
+    for fd, path in ((1, out), (2, err)):
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(file, fd)
+        os.close(file)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     os.environ.clear()
@@ -148,10 +165,11 @@ def _run_rank(env: dict, overrides: list[str], log: Path, cwd: str) -> None:
     os.chdir(cwd)
     import torch
 
-    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # read once at start-up by a fresh process
-    sys.argv = [ENTRY, *overrides]
+    if env.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # read once at start-up by a fresh process
+    sys.argv = [module, *args]
     try:
-        runpy.run_module(ENTRY, run_name="__main__", alter_sys=True)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 from safetensors.torch import load_file
 
+import launching
 from pixsig_distill.checkpoint import list_checkpoints
 from pixsig_distill.errors import UserError
 from pixsig_distill.loop import RunLock
@@ -37,10 +38,15 @@ def _env(**extra) -> dict:
     return {k: v for k, v in env.items() if v is not None}
 
 
-def _cli(module: str, args: list[str], cwd: Path, fault: str | None = None, env: dict | None = None):
-    """`python -m module args` in a fresh process (Hydra's own folder kept under cwd)."""
-    return subprocess.run([sys.executable, "-m", module, *args, f"hydra.run.dir={cwd / 'hydra'}"], cwd=cwd,
-                          env=_env(PIXSIG_FAULT_AFTER=fault, **(env or {})), capture_output=True, text=True,
+def _cli(module: str, args: list[str], cwd: Path, fault: str | None = None, env: dict | None = None,
+         forked: bool = False):
+    """`python -m module args` in a fresh process (Hydra's own folder kept under cwd). `forked`: a process forked
+    from already imported modules (tests/launching.py), where a test is about what the process does, not how it
+    starts."""
+    args, env = [*args, f"hydra.run.dir={cwd / 'hydra'}"], _env(PIXSIG_FAULT_AFTER=fault, **(env or {}))
+    if forked:
+        return launching.run_module(module, args, cwd, env)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -94,13 +100,13 @@ def test_killed_training_resumes_to_the_uninterrupted_result(method, compose_tra
     out = tmp_path / "run"
     command = [*tiny_train_args(out), *args]
     for fault, checkpoints, partial in faults:
-        result = _cli("pixsig_distill.train", command, tmp_path, fault=fault)
+        result = _cli("pixsig_distill.train", command, tmp_path, fault=fault, forked=True)
         assert result.returncode == KILLED, result.stderr[-3000:]
         assert _state(out) == (checkpoints, partial), fault
         assert not (out / "export").exists() and not (out / "train_summary.json").exists()
         assert (out / ".lock").exists()  # the dead run's lock file is still there, and must not block the next
     if last_in_subprocess:
-        result = _cli("pixsig_distill.train", command, tmp_path)
+        result = _cli("pixsig_distill.train", command, tmp_path, forked=True)
         assert result.returncode == 0, result.stderr[-3000:]
         stdout = result.stdout
         summary = json.loads((out / "train_summary.json").read_text())
@@ -133,7 +139,8 @@ def test_killed_leaderboard_resumes_and_trusts_no_torn_image(tiny_folder, tmp_pa
     from evaluation.leaderboard import run as leaderboard
 
     out = tmp_path / "lb"
-    result = _cli("evaluation.leaderboard", _leaderboard_args(tiny_folder, out), tmp_path, fault="image:3")
+    result = _cli("evaluation.leaderboard", _leaderboard_args(tiny_folder, out), tmp_path, fault="image:3",
+                  forked=True)
     assert result.returncode == KILLED, result.stderr[-3000:]
     assert not (out / "leaderboard.json").exists()
     [cache] = [p for p in (out / "cache").iterdir() if p.is_dir() and p.name.startswith("teacher")]

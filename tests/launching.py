@@ -1,8 +1,8 @@
-"""Two training processes as `accelerate launch --config_file CONFIG -m pixsig_distill.train ...` starts them, without
-paying for their imports at every launch.
+"""Processes the tests start as `accelerate launch --config_file CONFIG -m pixsig_distill.train ...` (or `python -m`)
+starts them, without paying for their imports every time.
 
 A launched process spends about 10 s of CPU importing torch, diffusers, transformers and DeepSpeed, then trains the
-tiny model for a second or two: the suite's 19 launches were a third of its CPU time. So by default `launch`:
+tiny model for a second or two: the suite's 19 launches took over a third of its CPU time. So by default `launch`:
 
 * gives each rank the environment that `accelerate launch` itself gives it for that config file (the distributed
   type, the ZeRO stage, the FSDP options, the rank variables): captured once per config and test process, by
@@ -12,8 +12,8 @@ tiny model for a second or two: the suite's 19 launches were a third of its CPU 
   `pixsig_distill.train`, as `python -m` does (`run_module` does the same for one process of any command);
 * takes the other ranks down when one fails, as torchrun does.
 
-`launch(..., real=True)` runs the real command. Each shipped CPU config keeps tests that do, so the launcher path
-itself stays covered.
+`launch(..., real=True)` runs the real command. One test per shipped CPU config does, so the launcher path itself
+stays covered.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "pixsig_distill" / "conf" / "accelerate"
 DIGEST_ENV = "PIXSIG_RANK_DIGESTS"  # pixsig_distill.distributed.DIGEST_ENV (not imported: this module stays light)
 ENTRY = "pixsig_distill.train"
 

@@ -171,3 +171,18 @@ def test_dmd2_under_ddp_matches_one_process(tiny_folder, tiny_train_args, compos
     assert_in_sync(tmp_path / "ddp", 2, NETWORKS)
     fake = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-0000002" / "fake_score.safetensors"))
     assert any(k.startswith("gan_head.") for k in fake)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("cpu_2proc", {}), ("cpu_fsdp2_2proc", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}),
+    ("cpu_deepspeed_zero2_2proc", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
+    ("cpu_deepspeed_zero3_2proc", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})])
+def test_forked_ranks_get_what_the_real_launcher_gives(config, expected):
+    """tests/launching.py forks most two-process runs: each rank must get the launcher's engine settings for its
+    config (else a "ZeRO-3" test would pass as plain DDP) and a rank of its own."""
+    ranks = launching.rank_environments(ROOT / "pixsig_distill" / "conf" / "accelerate" / f"{config}.yaml")
+    assert [(r["RANK"], r["LOCAL_RANK"], r["WORLD_SIZE"]) for r in ranks] == [("0", "0", "2"), ("1", "1", "2")]
+    for rank in ranks:
+        assert {key: rank.get(key) for key in expected} == expected
+        engines = {"ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"}
+        assert not any(rank.get(key) == "true" for key in engines - set(expected)), rank

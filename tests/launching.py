@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from pixsig_distill.distributed import DIGEST_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
-DIGEST_ENV = "PIXSIG_RANK_DIGESTS"  # pixsig_distill.distributed.DIGEST_ENV (not imported: this module stays light)
 ENTRY = "pixsig_distill.train"
 
 # What a forked command imports on its way to the end of a run, imported once in the fork server. A module left out is

@@ -242,16 +242,23 @@ class FID:
 
 
 def _resampled_fid(mu_r: np.ndarray, sigma_r: np.ndarray, feats: np.ndarray):
-    """FID of feats[indices] against fixed real statistics, fast: Tr((Σ_r Σ_g)^½) = Σ √λ(A Σ_g A), A = Σ_r^½."""
+    """FID of feats[indices] against fixed real statistics, fast: Tr((Σ_r Σ_g)^½) = Σ √λ(A Σ_g A) with A = Σ_r^½, and
+    A Σ_g A = YᵀY / (n − 1) with Y = (f − f̄) A, whose nonzero eigenvalues are those of Y Yᵀ / (n − 1): an n × n
+    matrix when there are fewer images than features (a small board's bootstrap), d × d otherwise."""
     w, v = np.linalg.eigh(sigma_r)
     root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     trace_r = float(np.trace(sigma_r))
+    feats = np.asarray(feats, dtype=np.float64)
+    projected = feats @ root  # row i: f_i A; centring commutes with the product
 
     def fid(indices: np.ndarray) -> float:
-        f = feats[indices]
-        mu, sigma = f.mean(axis=0), np.cov(f, rowvar=False)
-        eig = np.linalg.eigvalsh(root @ sigma @ root)
-        return float(((mu_r - mu) ** 2).sum() + trace_r + np.trace(sigma) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+        n = len(indices)
+        f, y = feats[indices], projected[indices]
+        mu = f.mean(axis=0)
+        y = y - y.mean(axis=0)
+        eig = np.linalg.eigvalsh((y @ y.T if n < y.shape[1] else y.T @ y) / (n - 1))
+        trace_g = float(((f - mu) ** 2).sum()) / (n - 1)  # Tr Σ_g
+        return float(((mu_r - mu) ** 2).sum() + trace_r + trace_g - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
     return fid
 

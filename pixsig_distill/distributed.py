@@ -118,6 +118,20 @@ def _deepspeed_on_cpu(accelerator: Accelerator) -> None:
     state.deepspeed_plugins = {"default": plugin}
     plugin.select(_from_accelerator_state=True)
     state._mixed_precision = "no"  # DeepSpeed casts by its own config, as accelerate arranges on GPUs
+    _without_shared_memory_all_reduce()
+
+
+def _without_shared_memory_all_reduce() -> None:
+    """DeepSpeed's CPU backend compiles a C++ shared-memory all-reduce kernel when its process group starts (about
+    a minute on 2 cores, and a compiler on the machine). Only its inference all-reduce uses that kernel, never
+    ZeRO training, which reduces through torch.distributed: mark it unusable, as DeepSpeed does where the kernel
+    cannot build, and it is never compiled."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def parameters_sharded(accelerator) -> bool:

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepFigures:
-    """One simulated training step (the peak over two steps, so optimizer state exists), in bytes / FLOPs."""
+    """One simulated training step (the second: optimizer state exists), in bytes / FLOPs."""
 
     params: float
     grads: float
@@ -273,11 +273,11 @@ def _fake_batch(cfg: DictConfig, teacher, arch, mode) -> dict:
     return batch, null
 
 
-def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2,
-                  segments: list | None = None) -> StepFigures:
-    """Build the method of `cfg` with `num_layers` transformer blocks on fake tensors, run `steps` training steps
-    under the memory tracker (the peak over them: optimizer state exists from the first) and one more under
-    the FLOP counter. `segments`, if given, receives the figures at the peak of every segment of the step."""
+def simulate_step(cfg: DictConfig, num_layers: int | None = None, segments: list | None = None) -> StepFigures:
+    """Build the method of `cfg` with `num_layers` transformer blocks on fake tensors, run one training step under
+    the FLOP counter (it also creates the optimizer state) and a second under the memory tracker, whose peak is
+    a step's as training runs it: with the optimizer state held. `segments`, if given, receives the figures at
+    the peak of every segment of that step."""
     from accelerate import Accelerator
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -302,6 +302,14 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
         method.prepare(Accelerator(cpu=True, mixed_precision=mixed))
         modules = [m for m in (teacher.transformer, teacher.vae, teacher.pipe.text_encoder) if m is not None]
         modules += [*method.models.values(), *method.checkpoint_modules().values(), *_held(method)]
+        # FLOPs in a step of their own: the FLOP counter keeps activations alive under checkpointing, which
+        # would spoil the memory figures if it ran inside the tracker.
+        counter = FlopCounterMode(display=False)
+        with mode, counter:
+            method.train_step(batch, torch.Generator().manual_seed(2), cfg.train.grad_accum)
+        flops = float(counter.get_total_flops())
+        del counter
+        # Tracked from here: what the first step left (optimizer state, an EMA) counts as held from the start.
         tracker = _memory_tracker()
         held = {t: getattr(m, "on_cpu", False) for m in modules for v in vars(m).values() if isinstance(v, dict)
                 for t in v.values() if isinstance(t, torch.Tensor)}  # e.g. the EMA's tensors
@@ -309,14 +317,7 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, steps: int = 2
         held = [t for t, on_cpu in held.items() if not on_cpu]
         tracker.track_external(*modules, *method.optimizers.values(), *held, batch["embeds"], batch["latents"])
         with mode, tracker:
-            for step in range(steps):
-                method.train_step(batch, torch.Generator().manual_seed(step), cfg.train.grad_accum)
-        # FLOPs in a step of their own: the FLOP counter keeps activations alive under checkpointing, which
-        # would spoil the memory figures if it ran inside the tracker.
-        counter = FlopCounterMode(display=False)
-        with mode, counter:
-            method.train_step(batch, torch.Generator().manual_seed(steps), cfg.train.grad_accum)
-    flops = float(counter.get_total_flops())
+            method.train_step(batch, torch.Generator().manual_seed(1), cfg.train.grad_accum)
     _forget_accelerate_state()  # the next simulation (plan.fit tries bf16, say) builds its own Accelerator
     if segments is not None:
         segments.extend(_figures(snapshot, flops) for snapshot in tracker.segments)

@@ -12,8 +12,8 @@ tiny model for a second or two: the suite's 19 launches took over a third of its
   `pixsig_distill.train`, as `python -m` does (`run_module` does the same for one process of any command);
 * takes the other ranks down when one fails, as torchrun does.
 
-`launch(..., real=True)` runs the real command. One test per shipped CPU config does, so the launcher path itself
-stays covered.
+`launch(..., real=True)` runs the real command. One test for each of the launcher's paths does: DDP's (which FSDP2
+takes too) and DeepSpeed's (ZeRO-2; ZeRO-3 differs in the config's settings, which every forked rank gets).
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ ENTRY = "pixsig_distill.train"
 
 # What a forked command imports on its way to the end of a run, imported once in the fork server. A module left out is
 # imported by every forked process (slower, not different).
-PRELOAD = ["pixsig_distill.train", "evaluation.leaderboard", "pixsig_distill.loop", "pixsig_distill.teacher",
+PRELOAD = ["pixsig_distill.train", "evaluation.leaderboard", "pixsig_distill.generate", "pixsig_distill.cache_text",
+           "pixsig_distill.make_pairs", "pixsig_distill.merge_lora", "pixsig_distill.plan",
+           "pixsig_distill.toy.make_images", "pixsig_distill.loop", "pixsig_distill.teacher",
            "pixsig_distill.data", "pixsig_distill.lora", "pixsig_distill.threads", "pixsig_distill.real_images",
            *(f"pixsig_distill.methods.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "pixsig_distill/methods")])),
            "hydra._internal.core_plugins.basic_launcher", "hydra._internal.core_plugins.basic_sweeper",
@@ -98,11 +100,19 @@ def run_module(module: str, args: list[str], cwd: Path, env: dict, timeout: floa
     return subprocess.CompletedProcess([module, *args], returncode, _collect(out), _collect(err))
 
 
+def python_m(module: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
+    """`python -m module *args` in `cwd` as a test runs a command whose start-up is not what it tests (its errors,
+    its files): forked (`run_module`), with the test process's environment, the repository first on PYTHONPATH
+    and `env` on top."""
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    return run_module(module, list(args), Path(cwd or os.getcwd()), full, timeout)
+
+
 def _start(module: str, args: list[str], env: dict, cwd: Path):
     """A process forked from the server, running `module` as `python -m` does; its stdout and stderr go to files."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)  # read when the server starts (once per test process)
-    stem = Path(cwd) / f".forked-{time.monotonic_ns()}"
+    stem = Path(tempfile.gettempdir()) / f"pixsig-forked-{os.getpid()}-{time.monotonic_ns()}"
     out, err = stem.with_suffix(".out"), stem.with_suffix(".err")
     process = context.Process(target=_run_module, args=(module, args, env, str(cwd), out, err))
     process.start()
@@ -168,6 +178,7 @@ def _run_module(module: str, args: list[str], env: dict, cwd: str, out: Path, er
     if env.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # read once at start-up by a fresh process
     sys.argv = [module, *args]
+    sys.modules.pop(module, None)  # as under `python -m`: the preloaded copy is not the one that runs as __main__
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     finally:

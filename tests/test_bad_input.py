@@ -3,20 +3,20 @@ one clear line, a non-zero exit, and nothing left behind that a later run would 
 
 Most cases call the entry function in this process and expect a one-line `UserError` (which every `main` turns
 into `error: ...` on stderr and exit code 2); config errors that Hydra itself reports go through the `main`
-wrappers; a handful run as real commands. Pickles offered as weights or checkpoints are refused without being
+wrappers; a handful run as commands, each a process of its own (forked from preloaded imports,
+tests/launching.py). Pickles offered as weights or checkpoints are refused without being
 unpickled: `torch.load` and `pickle.load(s)` fail the test if called, and each pickle here would create a marker
 file if it ever were unpickled. (Cases already covered elsewhere are not repeated: test_config.py,
 test_generate.py, test_text_cache.py, test_teacher.py, test_lcm.py, test_evaluation.py.)
 """
 
 import json
-import os
 import pickle
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import launching
 import pytest
 from hydra import compose, initialize_config_module
 
@@ -360,13 +360,10 @@ def test_old_key_spellings_still_work_with_a_deprecation_line(monkeypatch, capsy
     assert lines[2].startswith("error: prompt file") and "does not exist" in lines[2]  # read as prompts=
 
 
-# ---- a representative handful as real commands -------------------------------------------------
+# ---- a representative handful as commands: processes of their own (forked, tests/launching.py) -------------------
 
 def _command(module: str, args: list[str], cwd: Path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args, f"hydra.run.dir={cwd / 'hydra'}"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return launching.python_m(module, *args, f"hydra.run.dir={cwd / 'hydra'}", cwd=cwd, env={"HF_HUB_OFFLINE": "1"})
 
 
 COMMANDS = {

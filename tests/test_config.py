@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import launching
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
@@ -89,8 +90,7 @@ def test_bad_values_are_rejected_with_one_line(override, message):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "pixsig_distill.train", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+    return launching.python_m("pixsig_distill.train", *args, env=env)  # forked: the errors, not the start-up
 
 
 def test_cli_unknown_group_option_lists_choices(tmp_path):
@@ -112,13 +112,10 @@ def test_cli_bad_t_bar_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_out_dir_holds_everything_and_the_default_folder_follows_the_command_line(tmp_path):
     """out_dir=X puts Hydra's own files in X too, so no stray folder appears under ./outputs."""
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    given = subprocess.run([sys.executable, "-m", "pixsig_distill.train", "t_bar=1000", f"out_dir={tmp_path / 'mine'}"],
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **env})
+    given = launching.python_m("pixsig_distill.train", "t_bar=1000", f"out_dir={tmp_path / 'mine'}", cwd=tmp_path)
     assert given.returncode == 2 and "t_bar=1000" in given.stderr
     assert (tmp_path / "mine" / ".hydra").is_dir() and not (tmp_path / "outputs").exists()
-    default = subprocess.run([sys.executable, "-m", "pixsig_distill.train", "t_bar=0"], capture_output=True,
-                             text=True, timeout=300, cwd=tmp_path, env={**os.environ, **env})
+    default = launching.python_m("pixsig_distill.train", "t_bar=0", cwd=tmp_path)
     assert default.returncode == 2
     assert (tmp_path / "outputs" / "train" / "dmd_toy" / "t_bar=0" / ".hydra").is_dir()
 

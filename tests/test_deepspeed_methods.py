@@ -67,9 +67,12 @@ def reference(command, tmp_path_factory):
 @pytest.mark.parametrize("stage, method", [("zero3", "lcm"), ("zero3", "finetune_lora"), ("zero2", "dmd2")])
 def test_zero_trains_as_one_process_does(stage, method, command, reference, tmp_path):
     out = tmp_path / stage
-    real = method in ("lcm", "dmd2")  # one test per shipped config runs the real launcher (tests/launching.py)
-    two = launch(command(method, out), tmp_path, config=ZERO_CONFIGS[stage], real=real)
+    real = method == "dmd2"  # one test runs the real launcher's DeepSpeed path (tests/launching.py)
+    extensions = tmp_path / "torch_extensions"  # where DeepSpeed would compile its C++ ops
+    two = launch(command(method, out), tmp_path, config=ZERO_CONFIGS[stage], real=real,
+                 TORCH_EXTENSIONS_DIR=str(extensions))
     assert two.returncode == 0, two.log[-4000:]
+    assert not extensions.exists() or not any(extensions.iterdir())  # nothing compiled (distributed.py)
     assert_in_sync(out, 2, NETWORKS[method])
     ours, theirs = checkpoint_files(out, 2), checkpoint_files(reference(method), 2)
     lr = LEARNING_RATES[method]

@@ -305,7 +305,8 @@ def test_default_toy_command_never_touches_the_network(tmp_path):
            "HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_DATASETS_OFFLINE": None,
            "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": None, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     result = _cli("pixsig_distill.train", ["distill=dmd", "t_bar=400", f"out_dir={out}", "train.max_steps=1",
-                                           "train.batch_size=2", "eval.n_samples=4", "eval.batch_size=4"],
+                                           "train.batch_size=2", "eval.n_samples=4", "eval.batch_size=4",
+                                           "eval.scorers.diversity.prompts=2", "eval.scorers.diversity.seeds=2"],
                   tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = log.read_text().splitlines()

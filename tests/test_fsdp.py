@@ -10,8 +10,9 @@ The same tiny scale-out command as tests/test_multiprocess.py, launched with the
   uninterrupted one-process run ends, moments included (a restart of AdamW's moments would not). DMD's rerun is
   one process with the global batch: the gathered states resume on another process count.
 
-Most launches fork their ranks from preloaded imports with the environment `accelerate launch` gives them
-(tests/launching.py); the bf16 LCM test runs the real command.
+Every launch forks its ranks from preloaded imports with the environment `accelerate launch` gives them for this
+config (tests/launching.py); FSDP2 goes through the launcher's path that DDP takes, and the DDP test runs the real
+command.
 """
 
 import json
@@ -142,7 +143,7 @@ def test_fsdp2_runs_lcm_with_bf16_and_gradient_checkpointing(tiny_folder, tiny_t
     out = tmp_path / "run"
     result = launch(command(out, "distill=lcm", "distill.pair_steps=2", "train.max_steps=2",
                             "train.mixed_precision=bf16", "train.gradient_checkpointing=true"),
-                    tmp_path, real=True)  # the real launcher with this config
+                    tmp_path)
     assert result.returncode == 0, result.log[-4000:]
     assert_in_sync(out, 2, ("student", "target"))
     assert (out / "export" / "pixsig_student.json").is_file()

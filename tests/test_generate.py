@@ -1,7 +1,6 @@
 import json
-import subprocess
-import sys
 
+import launching
 import pytest
 
 from pixsig_distill.errors import UserError
@@ -51,7 +50,6 @@ def test_bad_input(compose_generate, overrides, message):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pixsig_distill.generate", "prompt=x", "steps=0",
-                             f"out_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    result = launching.python_m("pixsig_distill.generate", "prompt=x", "steps=0", f"out_dir={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: steps=0")

@@ -1,8 +1,6 @@
 """The memory and FLOP planner: fake tensors, no weights, the same config as `train`."""
 
-import subprocess
-import sys
-
+import launching
 import pytest
 import torch
 
@@ -141,8 +139,7 @@ def test_bad_generation_options_are_one_line(override, message, compose_plan):
 
 
 def test_plan_cli_bad_gpu_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pixsig_distill.plan", "plan.gpu=tpu"], capture_output=True,
-                          text=True, cwd=tmp_path)
+    done = launching.python_m("pixsig_distill.plan", "plan.gpu=tpu", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: plan.gpu='tpu'; use one of h100, h200, a100, l40s, 4090 (or null for memory only)"]
 

@@ -1,6 +1,4 @@
-import subprocess
-import sys
-
+import launching
 import pytest
 import torch
 
@@ -81,14 +79,12 @@ def test_cache_text_command(tiny_folder, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
     out = tmp_path / "cache"
-    result = subprocess.run([sys.executable, "-m", "pixsig_distill.cache_text", "model=pixart_sigma_512",
-                             f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
-                             "model.max_sequence_length=16", f"prompts={prompts}", f"out_dir={out}", "device=cpu"],
-                            capture_output=True, text=True, timeout=300)
+    result = launching.python_m("pixsig_distill.cache_text", "model=pixart_sigma_512",
+                                f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
+                                "model.max_sequence_length=16", f"prompts={prompts}", f"out_dir={out}", "device=cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(CachedTextDataset(out)) == 3
-    result = subprocess.run([sys.executable, "-m", "pixsig_distill.cache_text", f"prompts={tmp_path / 'nope.txt'}",
-                             f"out_dir={out}"], capture_output=True, text=True, timeout=300)
+    result = launching.python_m("pixsig_distill.cache_text", f"prompts={tmp_path / 'nope.txt'}", f"out_dir={out}")
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -99,10 +95,10 @@ def test_cache_text_encodes_an_image_folder_that_training_then_reads_without_t5(
     from pixsig_distill.real_images import image_folder_latents
 
     folder, out = write_folder(tmp_path / "images", n=4), tmp_path / "image_cache"
-    result = subprocess.run([sys.executable, "-m", "pixsig_distill.cache_text", "model=pixart_sigma_512",
-                             f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
-                             "model.max_sequence_length=16", "model.resolution=16", f"images={folder}",
-                             f"out_dir={out}", "device=cpu"], capture_output=True, text=True, timeout=300)
+    result = launching.python_m("pixsig_distill.cache_text", "model=pixart_sigma_512",
+                                f"model.pretrained={tiny_folder}", "model.torch_dtype=float32",
+                                "model.max_sequence_length=16", "model.resolution=16", f"images={folder}",
+                                f"out_dir={out}", "device=cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     cached = CachedTextDataset(out)
     without_t5 = instantiate(compose_train("model.load_text_encoder=false").model)

@@ -1,9 +1,8 @@
 """Tests for the procedural captioned toy world (pixsig_distill.toy.world)."""
 
-import subprocess
-import sys
 from pathlib import Path
 
+import launching
 import numpy as np
 import pytest
 import torch
@@ -133,13 +132,7 @@ def test_write_image_folder_matches_dataset(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "pixsig_distill.toy.make_images", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return launching.python_m("pixsig_distill.toy.make_images", *args, cwd=REPO_ROOT, timeout=60)
 
 
 def test_cli_writes_images_and_rejects_bad_arguments(tmp_path):

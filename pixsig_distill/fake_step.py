@@ -311,11 +311,13 @@ def simulate_step(cfg: DictConfig, num_layers: int | None = None, segments: list
         del counter
         # Tracked from here: what the first step left (optimizer state, an EMA) counts as held from the start.
         tracker = _memory_tracker()
-        held = {t: getattr(m, "on_cpu", False) for m in modules for v in vars(m).values() if isinstance(v, dict)
+        held = {t: getattr(m, "on_cpu", False) for m in modules for k, v in vars(m).items()
+                if isinstance(v, dict) and not k.startswith("_")  # not torch's own _parameters, _buffers
                 for t in v.values() if isinstance(t, torch.Tensor)}  # e.g. the EMA's tensors
         tracker.ignored = {id(t) for t, on_cpu in held.items() if on_cpu}  # an EMA kept on the CPU
         held = [t for t, on_cpu in held.items() if not on_cpu]
-        tracker.track_external(*modules, *method.optimizers.values(), *held, batch["embeds"], batch["latents"])
+        tracker.track_external(*modules, *method.optimizers.values(), *held, batch["embeds"], batch["latents"],
+                               batch["mask"], *null)
         with mode, tracker:
             method.train_step(batch, torch.Generator().manual_seed(1), cfg.train.grad_accum)
     _forget_accelerate_state()  # the next simulation (plan.fit tries bf16, say) builds its own Accelerator

@@ -102,8 +102,9 @@ def run_module(module: str, args: list[str], cwd: Path, env: dict, timeout: floa
 
 def python_m(module: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
     """`python -m module *args` in `cwd` as a test runs a command whose start-up is not what it tests (its errors,
-    its files): forked (`run_module`), with the test process's environment, the repository first on PYTHONPATH
-    and `env` on top."""
+    its files): forked (`run_module`), with the test process's environment and `env` on top. The command's imports
+    and sys.path are the server's; the environment reaches what the command reads at run time and the processes
+    it starts (which get the repository on PYTHONPATH)."""
     full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     return run_module(module, list(args), Path(cwd or os.getcwd()), full, timeout)
 

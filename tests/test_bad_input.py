@@ -363,7 +363,7 @@ def test_old_key_spellings_still_work_with_a_deprecation_line(monkeypatch, capsy
 # ---- a representative handful as commands: processes of their own (forked, tests/launching.py) -------------------
 
 def _command(module: str, args: list[str], cwd: Path):
-    return launching.python_m(module, *args, f"hydra.run.dir={cwd / 'hydra'}", cwd=cwd, env={"HF_HUB_OFFLINE": "1"})
+    return launching.python_m(module, *args, f"hydra.run.dir={cwd / 'hydra'}", cwd=cwd)
 
 
 COMMANDS = {

@@ -3,7 +3,10 @@
 import json
 from pathlib import Path
 
-import launching
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -352,9 +355,12 @@ def test_leaderboard_bad_student_steps_and_prompt_files(compose_leaderboard, tmp
 
 
 def test_leaderboard_command_bad_input_is_one_line_exit_2(tmp_path):
-    proc = launching.python_m("evaluation.leaderboard", f"hydra.run.dir={tmp_path}",
-                              "entries=[{name: x, method: dmd, path: /nonexistent/export}]", cwd=tmp_path,
-                              env={"HF_HUB_OFFLINE": "1"})
+    """A real process (not forked, tests/launching.py): nothing the evaluation stack prints while importing reaches
+    the console either."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "evaluation.leaderboard", f"hydra.run.dir={tmp_path}",
+                           "entries=[{name: x, method: dmd, path: /nonexistent/export}]"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: entry 'x'") and "does not exist" in lines[0]

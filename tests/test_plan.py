@@ -38,13 +38,15 @@ def _real_tracked_peak(cfg):
     n = cfg.train.batch_size
     batch = {"embeds": torch.randn(n, 16, 32), "mask": torch.ones(n, 16, dtype=torch.long),
              "latents": torch.randn(teacher.latent_shape(n)), "prompt": ["p"] * n}
-    teacher.set_null_embedding(torch.randn(1, 16, 32), torch.ones(1, 16, dtype=torch.long))
+    null = torch.randn(1, 16, 32), torch.ones(1, 16, dtype=torch.long)
+    teacher.set_null_embedding(*null)
     modules = [teacher.transformer, teacher.vae, teacher.pipe.text_encoder, *method.models.values(),
                *method.checkpoint_modules().values()]
-    held = [t for m in modules for v in vars(m).values() if isinstance(v, dict) for t in v.values()
-            if isinstance(t, torch.Tensor)]
+    held = [t for m in modules for k, v in vars(m).items() if isinstance(v, dict) and not k.startswith("_")
+            for t in v.values() if isinstance(t, torch.Tensor)]
     tracker = _memory_tracker()
-    tracker.track_external(*modules, *method.optimizers.values(), *held, batch["embeds"], batch["latents"])
+    tracker.track_external(*modules, *method.optimizers.values(), *held, batch["embeds"], batch["latents"],
+                           batch["mask"], *null)
     with tracker:
         for step in range(2):
             method.train_step(batch, torch.Generator().manual_seed(step))

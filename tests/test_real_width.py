@@ -3,7 +3,7 @@
 Hidden 1152, 16 heads, caption channels 4096, 300 T5 tokens (120 for α), the real VAE; a tiny random T5 whose
 output is 4096 wide. DMD trains at the real canvases (one layer), 64×64 latents (512 px) and 128×128 (1024 px);
 PixArt-α 1024 too (its size conditions exist only there). The other methods and recipes train at the same
-widths on a 16×16 canvas (128 px, 256 image tokens instead of 4096), which tests the widths, not the
+widths on a 16×16 canvas (128 px, 64 image tokens instead of 1,024), which tests the widths, not the
 resolution. Each run trains one step (at the real canvases) or two, exports, and stock diffusers samples the
 export."""
 

@@ -15,7 +15,6 @@ timed runs (numpy's percentile, linear interpolation), in milliseconds.
 
 from __future__ import annotations
 
-import platform
 import time
 from importlib import metadata
 

@@ -213,50 +213,50 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
     previews = _preview_inputs(teacher, cfg.preview_prompts, seed)
     started, last_log, samples_since = time.time(), time.time(), 0
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else math.inf
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not main, dynamic_ncols=True)
     stopped_by_budget = False
     logs: dict[str, float] = {}
     # A step is one update of every trained network from batch_size × grad_accum samples per process; the method
     # splits them into grad_accum micro-batches of batch_size (methods/common.py: accumulated_step).
     samples_per_step = cfg.batch_size * cfg.grad_accum
     watch = StallWatch(method)
-    while step < cfg.max_steps:
-        indices = batch_indices(len(dataset), samples_per_step, step, accelerator.process_index,
-                                accelerator.num_processes, seed)
-        batch = _to_device(_encode(collate([dataset[i] for i in indices]), teacher), accelerator.device)
-        logs = method.train_step(batch, step_draws(seed, step, accelerator.process_index, accelerator.num_processes),
-                                 cfg.grad_accum)
-        logs = {k: float(v) for k, v in logs.items()}
-        fault_point("step")  # tests/test_faults.py: a crash here loses only the steps since the last checkpoint
-        bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
-        if bad:
-            _stop_non_finite(", ".join(bad), step + 1, out_dir)
-        watch.after_step(logs)
-        step += 1
-        samples_since += samples_per_step * accelerator.num_processes
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            watch.check(step, out_dir)
-            rate = samples_since / max(1e-9, time.time() - last_log)
-            last_log, samples_since = time.time(), 0
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
-            if main:
-                log.info("step %d/%d  %s  %.1f samples/s", step, cfg.max_steps,
-                         "  ".join(f"{k} {v:.4g}" for k, v in logs.items()), rate)
-            accelerator.log({**logs, "samples_per_s": rate}, step=step)
-        if previews and preview_here and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            grid = _save_preview(method, teacher, previews, out_dir / "samples" / f"step-{step:07d}.png", main)
-            if grid is not None:
-                log_image(accelerator, "samples", grid, step)
-        over_budget = time.time() - started > budget_s
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or over_budget:
-            _checkpoint(method, accelerator, out_dir, step, cfg.keep_checkpoints, fingerprint)
-        if over_budget and step < cfg.max_steps:
-            stopped_by_budget = True
-            accelerator.print(f"time budget of {cfg.time_budget_min} min reached at step {step}; "
-                              f"re-run the same command to continue")
-            break
-    bar.close()
+    # closed however the loop ends (a one-line error mid-run would otherwise leave the bar on the console)
+    with tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not main, dynamic_ncols=True) as bar:
+        while step < cfg.max_steps:
+            indices = batch_indices(len(dataset), samples_per_step, step, accelerator.process_index,
+                                    accelerator.num_processes, seed)
+            batch = _to_device(_encode(collate([dataset[i] for i in indices]), teacher), accelerator.device)
+            draws = step_draws(seed, step, accelerator.process_index, accelerator.num_processes)
+            logs = method.train_step(batch, draws, cfg.grad_accum)
+            logs = {k: float(v) for k, v in logs.items()}
+            fault_point("step")  # tests/test_faults.py: a crash here loses only the steps since the last checkpoint
+            bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
+            if bad:
+                _stop_non_finite(", ".join(bad), step + 1, out_dir)
+            watch.after_step(logs)
+            step += 1
+            samples_since += samples_per_step * accelerator.num_processes
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                watch.check(step, out_dir)
+                rate = samples_since / max(1e-9, time.time() - last_log)
+                last_log, samples_since = time.time(), 0
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")})
+                if main:
+                    log.info("step %d/%d  %s  %.1f samples/s", step, cfg.max_steps,
+                             "  ".join(f"{k} {v:.4g}" for k, v in logs.items()), rate)
+                accelerator.log({**logs, "samples_per_s": rate}, step=step)
+            if previews and preview_here and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                grid = _save_preview(method, teacher, previews, out_dir / "samples" / f"step-{step:07d}.png", main)
+                if grid is not None:
+                    log_image(accelerator, "samples", grid, step)
+            over_budget = time.time() - started > budget_s
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps or over_budget:
+                _checkpoint(method, accelerator, out_dir, step, cfg.keep_checkpoints, fingerprint)
+            if over_budget and step < cfg.max_steps:
+                stopped_by_budget = True
+                accelerator.print(f"time budget of {cfg.time_budget_min} min reached at step {step}; "
+                                  f"re-run the same command to continue")
+                break
     summary = {"step": step, "finished": step >= cfg.max_steps, "minutes": (time.time() - started) / 60,
                "last_logs": logs}
     if step >= cfg.max_steps and main and not stopped_by_budget:

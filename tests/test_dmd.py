@@ -106,8 +106,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(compose_train, tmp
 
     monkeypatch.setattr(DMD, "distribution_matching_loss", breaks_at_step_3)
     with pytest.raises(UserError, match="loss_dm, loss_fake became non-finite at step 3; stopped, the last good "
-                                        "checkpoint is .*step-0000002"):
+                                        "checkpoint is .*step-0000002") as raised:
         run(compose_train("train.max_steps=6", out_dir=tmp_path / "nan"))
+    from tqdm import tqdm
+
+    # While the error is handled (its traceback alive, as when a command prints its one line), the bar is closed.
+    assert raised.tb is not None and not [bar for bar in tqdm._instances if bar.desc == "train"]
     kept = list_checkpoints(tmp_path / "nan" / "checkpoints")
     assert [c.name for c in kept] == ["step-0000002"]
     tensors = load_checkpoint_tensors(kept[0] / "generator.safetensors")

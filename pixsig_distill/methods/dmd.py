@@ -298,8 +298,12 @@ class DMD:
     def card(self) -> dict:
         """The sampling recipe the export carries (pixsig_student.json), and what the terms add to it."""
         card = {"method": self.name, **self.chain.card()}
+        models = {}
         for term in self.terms:
             card.update(term.card())
+            models.update(term.objective_models())
+        if models:  # what an evaluation must not count as independent evidence (pixsig_distill/identity.py)
+            card["objective_models"] = models
         return card
 
     def export(self, out_dir: Path) -> Path:

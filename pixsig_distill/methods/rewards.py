@@ -52,6 +52,9 @@ class Reward(Term):
     def card(self) -> dict:
         return {"reward_" + self.name: self.weight}
 
+    def objective_models(self) -> dict[str, str]:
+        return self.reward.objective_models()  # every reward names the pretrained models it reads
+
 
 class CLIPRewardStandIn(torch.nn.Module):
     """A CLIP-style image reward of a real reward model's size with random weights: for planning a reward-guided
@@ -70,6 +73,9 @@ class CLIPRewardStandIn(torch.nn.Module):
         self.image_size, self.embed_dim = image_size, embed_dim
         self.visual = VisionTransformer(image_size, patch_size, width, layers, heads, mlp_ratio=4.0,
                                         output_dim=embed_dim).requires_grad_(False)
+
+    def objective_models(self) -> dict[str, str]:
+        return {}  # random weights: no pretrained model that an evaluation could share
 
     def text_features(self, prompts: list[str], device) -> torch.Tensor:
         rows = [torch.randn(self.embed_dim, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))

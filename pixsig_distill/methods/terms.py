@@ -48,6 +48,11 @@ class Term:
         """Networks the term holds besides DMD's own (a reward model): what a memory plan must count."""
         return []
 
+    def objective_models(self) -> dict[str, str]:
+        """Pretrained models the term's loss reads, name -> weights identity (pixsig_distill/identity.py): an
+        evaluation that reads one of them is not independent evidence about the student (evaluation/evaluate.py)."""
+        return {}
+
 
 class Regression(Term):
     """Distance between G(z_i) and the teacher's multi-step sample y_i from the same noise (DMD eq. 9), on its own

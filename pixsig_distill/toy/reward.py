@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..identity import weights_identity
 from .clip import WEIGHTS_DIR, load_toy_clip, prepare_images
 
 
@@ -16,8 +17,12 @@ class ToyCLIPReward(torch.nn.Module):
     def __init__(self, weights_dir: str = str(WEIGHTS_DIR)):
         super().__init__()
         self.clip, _, self.tokenizer = load_toy_clip(weights_dir=weights_dir)
+        self.weights_dir = weights_dir
         self.clip.requires_grad_(False)
         self._text: dict[str, torch.Tensor] = {}
+
+    def objective_models(self) -> dict[str, str]:
+        return {"toy-CLIP": weights_identity(self.weights_dir)}
 
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text]

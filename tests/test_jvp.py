@@ -65,7 +65,7 @@ def test_finite_difference_steps_along_the_exact_tangent(call):
 
 def test_the_time_tangent_reaches_the_embedding_times_dt_over_dt_hat(call, tiny_pipe):
     """fn(x, t̂) = network(x, t(t̂)): a unit tangent in t̂ is a tangent of dt/dt̂ DDPM timesteps (chain rule)."""
-    fn, transformer, (x_t, t_hat), (dx, _) = call
+    _, transformer, (x_t, t_hat), (dx, _) = call
     embeds, mask = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0)), torch.ones(2, 5)
     fn = pixart_call(transformer, embeds, mask, tiny_pipe.scheduler.alphas_cumprod)
 
@@ -74,13 +74,13 @@ def test_the_time_tangent_reaches_the_embedding_times_dt_over_dt_hat(call, tiny_
                            added_cond_kwargs=NO_SIZE, return_dict=False)[0][:, :4]
 
     rate = timestep_rate(t_hat, tiny_pipe.scheduler.alphas_cumprod)
-    assert 300 < rate[0] < 400 and 600 < rate[1] < 1000  # 338 at t̂ = 0.6, 747 at t̂ = 1.3 (t ≈ 537)
+    assert 300 < rate[0] < 400 and 600 < rate[1] < 800  # 349 at t̂ = 0.6 (t ≈ 191), 701 at t̂ = 1.3 (t ≈ 508)
     exact, zero = ExactJVP(), torch.zeros_like(dx)
     per_t_hat = exact(fn, (x_t, t_hat), (zero, torch.ones(2)), networks=[transformer])
     timestep = ddpm_timestep(t_hat, tiny_pipe.scheduler.alphas_cumprod)
     per_timestep = exact(in_ddpm_time, (x_t, timestep), (zero, torch.ones(2)), networks=[transformer])
     assert relative_error(per_t_hat, rate.view(-1, 1, 1, 1) * per_timestep) < 1e-4
-    assert relative_error(per_t_hat, per_timestep) > 0.99  # forgetting the factor is off by 300–750×
+    assert relative_error(per_t_hat, per_timestep) > 0.99  # forgetting the factor is off by 350–700×
 
 
 def test_trigflow_time_matches_the_ddpm_table_and_its_inverse():

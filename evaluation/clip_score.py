@@ -80,6 +80,13 @@ class CLIPScorer(Scorer):
             out["scale_100"] = SCALE_100
         return out
 
+    def models(self) -> dict[str, str]:
+        if self.model_name.startswith("local-dir:"):
+            from pixsig_distill.identity import weights_identity
+
+            return {self.description or self.model_name: weights_identity(self.model_name.split(":", 1)[1])}
+        return {f"open_clip {self.model_name} / {self.pretrained}": f"open_clip:{self.model_name}:{self.pretrained}"}
+
     @torch.no_grad()
     def cosines(self, images, prompts: list[str], desc: str = "CLIP score") -> np.ndarray:
         """Per-pair cosine (N,) for uint8 images (N, H, W, 3) (array or lazy sequence) and prompts."""

@@ -58,6 +58,9 @@ class CLIPEmbeddings:
         self.model, self.pretrained = model, pretrained
         self.name = f"open_clip {model} / {pretrained}"
 
+    def models(self) -> dict[str, str]:
+        return {self.name: f"open_clip:{self.model}:{self.pretrained}"}
+
     def torchmetrics(self, device):
         """A network on uint8 (N, 3, H, W) → (N, D), the interface diversity.py and CMMD call."""
         import torch
@@ -79,10 +82,12 @@ class CMMDScorer(Scorer):
     interface of evaluation/fid.py's feature objects (the toy: toy-CLIP; real models: a CLIP image tower)."""
 
     name = "cmmd"
-    columns = (Column("cmmd", "CMMD", digits=3, better="lower"),)
 
-    def __init__(self, context: ScoringContext, features, resamples: int | None = None):
+    def __init__(self, context: ScoringContext, features, resamples: int | None = None, name: str = "cmmd",
+                 header: str = "CMMD"):
         super().__init__(context)
+        self.name, self.columns = name, (Column(name, header, digits=3, better="lower"),)
+        self.features = features
         if context.prompt_set.real is None:
             from pixsig_distill.errors import UserError
 
@@ -103,13 +108,14 @@ class CMMDScorer(Scorer):
         embeddings = self.embed(images)
         sums = KernelSums(self.real, embeddings)
         n = len(images)
-        result = {"cmmd": sums(np.arange(n))}
+        key = self.name
+        result = {key: sums(np.arange(n))}
         if self.resamples:
             from .scorer import bootstrap_interval
 
-            result["cmmd_lo"], result["cmmd_hi"] = bootstrap_interval(n, sums, self.resamples, self.context.confidence,
-                                                                      self.context.seed)
-        result["paired"] = {"cmmd": embeddings}
+            result[f"{key}_lo"], result[f"{key}_hi"] = bootstrap_interval(n, sums, self.resamples,
+                                                                          self.context.confidence, self.context.seed)
+        result["paired"] = {key: embeddings}
         return result
 
     def paired_statistic(self, key: str, values: np.ndarray):
@@ -119,3 +125,6 @@ class CMMDScorer(Scorer):
         return {"features": self.features_name, "kernel": f"Gaussian, σ = {SIGMA:g}, on L2-normalised embeddings",
                 "scale": f"× {SCALE:g} (Jayasumana et al. 2024)", "estimator": "unbiased MMD²",
                 "n_real": len(self.real), "resamples": self.resamples}
+
+    def models(self) -> dict[str, str]:
+        return self.features.models()

@@ -52,17 +52,19 @@ def _groups(prompts: list[str]) -> list[np.ndarray]:
 
 class DiversityScorer(Scorer):
     name = "diversity"
-    columns = (Column("diversity", "diversity", digits=3, better="higher"),)
 
-    def __init__(self, context: ScoringContext, features, prompts: int = 20, seeds: int = 8):
+    def __init__(self, context: ScoringContext, features, prompts: int = 20, seeds: int = 8, name: str = "diversity",
+                 header: str = "diversity"):
         super().__init__(context)
+        # Two diversities on one board (on two feature sets) differ by name; they share their images (evaluate.py).
+        self.name, self.columns = name, (Column(name, header, digits=3, better="higher"),)
         if seeds < 2:
             raise ValueError(f"diversity needs at least 2 seeds per prompt, got {seeds}")
         distinct = list(dict.fromkeys(context.prompt_set.prompts))[:prompts]
         self.prompt_list = [p for p in distinct for _ in range(seeds)]
         self.n_prompts, self.seeds = len(distinct), seeds
         self.features_name = getattr(features, "name", type(features).__name__)
-        self.featurise = _features_fn(features, context.device)
+        self.featurise, self.features = _features_fn(features, context.device), features
         real = context.prompt_set.real_groups(self.prompt_list, draw=0)
         self.reference = None if real is None else float(self._distances(real, self.prompt_list).mean())
 
@@ -74,11 +76,12 @@ class DiversityScorer(Scorer):
 
     def score(self, images, prompts: list[str]) -> dict:
         per_prompt = self._distances(images, prompts)
-        result = self.mean_with_interval("diversity_abs", per_prompt)
+        key = self.name
+        result = self.mean_with_interval(f"{key}_abs", per_prompt)
         if self.reference:
             result.update({k.replace("_abs", ""): v / self.reference for k, v in result.items()})
         # paired over prompts (the same prompts and seeds in every row)
-        result["paired"] = {"diversity": per_prompt / (self.reference or 1.0), "diversity_abs": per_prompt}
+        result["paired"] = {key: per_prompt / (self.reference or 1.0), f"{key}_abs": per_prompt}
         return result
 
     def score_real(self, prompt_set) -> dict | None:
@@ -90,3 +93,6 @@ class DiversityScorer(Scorer):
                 "distance": "mean pairwise Euclidean distance between images of one prompt, averaged over prompts",
                 "reference": self.reference, "relative_to": "real images of the same prompts" if self.reference
                 else None, "resamples": self.context.resamples, "bootstrap": "over prompts"}
+
+    def models(self) -> dict[str, str]:
+        return self.features.models()

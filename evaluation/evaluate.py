@@ -10,6 +10,7 @@ method or a metric by name.
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +186,8 @@ class Evaluation:
         boot = self.scorers.context
         return {"prompts": self.prompt_set.source, "n_samples": len(self.prompt_set.prompts), "seed": self.seed,
                 "seed_sets": self.seed_sets, "teacher": teacher, "compare_to": self.compare_to,
-                "columns": [vars(c) for c in self.scorers.columns], "scorers": self.scorers.settings(),
+                "columns": [{**vars(c), "models": sorted(models)} for c, models in self.scorers.column_models()],
+                "scorers": self.scorers.settings(),
                 "bootstrap": {"resamples": boot.resamples, "confidence": boot.confidence, "seed": boot.seed,
                               "method": "percentile bootstrap over images"} if boot else None,
                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -197,7 +199,9 @@ class Evaluation:
             return prompts, [self.seed + k * SEED_SET_STRIDE + i for i in range(len(prompts))], f"s{k}"
         prompts = scorer.own_prompts()
         seeds = [self.seed + (self.seed_sets + 1) * SEED_SET_STRIDE + i for i in range(len(prompts))]
-        return prompts, seeds, scorer.name
+        # Scorers that ask for the same images (two diversities on two feature sets) share them: the label is the
+        # prompts', not the scorer's.
+        return prompts, seeds, "own-" + hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:12]
 
 
 def _images(ev: Evaluation, row: RowSpec, models: Models, args: dict, prompts, seeds, label: str):
@@ -230,6 +234,20 @@ def _merge_seed_sets(result: dict, per_set: list[dict], scorers: ScorerSet) -> N
             result[f"{column.key}_seed_std"] = float(np.std(values, ddof=1))
 
 
+def shared_models(row: RowSpec, scorers: ScorerSet) -> dict[str, list[str]]:
+    """Columns whose figures read a model that the row's training objective also read (its card's
+    `objective_models`, matched by weights identity or by name): column key -> the shared models. Such a figure is
+    not independent evidence about the row (a reward model scoring its own student)."""
+    objective = row.card.get("objective_models") or {}
+    shared = {}
+    for column, models in scorers.column_models():
+        names = sorted(name for name, identity in objective.items()  # named as the card names them
+                       if name in models or identity in models.values())
+        if names:
+            shared[column.key] = names
+    return shared
+
+
 def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
     """Every row's figures (on the main process; [] elsewhere) and the first images of each row for grids."""
     models = Models(ev.model_cfg, ev.device, ev.mode, ev.teacher)
@@ -238,7 +256,7 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
     for row in rows:  # rows of one model are adjacent, so each model loads once
         result = {"name": row.name, "method": row.method, "kind": row.kind, "steps": row.steps, "t_bar": row.t_bar,
                   "path": row.path, "n_samples": len(ev.prompt_set.prompts), "group": row.group, "vae": row_vae(row, ev.mode),
-                  "reference": row.compare_to}
+                  "reference": row.compare_to, "not_independent": shared_models(row, ev.scorers) or None}
         if row.kind == "real":
             result.update(guidance_scale=None, latency={}, latency_ms=None, latency_transformer_ms=None,
                           latency_stages_ms=None)

@@ -85,6 +85,11 @@ class InceptionFeatures:
     def fingerprint(self) -> bytes:
         return b"inception"
 
+    def models(self) -> dict[str, str]:
+        """What a feature object reads, name -> weights identity (pixsig_distill/identity.py; a hub model: its
+        name and tag), so that a board can tell a metric that shares a model with a run's objective."""
+        return {"Inception-v3 (FID weights)": "inception-v3-fid"}
+
 
 class FID:
     """One FID configuration; call `score(real, fake)` with uint8 image sequences (N, H, W, 3)."""
@@ -267,12 +272,14 @@ class FIDScorer(Scorer):
     """FID of a row's images against the prompt set's real images (or `real=FOLDER`)."""
 
     name = "fid"
-    columns = (Column("fid", "FID", digits=2, better="lower"),)
 
     def __init__(self, context: ScoringContext, features=None, library: str = "clean-fid", batch_size: int = 250,
-                 real: str | None = None, resamples: int | None = None):
+                 real: str | None = None, resamples: int | None = None, name: str = "fid", header: str = "FID"):
         super().__init__(context)
         from .prompts import image_folder
+
+        # Two FIDs on one board (e.g. on features the reward cannot move, and on the toy CLIP's) differ by name.
+        self.name, self.columns = name, (Column(name, header, digits=2, better="lower"),)
 
         self.real = image_folder(real) if real else context.prompt_set.real
         if self.real is None:
@@ -285,8 +292,8 @@ class FIDScorer(Scorer):
     def score(self, images, prompts: list[str]) -> dict:
         result = self.fid.score(self.real, images, resamples=self.resamples, confidence=self.context.confidence,
                                 seed=self.context.seed, keep_features=True)
-        return {**{k: result[k] for k in ("fid", "fid_lo", "fid_hi") if k in result},
-                "paired": {"fid": result["fake_features"]}}
+        return {**{f"{self.name}{part}": result[f"fid{part}"] for part in ("", "_lo", "_hi") if f"fid{part}" in result},
+                "paired": {self.name: result["fake_features"]}}
 
     def paired_statistic(self, key: str, values: np.ndarray):
         """FID of the images `indices` against the fixed real statistics (values: their features)."""
@@ -300,6 +307,9 @@ class FIDScorer(Scorer):
     def settings(self) -> dict:
         return {**self.fid.settings(), "n_real": len(self.real), "bootstrap": "over generated images, real "
                 "statistics fixed", "resamples": self.resamples}
+
+    def models(self) -> dict[str, str]:
+        return self.fid.features.models()
 
 
 def compute_fid(real, fake, **kwargs) -> dict:

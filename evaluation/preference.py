@@ -69,6 +69,9 @@ class HPSv2Scorer(_PreferenceScorer):
     def settings(self) -> dict:
         return {"package": "hpsv2", "version": self.version, "resamples": self.context.resamples}
 
+    def models(self) -> dict[str, str]:
+        return {f"HPS {self.version}": f"hpsv2:{self.version}"}
+
 
 class ImageRewardScorer(_PreferenceScorer):
     name = "image_reward"
@@ -86,3 +89,6 @@ class ImageRewardScorer(_PreferenceScorer):
 
     def settings(self) -> dict:
         return {"package": "image-reward", "model": self.model_name, "resamples": self.context.resamples}
+
+    def models(self) -> dict[str, str]:
+        return {self.model_name: f"image-reward:{self.model_name}"}

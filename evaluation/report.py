@@ -31,6 +31,25 @@ def _label(row: dict) -> str:
     return row["name"] if row.get("kind") == "real" else f"{row['name']} ({row['steps']})"
 
 
+NOT_INDEPENDENT = "†"
+
+
+def mark(row: dict, column: dict) -> str:
+    """` †` on a figure computed with a model the row's training objective also read (evaluate.shared_models)."""
+    return f" {NOT_INDEPENDENT}" if column["key"] in (row.get("not_independent") or {}) else ""
+
+
+def independence_note(rows: list[dict]) -> list[str]:
+    """What the † marks mean, naming each marked row's shared models."""
+    marked = {_label(r): sorted({m for models in r["not_independent"].values() for m in models})
+              for r in rows if r.get("not_independent")}
+    if not marked:
+        return []
+    return ["", f"{NOT_INDEPENDENT} **not independent**: the figure is computed with a model that the row's training "
+            "objective also read (" + "; ".join(f"{label}: {', '.join(models)}" for label, models in marked.items())
+            + "), so it is no evidence about that row."]
+
+
 def overlapping_pairs(rows: list[dict], column: dict) -> list[tuple[str, str]]:
     """Pairs of rows whose intervals of `column` overlap: differences the data do not resolve."""
     key = column["key"]
@@ -61,11 +80,12 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
              "|" + "---|" * (len(columns) + 9)]
     for r in rows:
         e2e, tr = r.get("latency_ms") or {}, r.get("latency_transformer_ms") or {}
-        cells = " | ".join(cell(r, c) for c in columns)
+        cells = " | ".join(cell(r, c) + mark(r, c) for c in columns)
         steps = "" if r.get("kind") == "real" else r["steps"]
         lines.append(f"| {r['name']} | {r['method']} | {steps} | {r.get('t_bar') or ''} | {cells} | "
                      f"{_fmt(e2e.get('median'), 1)} | {_fmt(e2e.get('p90'), 1)} | {breakdown(r)} | "
                      f"{_fmt(tr.get('median'), 1)} | {r['n_samples']} |")
+    lines += independence_note(rows)
     lines += paired_section(rows, meta)
     lines += seeds_section(rows, meta)
     lines += ["", "## What the columns are", ""]
@@ -124,7 +144,7 @@ def paired_section(rows: list[dict], meta: dict) -> list[str]:
                   f"good); **not resolved**: it does not.", "",
                   "| row | " + " | ".join(f"Δ {c['header']} {'↑' if c['better'] == 'higher' else '↓'}" for c in columns)
                   + " |", "|" + "---|" * (len(columns) + 1)]
-        lines += [f"| {_label(r)} | " + " | ".join(paired_cell(r, c) for c in columns) + " |"
+        lines += [f"| {_label(r)} | " + " | ".join(paired_cell(r, c) + mark(r, c) for c in columns) + " |"
                   for r in compared if r["compared_to"] == reference]
     return lines
 
@@ -170,7 +190,7 @@ def seeds_section(rows: list[dict], meta: dict) -> list[str]:
             if all(m.get(f"{key}_diff") is not None for m in members):
                 verdicts = ", ".join(m[f"{key}_verdict"] for m in members)
                 text += f"; Δ {_mean_sd([m[f'{key}_diff'] for m in members], digits)} ({verdicts})"
-            cells.append(text)
+            cells.append(text + (mark(members[0], c) if any(mark(m, c) for m in members) else ""))
         lines.append(f"| {group} ({steps}) | {len(members)} | " + " | ".join(cells) + " |")
     return lines
 

@@ -90,6 +90,12 @@ class Scorer:
         """What the figures mean (library, model, protocol): goes into the report's meta."""
         return {}
 
+    def models(self) -> dict[str, str]:
+        """The pretrained models the figures are computed with, name -> weights identity (pixsig_distill/identity.py;
+        a hub model: its name and tag). A row whose training objective read one of them (its card's
+        `objective_models`) gets this scorer's columns marked "not independent" (evaluate.py)."""
+        return {}
+
     def paired_statistic(self, key: str, values: np.ndarray) -> Callable[[np.ndarray], float]:
         """The column `key` computed from the items `indices` of `values` (what score() put under "paired")."""
         values = np.asarray(values, dtype=np.float64)
@@ -148,10 +154,19 @@ class ScorerSet:
 
     scorers: list[Scorer] = field(default_factory=list)
     context: ScoringContext | None = None  # what they were built with (the bootstrap settings the report names)
+    _models: dict | None = field(default=None, init=False, repr=False)  # column_models(), computed once
 
     @property
     def columns(self) -> list[Column]:
         return [column for scorer in self.scorers for column in scorer.columns]
 
     def settings(self) -> dict:
-        return {scorer.name: scorer.settings() for scorer in self.scorers}
+        self.column_models()
+        return {s.name: {**s.settings(), "reads": ", ".join(self._models[id(s)]) or "no pretrained model"}
+                for s in self.scorers}
+
+    def column_models(self) -> list[tuple[Column, dict[str, str]]]:
+        """Each column with the pretrained models its scorer reads (computed once: identities hash weights)."""
+        if self._models is None:
+            self._models = {id(s): s.models() for s in self.scorers}
+        return [(column, self._models[id(s)]) for s in self.scorers for column in s.columns]

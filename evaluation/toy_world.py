@@ -10,7 +10,9 @@ world, never the other way round.
 * `CaptionAccuracyScorer`: the toy CLIP's top-1 pick of each image's caption among 10 held-out captions (saturates
   near 100 % for every good sampler; the attribute accuracy is the sharper test);
 * `ColourScorer`: on the extension's purple captions, how often the object reads as its caption's colour;
-* `ToyFIDFeatures` (in pixsig_distill/toy/features.py): toy-CLIP features for FID, CMMD and diversity.
+* `ToyEncoderFeatures` (pixsig_distill/toy/encoder.py): features for FID and CMMD from an encoder no training
+  objective reads; `ToyFIDFeatures` (pixsig_distill/toy/features.py): toy-CLIP features, which the toy-CLIP reward
+  shares (a reward row's toy-CLIP columns are marked "not independent").
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pixsig_distill.identity import weights_identity
 from pixsig_distill.toy.attributes import ATTRIBUTES, attribute_hits, scenes_by_caption
+from pixsig_distill.toy.clip import WEIGHTS_DIR as CLIP_WEIGHTS_DIR
 from pixsig_distill.toy.clip import caption_accuracy_hits, heldout_images, load_toy_clip
 from pixsig_distill.toy.extension import EXTENDED_COLOURS, extension_scenes, render
 from pixsig_distill.toy.reader import HEADS, WEIGHTS_DIR, load_reader, reader_hits
@@ -86,7 +90,7 @@ class LearnedAttributeScorer(Scorer):
 
     def __init__(self, context, weights: str = str(WEIGHTS_DIR)):
         super().__init__(context)
-        self.model = load_reader(str(weights))
+        self.model, self.weights = load_reader(str(weights)), str(weights)
 
     def score(self, images, prompts: list[str]) -> dict:
         hits = reader_hits(images, prompts, self.model)
@@ -98,6 +102,9 @@ class LearnedAttributeScorer(Scorer):
     def settings(self) -> dict:
         return {"method": "a small CNN per attribute, trained on training-split renders (pixsig_distill/toy/reader.py,"
                           " scripts/train_toy_reader.py)", "resamples": self.context.resamples}
+
+    def models(self) -> dict[str, str]:
+        return {"toy reader": weights_identity(self.weights)}
 
 
 class CaptionAccuracyScorer(Scorer):
@@ -117,6 +124,9 @@ class CaptionAccuracyScorer(Scorer):
     def settings(self) -> dict:
         return {"description": f"toy-CLIP top-1 among {self.candidates} held-out captions",
                 "resamples": self.context.resamples}
+
+    def models(self) -> dict[str, str]:
+        return {"toy-CLIP": weights_identity(CLIP_WEIGHTS_DIR)}
 
 
 class ColourScorer(Scorer):

@@ -25,6 +25,7 @@ from evaluation.leaderboard import run as leaderboard
 from evaluation.prompts import load_prompt_set
 from evaluation.scorer import ScoringContext
 from pixsig_distill.errors import UserError
+from pixsig_distill.identity import weights_identity
 from pixsig_distill.toy.clip import WEIGHTS_DIR, heldout_images
 from evaluation.toy_world import heldout_prompt_set
 from pixsig_distill.toy.features import ToyFeatureExtractor, ToyFIDFeatures, toy_features, toy_fid_folders
@@ -249,7 +250,10 @@ def test_leaderboard_end_to_end_and_resume(compose_train, compose_leaderboard, t
 
     shutil.copytree(tmp_path / "dmd" / "export", other)
     card = json.loads((other / "pixsig_student.json").read_text())
-    (other / "pixsig_student.json").write_text(json.dumps({**card, "t_bar": 200, "timesteps": [200]}))
+    # ... and as if trained with a toy-CLIP reward: the columns that read toy-CLIP are not independent for it.
+    toy_clip = {"toy-CLIP": weights_identity(WEIGHTS_DIR)}
+    (other / "pixsig_student.json").write_text(json.dumps({**card, "t_bar": 200, "timesteps": [200],
+                                                           "objective_models": toy_clip}))
     entries = (f"entries=[{{name: dmd_400, method: dmd, path: '{tmp_path / 'dmd' / 'export'}', steps: 1}},"
                f"{{name: dmd_200, method: dmd, path: '{other}'}},"
                f"{{name: lcm, method: lcm, path: '{tmp_path / 'lcm' / 'export'}', steps: [1, 2]}}]")
@@ -276,12 +280,20 @@ def test_leaderboard_end_to_end_and_resume(compose_train, compose_leaderboard, t
     assert meta["scorers"]["fid"]["library"] == "clean-fid" and meta["scorers"]["fid"]["n_real"] == 6
     assert "cosine" in meta["scorers"]["clip"]["scale"] and meta["latency"]["batch_size"] == 1
     assert meta["bootstrap"]["resamples"] == 20 and [c["key"] for c in meta["columns"]] == [
-        "fid", "cmmd", "clip", "attr_all", "attr_all_learned", "caption_acc", "diversity"]
+        "fid_encoder", "cmmd_encoder", "fid", "cmmd", "clip", "attr_all", "attr_all_learned", "caption_acc",
+        "diversity_encoder", "diversity"]
+    # Which model each column reads, and which rows share one with their training objective.
+    assert meta["scorers"]["fid_encoder"]["reads"] == "toy encoder" and meta["scorers"]["fid"]["reads"] == "toy-CLIP"
+    assert meta["scorers"]["attributes"]["reads"] == "no pretrained model"
+    assert data["rows"][3]["not_independent"] == {key: ["toy-CLIP"] for key in ("fid", "cmmd", "clip", "caption_acc",
+                                                                                "diversity")}
+    assert not any(r["not_independent"] for r in data["rows"] if r["name"] != "dmd_200")
     # paired against the teacher (2 steps): every other generated row, every column, with a verdict
     assert "compared_to" not in data["rows"][0] and meta["compare_to"] == {"name": "teacher", "steps": 2}
     for row in data["rows"][1:]:
         assert row["compared_to"] == "teacher (2 steps)"
-        for key in ("fid", "cmmd", "clip", "attr_all", "attr_all_learned", "caption_acc", "diversity"):
+        for key in ("fid_encoder", "cmmd_encoder", "fid", "cmmd", "clip", "attr_all", "attr_all_learned",
+                    "caption_acc", "diversity_encoder", "diversity"):
             assert row[f"{key}_diff_lo"] <= row[f"{key}_diff"] <= row[f"{key}_diff_hi"], key
             assert row[f"{key}_verdict"] in ("better", "worse", "not resolved")
     assert set(meta["versions"]) >= {"torch", "diffusers", "transformers"} and meta["date"] and meta["device"]
@@ -290,10 +302,13 @@ def test_leaderboard_end_to_end_and_resume(compose_train, compose_leaderboard, t
     assert "not comparable in absolute terms" in markdown and "| dmd_200 | dmd | 1 | 200 |" in markdown
     assert "intervals do not resolve" in markdown and "95 % intervals" in markdown
     assert "## Against teacher (2 steps), image for image" in markdown and "| dmd_200 (1) | " in markdown
+    assert "**not independent**" in markdown and "dmd_200 (1): toy-CLIP" in markdown
+    assert markdown.count(" †") == 2 * 5  # dmd_200's five toy-CLIP columns, in the board and in the paired table
     assert (out / "leaderboard.csv").read_text().count("\n") == 8 and "fid_lo" in (out / "leaderboard.csv").read_text()
     assert Image.open(out / "grid.png").size[1] > Image.open(out / "grid.png").size[0] / 2  # 7 rows of 4
     assert len(list((out / "cache").glob("*-s0-*/0000[0-5].png"))) == 6 * 6
-    assert len(list((out / "cache").glob("*-diversity-*/0000[0-3].png"))) == 6 * 4  # 2 prompts x 2 seeds
+    # 2 prompts x 2 seeds, shared by the two diversity columns
+    assert len(list((out / "cache").glob("*-own-*/0000[0-3].png"))) == 6 * 4
 
     # Resume: nothing is generated again and the real FID statistics are read back, not recomputed.
     generated = []

@@ -7,8 +7,10 @@ sign would pass them all. These would not.
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,12 +163,15 @@ class Brightness(torch.nn.Module):
     def forward(self, images, prompts):
         return images.mean(dim=(1, 2, 3))
 
+    def objective_models(self):
+        return {}
 
-def reward_learns(teacher, weight: float = 1.0, steps: int = 20):
+
+def reward_learns(teacher, weight: float = 1.0, steps: int = 20, ceiling: float | None = None):
     """(mean reward before, after) with the DM loss off: the reward term alone drives the generator."""
     def with_reward(cfg):
         cfg.distill.rewards = {"brightness": {"_target_": "pixsig_distill.methods.rewards.Reward", "weight": weight,
-                                              "reward": {"_target_": "test_learning.Brightness"}}}
+                                              "ceiling": ceiling, "reward": {"_target_": "test_learning.Brightness"}}}
 
     method = method_from_yaml(teacher, "dmd", *DMD_FAST, "distill.generator_optimizer.lr=0.005", edit=with_reward)
     method.distribution_matching_loss = lambda x0_hat, *args: 0.0 * x0_hat.sum()
@@ -186,6 +191,27 @@ def reward_learns(teacher, weight: float = 1.0, steps: int = 20):
 def test_a_reward_term_raises_its_reward(teacher):
     before, after = reward_learns(teacher)
     assert after > before + 0.05, (before, after)
+
+
+def test_a_reward_ceiling_leaves_the_samples_above_it_alone(teacher):
+    """−λ·min(r, ceiling): a sample whose reward is above the ceiling gets no gradient, the others their full one."""
+    from pixsig_distill.methods.rewards import Reward
+
+    class Identity(torch.nn.Module):
+        def forward(self, images, prompts):  # the reward of sample i: its decoded image's mean
+            return images.mean(dim=(1, 2, 3))
+
+    dmd = types.SimpleNamespace(teacher=teacher)
+    x0 = (torch.randn(4, *teacher.latent_shape(1)[1:]) * 0.5).requires_grad_(True)
+    draws = {"prompts": np.array(["p"] * 4)}
+    rewards = Identity()(teacher.vae.decode(x0 / teacher.vae.config.scaling_factor).sample.clamp(-1, 1), None)
+    ceiling = float(rewards.median())
+    for term, above in ((Reward(Identity(), 1.0, None), False), (Reward(Identity(), 1.0, ceiling), True)):
+        x0.grad = None
+        losses = term.generator_losses(dmd, x0, None, None, draws, slice(None), (0, 1))
+        sum(weight * value for _, value, weight in losses).backward()
+        per_sample = x0.grad.flatten(1).abs().sum(1)
+        assert bool((per_sample[rewards > ceiling] == 0).all()) == above and bool((per_sample[rewards < ceiling] > 0).all())
 
 
 # ---- LCM: the student's one-step sample → the teacher's guided ODE solution from the same noise ---------------

@@ -57,6 +57,26 @@ def test_fid_interval_contains_the_value_and_shrinks_with_n(toy, tmp_path):
     assert widths[0] > 1.5 * widths[1]
 
 
+def test_the_independent_encoders_fid_sees_what_fid_should_and_reads_no_model_a_run_trains_with(toy, tmp_path):
+    """The shipped encoder's FID (toy/encoder.py) puts another draw of real images near 0, and images of too few
+    scenes or with a colour cast far above it; it shares no model with the toy-CLIP reward."""
+    from pixsig_distill.toy.encoder import ToyEncoderFeatures
+    from pixsig_distill.toy.reward import ToyCLIPReward
+
+    features = ToyEncoderFeatures()
+    fid = FID(features=features, cache_dir=tmp_path, progress=False)
+    real = toy.real_draw()
+    floor = fid.score(toy.real, real)["fid"]
+    few = np.stack([toy.real[i % 20] for i in range(len(real))])  # 20 distinct images, repeated
+    red = real.astype(int)
+    red[..., 0] += 13  # the red channel +0.05
+    assert fid.score(toy.real, few)["fid"] > 10 * floor
+    assert fid.score(toy.real, np.clip(red, 0, 255).astype(np.uint8))["fid"] > 2 * floor
+    reward = ToyCLIPReward().objective_models()
+    assert reward == ToyFIDFeatures().models()  # the reward reads what the toy-CLIP columns read ...
+    assert set(features.models().values()).isdisjoint(reward.values())  # ... and nothing this encoder is
+
+
 # ---- attribute accuracy -------------------------------------------------------------------------
 
 def test_attributes_read_back_from_real_images(toy):

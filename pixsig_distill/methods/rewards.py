@@ -24,8 +24,13 @@ from .terms import Term
 
 
 class Reward(Term):
-    def __init__(self, reward, weight: float):
+    """`weight`: λ. `ceiling`: null, or a reward value above which a sample gets no more push (r clipped at it): a
+    reward without a ceiling keeps pulling every sample toward its single most-rewarded image per prompt, which costs
+    diversity (docs/rewards.md); with a ceiling at what real images reach, only the samples below it are moved."""
+
+    def __init__(self, reward, weight: float, ceiling: float | None):
         self.reward, self.weight = reward, float(weight)
+        self.ceiling = None if ceiling is None else float(ceiling)
         self.name = getattr(reward, "name", type(reward).__name__)
 
     def attach(self, dmd) -> None:
@@ -44,13 +49,18 @@ class Reward(Term):
         vae = dmd.teacher.vae
         images = vae.decode((x0_hat / vae.config.scaling_factor).to(vae.dtype)).sample.float()
         reward = self.reward(images.clamp(-1, 1), draws["prompts"][rows])
-        return [(f"reward_{self.name}", reward.mean(), -self.weight)]  # the generator minimises −λ·r
+        if self.ceiling is None:
+            return [(f"reward_{self.name}", reward.mean(), -self.weight)]  # the generator minimises −λ·r
+        # −λ·min(r, ceiling): the samples at or above the ceiling get no gradient; the raw reward is logged too
+        return [(f"reward_{self.name}", reward.mean(), 0.0),
+                (f"reward_{self.name}_clipped", reward.clamp(max=self.ceiling).mean(), -self.weight)]
 
     def modules(self) -> list:
         return [self.reward] if isinstance(self.reward, torch.nn.Module) else []
 
     def card(self) -> dict:
-        return {"reward_" + self.name: self.weight}
+        return {"reward_" + self.name: self.weight,
+                **({f"reward_{self.name}_ceiling": self.ceiling} if self.ceiling is not None else {})}
 
     def objective_models(self) -> dict[str, str]:
         return self.reward.objective_models()  # every reward names the pretrained models it reads

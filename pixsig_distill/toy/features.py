@@ -36,6 +36,7 @@ import torch
 from cleanfid.fid import compute_fid, frechet_distance
 from cleanfid.resize import make_resizer
 
+from pixsig_distill.identity import weights_identity
 from pixsig_distill.toy.clip import WEIGHTS_DIR, WEIGHTS_FILE, load_toy_clip, prepare_images
 
 
@@ -117,6 +118,10 @@ class ToyFIDFeatures:
     def fingerprint(self) -> bytes:
         """Retrained toy CLIP weights → new FID statistics."""
         return hashlib.sha256((WEIGHTS_DIR / WEIGHTS_FILE).read_bytes()).digest()
+
+    def models(self) -> dict[str, str]:
+        """The toy CLIP, which the toy-CLIP reward also reads (evaluation/evaluate.py marks such columns)."""
+        return {"toy-CLIP": weights_identity(WEIGHTS_DIR)}
 
 
 @lru_cache(maxsize=1)

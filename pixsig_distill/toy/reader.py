@@ -90,7 +90,7 @@ def reader_hits(images, captions: list[str], model: AttributeReader | None = Non
 
 
 # ---- training ---------------------------------------------------------------------------------------------
-def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def jitter(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """What a generated image may differ by: Gaussian noise, a slight blur, a small colour and brightness shift."""
     b = pixels.shape[0]
     blur = torch.rand(b, generator=gen) < 0.3
@@ -120,7 +120,7 @@ def train_reader(out: Path = WEIGHTS_DIR, steps: int = 3000, batch_size: int = 1
     index = {name: {v: i for i, v in enumerate(values)} for name, values in HEADS.items()}
     for step in range(1, steps + 1):
         batch = [scenes[i] for i in rng.integers(0, len(scenes), batch_size)]
-        logits = model(_augment(render_batch(batch, rng), gen))
+        logits = model(jitter(render_batch(batch, rng), gen))
         loss = sum(F.cross_entropy(logits[name], torch.tensor([index[name][getattr(s, name)] for s in batch]))
                    for name in HEADS)
         optimizer.zero_grad(set_to_none=True)

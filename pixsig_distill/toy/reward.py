@@ -1,7 +1,10 @@
 """The toy world's differentiable reward: toy-CLIP image–text alignment, the cosine between the image embedding of
 a generated image and the text embedding of its prompt (the quantity the leaderboard's CLIP column averages).
 
-Judged by what it did not train on: the rule-based and the learned attribute readers, FID, CMMD and diversity."""
+Judge it by what it did not train on: the rule-based and the learned attribute readers, and FID and CMMD on the
+independent encoder (encoder.py). The toy-CLIP columns of a board (FID and CMMD on toy-CLIP features, CLIP score,
+caption accuracy, diversity) read this very model; the card's `objective_models` names it, and the board marks
+those figures "not independent" for a reward row."""
 
 from __future__ import annotations
 

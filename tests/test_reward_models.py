@@ -17,8 +17,6 @@ from omegaconf import OmegaConf
 import pixsig_distill
 from pixsig_distill.config import build
 from pixsig_distill.errors import UserError
-from pixsig_distill.methods.imagereward import ImageRewardReward
-from pixsig_distill.methods.reward_models import HPSv2Reward, PickScoreReward
 
 # open_clip config keys replaced for a tiny model of ViT-H-14's layout (its tokenizer's vocabulary is kept)
 TINY_HPS = {"embed_dim": 16, "vision_cfg": {"image_size": 28, "layers": 1, "width": 32, "head_width": 16,
@@ -27,6 +25,7 @@ TINY_HPS = {"embed_dim": 16, "vision_cfg": {"image_size": 28, "layers": 1, "widt
 TINY_VIT = {"width": 32, "layers": 1, "heads": 2, "patch_size": 16, "image_size": 32}
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "cube", "sphere", "two", "left"]
 PROMPTS = ["a red cube", "two blue sphere left"]
+REWARD_CONFIGS = Path(pixsig_distill.__file__).parent / "conf" / "distill" / "rewards"
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +94,7 @@ def _nodes(root) -> dict:
 
 def _reward(name: str, root, **changes):
     """The reward as its YAML builds it, pointed at the tiny files."""
-    node = OmegaConf.load(Path(pixsig_distill.__file__).parent / "conf" / "distill" / "rewards" / f"{name}.yaml")[name].reward
+    node = OmegaConf.load(REWARD_CONFIGS / f"{name}.yaml")[name].reward
     node.merge_with({**_nodes(root)[name], **changes})
     return build(node)
 

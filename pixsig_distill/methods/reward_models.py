@@ -170,7 +170,7 @@ class HPSv2Reward(PreferenceReward):
 
     name = "hpsv2"
 
-    def __init__(self, checkpoint, architecture: str, dtype: str, architecture_overrides: dict | None = None):
+    def __init__(self, checkpoint, architecture: str, architecture_overrides: dict | None, dtype: str):
         super().__init__()
         path = existing(checkpoint, "the HPS v2.1 checkpoint", HPS_FIX)
         state = load_state_dict(path, HPS_FIX)
@@ -193,7 +193,7 @@ class HPSv2Reward(PreferenceReward):
         self.tokenizer = open_clip.get_tokenizer(architecture)  # its BPE vocabulary ships with open_clip
 
     @classmethod
-    def without_weights(cls, architecture: str, dtype: str, architecture_overrides: dict | None = None):
+    def without_weights(cls, architecture: str, architecture_overrides: dict | None, dtype: str):
         """The same network on the meta device (for a memory plan): shapes only, no file read."""
         reward = cls.__new__(cls)
         PreferenceReward.__init__(reward)

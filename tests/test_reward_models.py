@@ -33,22 +33,28 @@ def published(tmp_path_factory):
     """Each reward's files as their users download them, with random weights of a tiny configuration."""
     import open_clip
     from timm.models.vision_transformer import VisionTransformer
-    from transformers import (BertTokenizer, BlipTextConfig, BlipTextModel, CLIPConfig, CLIPImageProcessor,
-                              CLIPModel, CLIPTokenizer)
+    from transformers import BlipTextConfig, BlipTextModel, CLIPConfig, CLIPModel
 
     root = tmp_path_factory.mktemp("rewards")
     torch.manual_seed(0)
     # HPSv2: a torch pickle {"state_dict": open_clip CLIP's state dict}, named as HPSv2 publishes it
     clip = open_clip.create_model("ViT-H-14", pretrained=None, **TINY_HPS)
     torch.save({"state_dict": clip.state_dict()}, root / "HPS_v2.1_compressed.pt")
-    # PickScore: a transformers CLIPModel folder (config.json + model.safetensors); the processor's own folder
+    # PickScore: a transformers CLIPModel folder (config.json + model.safetensors); the processor's folder as laion's
+    # CLIP-H has it (a BPE vocabulary, merges, and the older configs with integer sizes)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
-    (root / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt")).save_pretrained(root / "clip_h_processor")
-    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(
-        root / "clip_h_processor")  # preprocessor_config.json
+    processor = root / "clip_h_processor"
+    processor.mkdir()
+    (processor / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (processor / "merges.txt").write_text("#version: 0.2\n")
+    (processor / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+         "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 77}))
+    (processor / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_extractor_type": "CLIPFeatureExtractor", "size": 28, "crop_size": 28, "do_resize": True,
+         "do_center_crop": True, "do_normalize": True, "resample": 3, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+         "image_std": [0.26862954, 0.26130258, 0.27577711]}))
     towers = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1}
     CLIPModel(CLIPConfig(projection_dim=8, text_config={**towers, "vocab_size": len(vocab), "eos_token_id": 1,
                                                          "bos_token_id": 0, "pad_token_id": 1},
@@ -61,8 +67,9 @@ def published(tmp_path_factory):
            "num_hidden_layers": 1, "pad_token_id": 0, "vocab_size": len(WORDS) + 2, "encoder_width": 16,
            "add_cross_attention": True}
     (root / "med_config.json").write_text(json.dumps(med))
-    (root / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    BertTokenizer(str(root / "vocab.txt")).save_pretrained(root / "bert-base-uncased")
+    (root / "bert-base-uncased").mkdir()  # as the hub has it (less its tokenizer.json, which transformers rebuilds)
+    (root / "bert-base-uncased" / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    (root / "bert-base-uncased" / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
     vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=0,
                             global_pool="")
     bert = BlipTextModel(BlipTextConfig(vocab_size=med["vocab_size"], hidden_size=16, intermediate_size=32,

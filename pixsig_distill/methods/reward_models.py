@@ -252,7 +252,7 @@ class PickScoreReward(PreferenceReward):
         except (OSError, ValueError) as err:
             raise UserError(f"the PickScore files could not be loaded ({first_line(err)}); {PICKSCORE_FIX}") from None
         settings = loaded.image_processor
-        self.size = settings.size.get("shortest_edge", settings.crop_size["height"])
+        self.size = settings.size.get("shortest_edge") or settings.crop_size["height"]
         self.crop = settings.crop_size["height"]
         self.context = min(77, loaded.tokenizer.model_max_length)
         self.tokenizer = lambda prompts: loaded.tokenizer(prompts, padding=True, truncation=True,

@@ -189,6 +189,20 @@ def test_a_reward_model_is_planned_with_its_weights_and_its_pass(compose_plan):
     assert rewarded.flops > plain.flops and rewarded.peak > plain.peak
 
 
+def test_the_real_reward_models_are_planned_at_their_real_size(compose_plan):
+    """hpsv2, pickscore and imagereward: a plan builds each at its published size on the meta device (their paths
+    stay unset, no file is read) and notes it. (That each runs on fake tensors: tests/test_reward_models.py.)"""
+    from pixsig_distill.config import build
+    from pixsig_distill.plan_config import plan_notes, plannable
+
+    cfg = compose_plan("+distill/rewards=[hpsv2,pickscore,imagereward]")
+    planned = {name: build(node.reward) for name, node in plannable(cfg).distill.rewards.items()}
+    assert {name: sum(p.numel() for p in reward.parameters()) for name, reward in planned.items()} == {
+        "hpsv2": 986_109_441, "pickscore": 986_109_441, "imagereward": 446_206_689}  # CLIP ViT-H-14; BLIP ViT-L + BERT
+    assert all(p.device.type == "meta" for reward in planned.values() for p in reward.parameters())
+    assert sum("planned at its real size" in note for note in plan_notes(cfg)) == 3
+
+
 def test_the_reward_recipes_plan_at_real_size():
     """experiment=pixart_sigma_512_dmd_reward (2 steps, the HPSv2-sized stand-in) plans without any folder."""
     from hydra import compose, initialize_config_module

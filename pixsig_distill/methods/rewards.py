@@ -9,7 +9,7 @@ is differentiable in the image, the generator's loss for that tilted target is
 
 whose gradient is DMD's plus −λ∇r (the reward's gradient pulled back through the decoder and the generator).
 `weight` is λ. The reward model is any `_target_` object called as `reward(images, prompts) -> (B,)` on images
-in [−1, 1] (the toy world: pixsig_distill/toy/reward.py; real models: evaluation/preference.py's rewards).
+in [−1, 1] (the toy world: pixsig_distill/toy/reward.py; HPSv2, PickScore, ImageReward: reward_models.py).
 Judge a reward-guided student only with metrics it did not train on (docs/rewards.md).
 """
 

@@ -117,6 +117,10 @@ def test_each_reward_loads_its_published_files_and_is_differentiable(published, 
     assert images.grad.abs().sum() > 0  # the gradient reaches the images through the resize and normalisation
     # the prompts are read: the same images with the prompts swapped score differently
     assert not torch.allclose(reward(images.detach(), PROMPTS[::-1]), values.detach())
+    # the card names the model by its weights: a board marks a scorer of the same weights "not independent"
+    from pixsig_distill.identity import weights_identity
+
+    assert list(reward.objective_models().values()) == [weights_identity(reward.weights)]
 
 
 def test_the_rewards_hold_the_files_weights(published):

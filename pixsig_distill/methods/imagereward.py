@@ -54,6 +54,7 @@ class ImageRewardReward(PreferenceReward):
         self.tokenizer = _blip_tokenizer(existing(tokenizer, "the bert-base-uncased tokenizer folder",
                                                   IMAGEREWARD_FIX))
         load_into(self, load_state_dict(path, IMAGEREWARD_FIX), path, UNUSED_KEYS)
+        self.model_name, self.weights = "ImageReward-v1.0", path
         self._finish(dtype)
 
     def _build(self, med: dict, vision: dict) -> None:

@@ -129,6 +129,13 @@ class PreferenceReward(torch.nn.Module):
     def _device(self) -> torch.device:
         return self.mean.device
 
+    def objective_models(self) -> dict[str, str]:
+        """The model this reward reads, by the name the leaderboard's preference scorers give it and by the identity
+        of its weights (a board marks a scorer of the same model "not independent" for the run)."""
+        from ..identity import weights_identity
+
+        return {self.model_name: weights_identity(self.weights)}
+
 
 class ShapeOnlyTokenizer:
     """A plan's stand-in for a tokenizer (none is read): token ids of the model's full context length."""
@@ -177,6 +184,7 @@ class HPSv2Reward(PreferenceReward):
         state = state.get("state_dict", state)  # HPSv2's .pt nests it; a safetensors export holds it bare
         self._build(architecture, plain(architecture_overrides), device="cpu")
         load_into(self.model, state, path)
+        self.model_name, self.weights = "HPS v2.1", path
         self._finish(dtype)
 
     def _build(self, architecture: str, overrides: dict, device) -> None:
@@ -257,6 +265,7 @@ class PickScoreReward(PreferenceReward):
         self.context = min(77, loaded.tokenizer.model_max_length)
         self.tokenizer = lambda prompts: loaded.tokenizer(prompts, padding=True, truncation=True,
                                                           max_length=self.context, return_tensors="pt")
+        self.model_name, self.weights = "PickScore", folder
         self._finish(dtype, settings.image_mean, settings.image_std)
 
     @classmethod

@@ -142,15 +142,16 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def keep_configured_hyperparameters(name: str, optimizer, configured: list[dict]) -> None:
     """A resumed optimizer keeps its moments but takes the learning rate (and the other settings) of the command
-    that resumed it: a user who resumes with a new lr gets it, and the log says so."""
+    that resumed it: a user who resumes with a new lr gets it, and the log says so. Under a learning-rate schedule
+    the saved lr is the scheduled one; the run's base lr is its `initial_lr` (lr_schedule.py)."""
     for group, wanted in zip(optimizer.param_groups, configured):
         for key, value in wanted.items():
-            saved = group.get(key)
+            saved = group.get("initial_lr", group.get(key)) if key == "lr" else group.get(key)
             if (list(saved) if isinstance(saved, (list, tuple)) else saved) != (
                     list(value) if isinstance(value, (list, tuple)) else value):  # JSON turned tuples into lists
                 log.warning("optimizer %s: %s was %s in the checkpoint; using %s from the config", name, key,
-                            group.get(key), value)
-                group[key] = value
+                            saved, value)
+            group[key] = value
 
 
 def load_checkpoint(path: Path, models: dict[str, torch.nn.Module]) -> dict:

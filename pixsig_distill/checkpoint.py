@@ -38,6 +38,9 @@ def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    for group in meta["param_groups"]:  # under a schedule, lr is the step's and initial_lr the base (lr_schedule.py)
+        if "initial_lr" in group:
+            group["lr"] = group.pop("initial_lr")
     state: dict = {}
     legacy = meta.get("keys") != "names"  # older checkpoints keyed the state by parameter index
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
@@ -142,11 +145,10 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def keep_configured_hyperparameters(name: str, optimizer, configured: list[dict]) -> None:
     """A resumed optimizer keeps its moments but takes the learning rate (and the other settings) of the command
-    that resumed it: a user who resumes with a new lr gets it, and the log says so. Under a learning-rate schedule
-    the saved lr is the scheduled one; the run's base lr is its `initial_lr` (lr_schedule.py)."""
+    that resumed it: a user who resumes with a new lr gets it, and the log says so."""
     for group, wanted in zip(optimizer.param_groups, configured):
         for key, value in wanted.items():
-            saved = group.get("initial_lr", group.get(key)) if key == "lr" else group.get(key)
+            saved = group.get(key)
             if (list(saved) if isinstance(saved, (list, tuple)) else saved) != (
                     list(value) if isinstance(value, (list, tuple)) else value):  # JSON turned tuples into lists
                 log.warning("optimizer %s: %s was %s in the checkpoint; using %s from the config", name, key,

@@ -60,7 +60,8 @@ def test_every_gradient_norm_non_finite_in_an_interval_stops_the_run(compose_tra
         run(compose_train("train.max_steps=4", "train.log_every=2", out_dir=tmp_path / "nan"))
 
 
-def test_a_resumed_run_continues_its_learning_rate_schedule_and_its_step_count(compose_train, tmp_path, monkeypatch):
+def test_a_resumed_run_continues_its_learning_rate_schedule_and_its_step_count(compose_train, tmp_path, monkeypatch,
+                                                                               caplog):
     """A linear warm-up and decay (train.lr_schedule): the run resumed from its step-2 checkpoint ends with the weights,
     optimizer moments and schedule of the uninterrupted run, bit for bit; every train_step sees the loop's step
     number (draws.step), counted on from the checkpoint."""
@@ -92,6 +93,7 @@ def test_a_resumed_run_continues_its_learning_rate_schedule_and_its_step_count(c
     resumed_out = tmp_path / "resumed"
     shutil.copytree(ckpt / "step-0000002", resumed_out / "checkpoints" / "step-0000002")
     resumed = run(compose_train(*schedule, out_dir=resumed_out))
+    assert "in the checkpoint; using" not in caplog.text  # the saved lr is the step's; the base lr did not change
     assert steps_seen == [2, 3] and resumed["last_logs"] == {**resumed["last_logs"], **{
         k: v for k, v in straight["last_logs"].items() if k.startswith("lr_")}}
     ours, theirs = resumed_out / "checkpoints" / "step-0000004", ckpt / "step-0000004"

@@ -27,7 +27,7 @@ from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters, zero3
 from ..errors import UserError
 from ..sampling import sample_latents
-from ..schedule import add_noise, x0_from_eps
+from ..schedule import add_noise
 from .backward_simulation import BackwardSimulation, check_timesteps
 from .common import (EMA, TrainableParameters, accumulated_step, export_network, frozen, lora_network,
                      micro_slices, trainable_copy, trained_network, trained_parameters, weight_sharing_copy)
@@ -252,13 +252,12 @@ class DMD:
         DMD)."""
         if t is None:
             t = torch.full((z.shape[0],), self.t_bar, device=z.device, dtype=torch.long)
-        eps = self.teacher.eps(z, t, embeds, mask, transformer=generator).float()
-        return x0_from_eps(z.float(), eps, t, self.teacher.alphas_cumprod)
+        return self.teacher.denoiser.x0(z, t, embeds, mask, transformer=generator)
 
     def distribution_matching_loss(self, x0_hat, embeds, mask, t, noise) -> torch.Tensor:
         """DMD eq. 7–8: ∇_x̂0 KL ≈ (x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real| at the noise level t."""
         with torch.no_grad():
-            x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.alphas_cumprod)
+            x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.denoiser.alphas_cumprod)
             x0_real = self.real_x0(x_t, t, embeds, mask)
             x0_fake = self.fake_x0(x_t, t, embeds, mask)
             grad = dm_gradient(x0_hat.detach(), x0_real, x0_fake)
@@ -266,15 +265,16 @@ class DMD:
 
     def real_x0(self, x_t, t, embeds, mask) -> torch.Tensor:
         """The frozen teacher's (guided) x̂0: the real score."""
-        return self.teacher.x0(x_t, t, embeds, mask, guidance_scale=self.real_guidance_scale)
+        return self.teacher.denoiser.x0(x_t, t, embeds, mask, guidance_scale=self.real_guidance_scale)
 
     def fake_x0(self, x_t, t, embeds, mask) -> torch.Tensor:
-        return self.teacher.x0(x_t, t, embeds, mask, guidance_scale=1.0, transformer=self.fake_score)
+        return self.teacher.denoiser.x0(x_t, t, embeds, mask, transformer=self.fake_score)
 
     def fake_score_loss(self, samples, embeds, mask, t, noise) -> torch.Tensor:
         """Denoising score matching on the generator's (detached) samples: plain ε-MSE, conditional only."""
-        x_t = add_noise(samples, noise, t, self.teacher.alphas_cumprod)
-        eps = self.teacher.eps(x_t.to(self.teacher.dtype), t, embeds, mask, transformer=self.fake_score).float()
+        denoiser = self.teacher.denoiser
+        x_t = add_noise(samples, noise, t, denoiser.alphas_cumprod)
+        eps = denoiser.eps(x_t.to(self.teacher.dtype), t, embeds, mask, transformer=self.fake_score).float()
         return F.mse_loss(eps, noise)
 
     # ---- inference and export -----------------------------------------------------------------
@@ -290,8 +290,10 @@ class DMD:
     def sample(self, embeds, mask, noise) -> torch.Tensor:
         """The (EMA) generator's sample, through the same scheduler and timesteps the exported pipeline uses."""
         with self.sampling_network() as generator:
+            denoiser = self.teacher.denoiser
+
             def eps_fn(x, t):
-                return self.teacher.eps(x, t, embeds, mask, transformer=generator)
+                return denoiser.eps(x, t, embeds, mask, transformer=generator)
 
             return sample_latents(eps_fn, self.scheduler(), noise, timesteps=self.chain.timesteps)
 

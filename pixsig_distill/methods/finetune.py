@@ -89,11 +89,12 @@ class FineTune:
             null_embeds, null_mask = self.teacher.null_embedding(b, embeds.shape[1])
             embeds = torch.where(dropped[:, None, None], null_embeds.to(embeds.dtype), embeds)
             mask = torch.where(dropped[:, None], null_mask.to(mask.dtype), mask)
-        x_t = add_noise(x0, noise, t, self.teacher.alphas_cumprod)
+        denoiser = self.teacher.denoiser
+        x_t = add_noise(x0, noise, t, denoiser.alphas_cumprod)
         parts = [slice(i * b // micro_batches, (i + 1) * b // micro_batches) for i in range(micro_batches)]
 
         def micro_loss(rows: slice):
-            eps = self.teacher.eps(x_t[rows].to(self.teacher.dtype), t[rows], embeds[rows], mask[rows],
+            eps = denoiser.eps(x_t[rows].to(self.teacher.dtype), t[rows], embeds[rows], mask[rows],
                                    transformer=self.transformer).float()
             return F.mse_loss(eps, noise[rows]) / len(parts)  # Ho et al. 2020, eq. 14
 
@@ -115,9 +116,10 @@ class FineTune:
         """The teacher's own sampler (steps, CFG) with the fine-tuned weights."""
         with self.sampling_network() as network:
             null = self.teacher.null_embedding(embeds.shape[0], embeds.shape[1])
+            denoiser, scale = self.teacher.denoiser, self.teacher.guidance_scale
 
             def eps_fn(x, t):
-                return self.teacher.guided_eps(x, t, embeds, mask, null=null, transformer=network)
+                return denoiser.guided_eps(x, t, embeds, mask, scale, null=null, transformer=network)
 
             return sample_latents(eps_fn, self.teacher.scheduler, noise, self.teacher.num_inference_steps)
 

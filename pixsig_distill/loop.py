@@ -16,7 +16,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,24 +33,9 @@ from .errors import UserError
 from .faults import fault_point
 from .images import save_grid, to_uint8
 from .lr_schedule import LRSchedules
+from .methods.base import Method  # what a method gives the loop: the contract, in one place
 
 log = logging.getLogger(__name__)
-
-
-class Method(Protocol):
-    """What a distillation method gives the loop (see methods/dmd.py)."""
-
-    models: dict[str, torch.nn.Module]          # trained by the loop, checkpointed
-    optimizers: dict[str, torch.optim.Optimizer]
-
-    def checkpoint_modules(self) -> dict[str, torch.nn.Module]: ...  # models + EMAs, unwrapped
-    def prepare(self, accelerator: Accelerator) -> None: ...
-    # One update of every trained network from `batch`, split into `micro_batches` for gradient accumulation.
-    # The step's random numbers come as draws.StepDraws (a plain torch.Generator means one process).
-    def train_step(self, batch: dict, draws: StepDraws, micro_batches: int = 1) -> dict[str, float]: ...
-    def sample(self, embeds: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
-    def export(self, out_dir: Path) -> Path: ...
-    # Optional: `decode(latents) -> images` (a method that trains a decoder); previews use it over the teacher's VAE.
 
 
 @dataclass
@@ -389,8 +373,7 @@ def _save_preview(method, teacher, previews, path: Path, write: bool = True) -> 
     latents = method.sample(embeds, mask, noise)
     if not write:
         return
-    decode = getattr(method, "decode", teacher.decode)  # a method that trains a decoder shows its own images
-    images = to_uint8(decode(latents))
+    images = to_uint8(method.decode(latents))  # the teacher's VAE, or the decoder a method trains
     save_grid(images, path, columns=len(noise), scale=max(1, 128 // images.shape[1]))  # small images only
     return np.concatenate(list(images), axis=1)  # one row, (H, W·n, 3) uint8: what the trackers show
 

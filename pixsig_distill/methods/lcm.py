@@ -41,13 +41,13 @@ from pathlib import Path
 import torch
 from diffusers import LCMScheduler
 
-from .. import deepspeed_engines
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
 from ..sampling import sample_latents
 from ..schedule import (add_noise, ddim_step, lcm_boundary_scalings, scheduler_like, skipping_step_grid,
                         x0_from_eps)
+from .base import Method
 from .common import accumulated_step, ema_update, export_pipeline, frozen_copy, micro_slices, trainable_copy
 from .guidance_embedding import add_guidance_embedding, bake_guidance, guidance
 
@@ -76,7 +76,7 @@ def _int_in(name: str, value, low: int, high: int, hint: str) -> int:
     return value
 
 
-class LCM:
+class LCM(Method):
     method_name = "lcm"
     MEMORY_SAVERS = {"8-bit AdamW (bitsandbytes, CUDA)": {"distill.optimizer._target_": "pixsig_distill.optim.adamw_8bit"}}  # plan.fit
 
@@ -136,19 +136,13 @@ class LCM:
         return student, frozen_copy(student)
 
     # ---- loop interface ---------------------------------------------------------------------
-    def _unwrap(self, model):
-        return self.accelerator.unwrap_model(model) if self.accelerator else model
-
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
-        return {"student": self._unwrap(self.student), "target": self.target}
+        return {"student": self.unwrap(self.student), "target": self.target}
 
     def prepare(self, accelerator) -> None:
-        self.accelerator = accelerator
         if self.target is not None:
             self.target.to(accelerator.device)
-        self.student, self.optimizers["student"] = deepspeed_engines.prepare(accelerator, self.student,
-                                                                             self.optimizers["student"], self.grad_clip)
-        self.models = {"student": self.student}
+        self.prepare_networks(accelerator, self.grad_clip)
 
     def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict[str, float]:
         acc, gen = self.accelerator, step_draws(gen)
@@ -194,7 +188,7 @@ class LCM:
     def consistency_fn(self, model, x_t, t, embeds, mask, w) -> torch.Tensor:
         """f(x, t) = c_skip(t)·x + c_out(t)·x̂0(x, t) (LCM §4.1), x̂0 from the model's ε."""
         denoiser = self.teacher.denoiser
-        with guidance(self._unwrap(model), w):
+        with guidance(self.unwrap(model), w):
             eps = denoiser.eps(x_t, t, embeds, mask, transformer=model).float()
         x0 = x0_from_eps(x_t.float(), eps, t, denoiser.alphas_cumprod)
         c_skip, c_out = (c.view(-1, *[1] * (x_t.ndim - 1)) for c in lcm_boundary_scalings(t, self.timestep_scaling))
@@ -272,7 +266,7 @@ class LCM:
         denoiser = self.teacher.denoiser
 
         def eps_fn(x, t):
-            with guidance(self._unwrap(model), w):
+            with guidance(self.unwrap(model), w):
                 return denoiser.eps(x, t, embeds, mask, transformer=model)
 
         return sample_latents(eps_fn, self.scheduler(), noise, num_inference_steps or self.num_inference_steps,

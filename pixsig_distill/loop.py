@@ -22,11 +22,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import (STATE_FILE, keep_configured_hyperparameters, list_checkpoints, load_checkpoint, read_optimizer_states,
-                         resolve_resume, save_checkpoint)
-from .distributed import (check_same_step, load_optimizer_states, model_state_dicts, optimizer_state_dicts,
-                          parameters_sharded, restore_master_weights, resumable_optimizers,
-                          write_rank_digest)
+from .checkpoint import STATE_FILE, list_checkpoints, load_checkpoint, resolve_resume
+from .distributed import parameters_sharded
 from .draws import StepDraws
 from .config import fingerprint_changes, flat_settings
 from .errors import UserError
@@ -34,6 +31,7 @@ from .faults import fault_point
 from .images import save_grid, to_uint8
 from .lr_schedule import LRSchedules
 from .methods.base import Method  # what a method gives the loop: the contract, in one place
+from .run_state import restore_state, save_state, stop_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +140,14 @@ def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed
         torch.use_deterministic_algorithms(True, warn_only=True)
     ckpt_root = out_dir / "checkpoints"
     with RunLock(out_dir) if accelerator.is_main_process else _nullcontext():
-        start_step, saved = 0, {}
         path = resolve_resume(resume, ckpt_root)
         if path is not None and resume == "auto":
             _refuse_other_settings(path, fingerprint, out_dir)
-        if path is not None:  # weights into the plain networks, before accelerate wraps or shards them
-            saved = load_checkpoint(path, method.checkpoint_modules())
-            start_step = saved["step"]
-            accelerator.print(f"resuming from {path} (step {start_step})")
-            log.info("resumed from %s at step %d", path, start_step)
-        check_same_step(accelerator, start_step, out_dir)  # several processes: all from the same checkpoint
-        method.prepare(accelerator)
-        if path is not None:
-            restore_master_weights(path, method, accelerator)
-            _resume_optimizers(path, method, accelerator)
+        state = restore_state(path, method, accelerator, out_dir)  # run_state.py: prepares the method too
         schedules = LRSchedules(method.optimizers, **cfg.lr_schedule, total_steps=cfg.max_steps)
         if path is not None:
-            schedules.load_state_dict(saved.get("lr_schedules"), start_step)
-        summary = _run(method, dataset, teacher, cfg, out_dir, seed, start_step, accelerator, schedules,
+            schedules.load_state_dict(state.get("lr_schedules"), state["step"])
+        summary = _run(method, dataset, teacher, cfg, out_dir, seed, state["step"], accelerator, schedules,
                        fresh_method, tracker_config, fingerprint)
     return summary
 
@@ -174,16 +162,6 @@ def _refuse_other_settings(path: Path, fingerprint: dict | None, out_dir: Path) 
         raise UserError(f"out_dir='{out_dir}' holds a run with other settings ({'; '.join(changed[:4])}{more}); give "
                         f"this run its own out_dir, re-run with the recorded settings to resume, or pass resume=never "
                         f"to start over in that folder")
-
-
-def _resume_optimizers(path: Path, method, accelerator) -> None:
-    """After `prepare` (FSDP2 swaps the parameters an optimizer holds): the saved moments, the configured lr."""
-    names = resumable_optimizers(path, method, accelerator)
-    configured = {name: [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-                  for name, opt in method.optimizers.items()}
-    load_optimizer_states(read_optimizer_states(path, names), method, accelerator)
-    for name in names:
-        keep_configured_hyperparameters(name, method.optimizers[name], configured[name])
 
 
 class _nullcontext:
@@ -225,7 +203,7 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
             fault_point("step")  # tests/test_faults.py: a crash here loses only the steps since the last checkpoint
             bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
             if bad:
-                _stop_non_finite(", ".join(bad), step + 1, out_dir)
+                stop_non_finite(", ".join(bad), step + 1, out_dir)
             watch.after_step(logs, resting)
             schedules.step()
             step += 1
@@ -246,7 +224,8 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
                     log_image(accelerator, "samples", grid, step)
             over_budget = time.time() - started > budget_s
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps or over_budget:
-                _checkpoint(method, accelerator, out_dir, step, cfg.keep_checkpoints, fingerprint, schedules)
+                save_state(method, accelerator, out_dir, step, cfg.keep_checkpoints,
+                           {"fingerprint": fingerprint, "lr_schedules": schedules.state_dict()})
             if over_budget and step < cfg.max_steps:
                 stopped_by_budget = True
                 accelerator.print(f"time budget of {cfg.time_budget_min} min reached at step {step}; "
@@ -319,33 +298,6 @@ class StallWatch:
             raise UserError(f"the weights of {', '.join(frozen)} did not change in the logging interval that ended at "
                             f"step {step}: the network is not training; stopped (check the learning rate and "
                             f"train.grad_accum, and see {out_dir / 'train.log'})")
-
-
-def _stop_non_finite(what: str, step: int, out_dir: Path):
-    last = list_checkpoints(out_dir / "checkpoints")
-    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-    raise UserError(f"{what} became non-finite at step {step}; stopped, {where}; "
-                    f"lower the learning rate or enable gradient clipping")
-
-
-def _checkpoint(method, accelerator, out_dir: Path, step: int, keep: int, fingerprint: dict | None = None,
-                schedules: LRSchedules | None = None) -> None:
-    accelerator.wait_for_everyone()
-    models = model_state_dicts(method, accelerator)  # on every process: gathering sharded weights is collective
-    # A finite loss can still be followed by an update that blew the weights up: never save those.
-    # (Every process checks: the weights are the same on all, so all stop together.)
-    broken = [name for name, sd in models.items()
-              if any(v.is_floating_point() and not torch.isfinite(v).all() for v in sd.values())]
-    if broken:
-        _stop_non_finite(f"the weights of {', '.join(broken)}", step, out_dir)
-    write_rank_digest(out_dir, step, accelerator, models)  # test hook (PIXSIG_RANK_DIGESTS=1), off otherwise
-    optimizers = optimizer_state_dicts(method, accelerator)  # collective too; {} under DeepSpeed (its own optimizer)
-    if accelerator.is_main_process:
-        extra = {"optimizer_states": bool(optimizers), "fingerprint": fingerprint,
-                 "lr_schedules": schedules.state_dict() if schedules is not None else None}
-        path = save_checkpoint(out_dir / "checkpoints", step, models, optimizers, extra, keep)
-        log.info("checkpoint %s", path)
-    accelerator.wait_for_everyone()
 
 
 def _encode(batch: dict, teacher) -> dict:

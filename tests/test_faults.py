@@ -203,7 +203,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     """A finite loss can precede an update that breaks the weights: the checkpoint is refused, not written."""
     from accelerate import Accelerator
 
-    from pixsig_distill.loop import _checkpoint
+    from pixsig_distill.run_state import save_state
 
     net = torch.nn.Linear(2, 2)
     with torch.no_grad():
@@ -217,7 +217,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
             return {"net": net}
 
     with pytest.raises(UserError, match="the weights of net became non-finite at step 3"):
-        _checkpoint(Method(), Accelerator(cpu=True), tmp_path, 3, 2)
+        save_state(Method(), Accelerator(cpu=True), tmp_path, 3, 2, {})
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -38,6 +38,9 @@ def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    for group in meta["param_groups"]:  # under a schedule, lr is the step's and initial_lr the base (lr_schedule.py)
+        if "initial_lr" in group:
+            group["lr"] = group.pop("initial_lr")
     state: dict = {}
     legacy = meta.get("keys") != "names"  # older checkpoints keyed the state by parameter index
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
@@ -149,8 +152,8 @@ def keep_configured_hyperparameters(name: str, optimizer, configured: list[dict]
             if (list(saved) if isinstance(saved, (list, tuple)) else saved) != (
                     list(value) if isinstance(value, (list, tuple)) else value):  # JSON turned tuples into lists
                 log.warning("optimizer %s: %s was %s in the checkpoint; using %s from the config", name, key,
-                            group.get(key), value)
-                group[key] = value
+                            saved, value)
+            group[key] = value
 
 
 def load_checkpoint(path: Path, models: dict[str, torch.nn.Module]) -> dict:

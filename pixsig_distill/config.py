@@ -70,6 +70,9 @@ def validate_train_config(cfg: DictConfig, check_resume: bool = True) -> None:
         check_float(cfg, "train.time_budget_min", 0, "give minutes, e.g. train.time_budget_min=30, or null for none")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"train.mixed_precision={cfg.train.mixed_precision!r}; use no, fp16 or bf16")
+    from .lr_schedule import check_lr_schedule
+
+    check_lr_schedule(cfg.train.lr_schedule)
     if not check_resume or cfg.resume == "auto":  # auto picks its checkpoint when the run starts
         return
     from .checkpoint import resolve_resume

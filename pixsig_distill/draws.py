@@ -12,13 +12,16 @@ import torch
 
 
 class StepDraws:
-    """Batch-sized draws for this process's rows of the global batch.
+    """Batch-sized draws for this process's rows of the global batch, and the number of the step they are for.
 
     `n` is always the local batch size; the draw covers `n × processes` rows and this process keeps rows
-    `[process·n, (process+1)·n)`, the same rows `loop.batch_indices` gives it."""
+    `[process·n, (process+1)·n)`, the same rows `loop.batch_indices` gives it.
+    `step` counts the run's training steps from 0 (the first step of a fresh run); a resumed run continues the
+    count from its checkpoint, so a method's own schedule (a warm-up, a loss term that starts later) reads it here
+    instead of counting its calls."""
 
-    def __init__(self, generator: torch.Generator, process: int = 0, processes: int = 1):
-        self.generator, self.process, self.processes = generator, process, processes
+    def __init__(self, generator: torch.Generator, process: int = 0, processes: int = 1, step: int = 0):
+        self.generator, self.process, self.processes, self.step = generator, process, processes, step
 
     def _mine(self, drawn: torch.Tensor, n: int) -> torch.Tensor:
         return drawn[self.process * n:(self.process + 1) * n]

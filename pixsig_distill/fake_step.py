@@ -337,7 +337,7 @@ def _forget_accelerate_state() -> None:
 
 def _held(method) -> list:
     """The frozen networks a method's step runs besides the teacher (a reward model), if it names any."""
-    return list(getattr(method, "held_modules", lambda: [])())
+    return list(method.held_modules())
 
 
 def _figures(snapshot: dict, flops: float) -> StepFigures:

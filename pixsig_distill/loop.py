@@ -14,61 +14,47 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import (STATE_FILE, keep_configured_hyperparameters, list_checkpoints, load_checkpoint, read_optimizer_states,
-                         resolve_resume, save_checkpoint)
-from .distributed import (check_same_step, load_optimizer_states, model_state_dicts, optimizer_state_dicts,
-                          parameters_sharded, restore_master_weights, resumable_optimizers,
-                          write_rank_digest)
+from .checkpoint import STATE_FILE, list_checkpoints, load_checkpoint, resolve_resume
+from .distributed import parameters_sharded
 from .draws import StepDraws
 from .config import fingerprint_changes, flat_settings
 from .errors import UserError
 from .faults import fault_point
 from .images import save_grid, to_uint8
+from .lr_schedule import LRSchedules
+from .methods.base import Method  # what a method gives the loop: the contract, in one place
+from .run_state import restore_state, save_state, stop_non_finite
 
 log = logging.getLogger(__name__)
 
 
-class Method(Protocol):
-    """What a distillation method gives the loop (see methods/dmd.py)."""
-
-    models: dict[str, torch.nn.Module]          # trained by the loop, checkpointed
-    optimizers: dict[str, torch.optim.Optimizer]
-
-    def checkpoint_modules(self) -> dict[str, torch.nn.Module]: ...  # models + EMAs, unwrapped
-    def prepare(self, accelerator: Accelerator) -> None: ...
-    # One update of every trained network from `batch`, split into `micro_batches` for gradient accumulation.
-    # The step's random numbers come as draws.StepDraws (a plain torch.Generator means one process).
-    def train_step(self, batch: dict, draws: StepDraws, micro_batches: int = 1) -> dict[str, float]: ...
-    def sample(self, embeds: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
-    def export(self, out_dir: Path) -> Path: ...
-    # Optional: `decode(latents) -> images` (a method that trains a decoder); previews use it over the teacher's VAE.
-
-
 @dataclass
 class LoopConfig:
-    max_steps: int = 400
-    time_budget_min: float | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    deterministic: bool = False
-    num_workers: int = 0
-    log_every: int = 25
-    sample_every: int = 200
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
-    preview_prompts: list[str] = field(default_factory=list)
-    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate's trackers
+    """The `train:` settings; conf/train.yaml is the one home of their defaults and of what each means."""
+
+    max_steps: int
+    time_budget_min: float | None
+    batch_size: int
+    grad_accum: int
+    mixed_precision: str
+    gradient_checkpointing: bool
+    deterministic: bool
+    num_workers: int
+    log_every: int
+    sample_every: int
+    ckpt_every: int
+    keep_checkpoints: int
+    preview_prompts: list[str]
+    log_with: list[str]  # accelerate's trackers
+    lr_schedule: dict  # {name, warmup_steps}: lr_schedule.py
 
 
 class RunLock:
@@ -115,8 +101,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 def step_draws(seed: int, step: int, process: int, num_processes: int) -> StepDraws:
     """This process's rows of the step's draws, made for the global batch (draws.py): the split into processes
-    does not change the numbers."""
-    return StepDraws(step_generator(seed, step), process, num_processes)
+    does not change the numbers. They carry the step's number, for a method's own schedules."""
+    return StepDraws(step_generator(seed, step), process, num_processes, step)
 
 
 def batch_indices(n_items: int, batch_size: int, step: int, process: int, num_processes: int, seed: int):
@@ -154,21 +140,15 @@ def train(method: Method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed
         torch.use_deterministic_algorithms(True, warn_only=True)
     ckpt_root = out_dir / "checkpoints"
     with RunLock(out_dir) if accelerator.is_main_process else _nullcontext():
-        start_step = 0
         path = resolve_resume(resume, ckpt_root)
         if path is not None and resume == "auto":
             _refuse_other_settings(path, fingerprint, out_dir)
-        if path is not None:  # weights into the plain networks, before accelerate wraps or shards them
-            start_step = load_checkpoint(path, method.checkpoint_modules())["step"]
-            accelerator.print(f"resuming from {path} (step {start_step})")
-            log.info("resumed from %s at step %d", path, start_step)
-        check_same_step(accelerator, start_step, out_dir)  # several processes: all from the same checkpoint
-        method.prepare(accelerator)
+        state = restore_state(path, method, accelerator, out_dir)  # run_state.py: prepares the method too
+        schedules = LRSchedules(method.optimizers, **cfg.lr_schedule, total_steps=cfg.max_steps)
         if path is not None:
-            restore_master_weights(path, method, accelerator)
-            _resume_optimizers(path, method, accelerator)
-        summary = _run(method, dataset, teacher, cfg, out_dir, seed, start_step, accelerator, fresh_method,
-                       tracker_config, fingerprint)
+            schedules.load_state_dict(state.get("lr_schedules"), state["step"])
+        summary = _run(method, dataset, teacher, cfg, out_dir, seed, state["step"], accelerator, schedules,
+                       fresh_method, tracker_config, fingerprint)
     return summary
 
 
@@ -184,16 +164,6 @@ def _refuse_other_settings(path: Path, fingerprint: dict | None, out_dir: Path) 
                         f"to start over in that folder")
 
 
-def _resume_optimizers(path: Path, method, accelerator) -> None:
-    """After `prepare` (FSDP2 swaps the parameters an optimizer holds): the saved moments, the configured lr."""
-    names = resumable_optimizers(path, method, accelerator)
-    configured = {name: [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-                  for name, opt in method.optimizers.items()}
-    load_optimizer_states(read_optimizer_states(path, names), method, accelerator)
-    for name in names:
-        keep_configured_hyperparameters(name, method.optimizers[name], configured[name])
-
-
 class _nullcontext:
     def __enter__(self):
         return self
@@ -203,7 +173,8 @@ class _nullcontext:
 
 
 def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, step: int, accelerator,
-         fresh_method=None, tracker_config: dict | None = None, fingerprint: dict | None = None) -> dict:
+         schedules: LRSchedules, fresh_method=None, tracker_config: dict | None = None,
+         fingerprint: dict | None = None) -> dict:
     main = accelerator.is_main_process
     # A sharded network's forward is a collective: every process takes part in the previews then.
     preview_here = main or parameters_sharded(accelerator)
@@ -226,13 +197,15 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
                                     accelerator.num_processes, seed)
             batch = _to_device(_encode(collate([dataset[i] for i in indices]), teacher), accelerator.device)
             draws = step_draws(seed, step, accelerator.process_index, accelerator.num_processes)
+            resting = {name for name, factor in schedules.factors().items() if factor == 0}  # a warm-up's step 0
             logs = method.train_step(batch, draws, cfg.grad_accum)
-            logs = {k: float(v) for k, v in logs.items()}
+            logs = {**{k: float(v) for k, v in logs.items()}, **schedules.lrs()}
             fault_point("step")  # tests/test_faults.py: a crash here loses only the steps since the last checkpoint
             bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
             if bad:
-                _stop_non_finite(", ".join(bad), step + 1, out_dir)
-            watch.after_step(logs)
+                stop_non_finite(", ".join(bad), step + 1, out_dir)
+            watch.after_step(logs, resting)
+            schedules.step()
             step += 1
             samples_since += samples_per_step * accelerator.num_processes
             bar.update(1)
@@ -251,7 +224,8 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
                     log_image(accelerator, "samples", grid, step)
             over_budget = time.time() - started > budget_s
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps or over_budget:
-                _checkpoint(method, accelerator, out_dir, step, cfg.keep_checkpoints, fingerprint)
+                save_state(method, accelerator, out_dir, step, cfg.keep_checkpoints,
+                           {"fingerprint": fingerprint, "lr_schedules": schedules.state_dict()})
             if over_budget and step < cfg.max_steps:
                 stopped_by_budget = True
                 accelerator.print(f"time budget of {cfg.time_budget_min} min reached at step {step}; "
@@ -290,6 +264,7 @@ class StallWatch:
         self.method = method
         self.fingerprints = self._fingerprints()
         self.bad_norms: dict[str, int] = {}
+        self.rested: dict[str, int] = {}  # steps a network's scheduled lr was 0 (a warm-up's first step)
         self.steps = 0
 
     def _fingerprints(self) -> dict[str, float]:
@@ -302,17 +277,20 @@ class StallWatch:
                 out[name] = sum(float(p.double().sum() + (p.double() ** 2).sum()) for p in params)
         return out
 
-    def after_step(self, logs: dict[str, float]) -> None:
+    def after_step(self, logs: dict[str, float], resting: set[str] = frozenset()) -> None:
         self.steps += 1
         for key, value in logs.items():
             if key.startswith("grad_norm") and not math.isfinite(value):
                 self.bad_norms[key] = self.bad_norms.get(key, 0) + 1
+        for name in resting:
+            self.rested[name] = self.rested.get(name, 0) + 1
 
     def check(self, step: int, out_dir: Path) -> None:
         always_bad = [k for k, n in self.bad_norms.items() if n == self.steps]
         now = self._fingerprints()
-        frozen = [name for name, value in now.items() if self.fingerprints.get(name) == value]
-        self.fingerprints, self.bad_norms, self.steps = now, {}, 0
+        frozen = [name for name, value in now.items()
+                  if self.fingerprints.get(name) == value and self.rested.get(name, 0) < self.steps]
+        self.fingerprints, self.bad_norms, self.rested, self.steps = now, {}, {}, 0
         if always_bad:
             raise UserError(f"{', '.join(always_bad)} was non-finite at every step up to step {step}: the network "
                             f"gets no usable gradient; stopped (lower the learning rate, or use bf16 instead of fp16)")
@@ -320,31 +298,6 @@ class StallWatch:
             raise UserError(f"the weights of {', '.join(frozen)} did not change in the logging interval that ended at "
                             f"step {step}: the network is not training; stopped (check the learning rate and "
                             f"train.grad_accum, and see {out_dir / 'train.log'})")
-
-
-def _stop_non_finite(what: str, step: int, out_dir: Path):
-    last = list_checkpoints(out_dir / "checkpoints")
-    where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-    raise UserError(f"{what} became non-finite at step {step}; stopped, {where}; "
-                    f"lower the learning rate or enable gradient clipping")
-
-
-def _checkpoint(method, accelerator, out_dir: Path, step: int, keep: int, fingerprint: dict | None = None) -> None:
-    accelerator.wait_for_everyone()
-    models = model_state_dicts(method, accelerator)  # on every process: gathering sharded weights is collective
-    # A finite loss can still be followed by an update that blew the weights up: never save those.
-    # (Every process checks: the weights are the same on all, so all stop together.)
-    broken = [name for name, sd in models.items()
-              if any(v.is_floating_point() and not torch.isfinite(v).all() for v in sd.values())]
-    if broken:
-        _stop_non_finite(f"the weights of {', '.join(broken)}", step, out_dir)
-    write_rank_digest(out_dir, step, accelerator, models)  # test hook (PIXSIG_RANK_DIGESTS=1), off otherwise
-    optimizers = optimizer_state_dicts(method, accelerator)  # collective too; {} under DeepSpeed (its own optimizer)
-    if accelerator.is_main_process:
-        path = save_checkpoint(out_dir / "checkpoints", step, models, optimizers,
-                               {"optimizer_states": bool(optimizers), "fingerprint": fingerprint}, keep)
-        log.info("checkpoint %s", path)
-    accelerator.wait_for_everyone()
 
 
 def _encode(batch: dict, teacher) -> dict:
@@ -372,8 +325,7 @@ def _save_preview(method, teacher, previews, path: Path, write: bool = True) -> 
     latents = method.sample(embeds, mask, noise)
     if not write:
         return
-    decode = getattr(method, "decode", teacher.decode)  # a method that trains a decoder shows its own images
-    images = to_uint8(decode(latents))
+    images = to_uint8(method.decode(latents))  # the teacher's VAE, or the decoder a method trains
     save_grid(images, path, columns=len(noise), scale=max(1, 128 // images.shape[1]))  # small images only
     return np.concatenate(list(images), axis=1)  # one row, (H, W·n, 3) uint8: what the trackers show
 

@@ -129,7 +129,7 @@ def advise_fit(cfg: DictConfig, gpu_name: str, gpus: int, engine: str) -> dict:
         raise UserError(f"plan.fit={gpu_name!r}; use one of {', '.join(GPUS)}")
     gpu = GPUS[gpu_name]
     budget = FIT_SHARE * gpu.memory_gib * GiB
-    method_savers = getattr(get_class(cfg.distill._target_), "MEMORY_SAVERS", {})
+    method_savers = get_class(cfg.distill._target_).MEMORY_SAVERS  # methods/base.py: {} unless the method has some
     savers = [*GENERIC_SAVERS, *method_savers.items()]
     if gpus > 1 and engine == "ddp":
         savers.append(("sharding the trained networks (FSDP2: accelerate launch --config_file "

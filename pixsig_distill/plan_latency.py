@@ -102,12 +102,13 @@ def _generation_calls(cfg: DictConfig, transformer_batch: int = 1, decoder: str 
     for module in parts.values():
         fakes.module(module)
     batch, tokens = transformer_batch, int(prompt_tokens or arch.max_sequence_length)
+    denoiser = teacher.denoiser  # over the fake weights
     with mode, torch.no_grad():
         latents = torch.empty(teacher.latent_shape(batch), dtype=teacher.dtype)
         embeds = torch.empty(batch, tokens, arch.transformer["caption_channels"], dtype=teacher.dtype)
         calls = {"text_encoder": lambda: parts["text_encoder"](torch.zeros(1, tokens, dtype=torch.long)),
-                 "transformer": lambda: teacher.eps(latents, torch.tensor([500]), embeds,
-                                                    torch.ones(batch, tokens, dtype=torch.long)),
+                 "transformer": lambda: denoiser.eps(latents, torch.tensor([500]), embeds,
+                                                     torch.ones(batch, tokens, dtype=torch.long)),
                  "vae": lambda: decode_module.decode(latents[:1])}
         yield {name: (parts[name], call) for name, call in calls.items()}
 

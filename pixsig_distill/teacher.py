@@ -1,9 +1,9 @@
 """The PixArt-Σ teacher: the stock diffusers pipeline plus the few calls distillation needs.
 
 `Teacher` owns a `diffusers.PixArtSigmaPipeline` (T5 tokenizer + encoder, transformer, VAE,
-scheduler) and adds: prompt encoding with the empty-prompt (null) embedding, ε and x0 prediction with
-the learned-σ channels dropped, classifier-free guidance, the ᾱ schedule and the teacher's own
-sampler. Loading goes through `load_pipeline`, the one function used for hub ids and local folders.
+scheduler) and adds: prompt encoding with the empty-prompt (null) embedding, the teacher's own sampler and
+decoding. The network with its noise schedule (ε, x0, v, guidance, TrigFlow) is `teacher.denoiser`
+(denoiser.py). Loading goes through `load_pipeline`, the one function used for hub ids and local folders.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 from diffusers import PixArtSigmaPipeline
 
 from .checkpoint import PICKLE_SUFFIXES
+from .denoiser import Denoiser
 from .errors import UserError
 from .sampling import initial_noise, sample_latents
-from .schedule import scheduler_like, x0_from_eps
+from .schedule import scheduler_like
 
 PIPELINE_COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -197,7 +198,7 @@ def fit_length(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[t
 
 
 class Teacher:
-    """Frozen PixArt-Σ: prompts → embeddings, guided ε / x0, its own sampler, VAE decode."""
+    """Frozen PixArt-Σ: prompts → embeddings, its own sampler, VAE decode; `denoiser`: the network and its schedule."""
 
     def __init__(self, pipe: PixArtSigmaPipeline, max_sequence_length: int = 300, guidance_scale: float = 4.5,
                  num_inference_steps: int = 20, scheduler: str | None = None, resolution: int | None = None,
@@ -266,11 +267,6 @@ class Teacher:
     def latent_channels(self) -> int:
         return self.pipe.transformer.config.in_channels
 
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        """ᾱ_t for t = 0..999 of the teacher's training schedule (float32, on the teacher's device)."""
-        return self.pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
-
     def latent_shape(self, batch_size: int, resolution: int | None = None) -> tuple[int, int, int, int]:
         size = (resolution or self.resolution) // self.vae_scale_factor
         return (batch_size, self.latent_channels, size, size)
@@ -322,46 +318,12 @@ class Teacher:
         return embeds.expand(batch_size, -1, -1), mask.expand(batch_size, -1)
 
     # ---- denoiser ----------------------------------------------------------------------------
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
-            transformer=None) -> torch.Tensor:
-        """ε̂(x_t, t, text). PixArt also predicts learned variances: keep only the first C channels."""
-        transformer = transformer or self.transformer
-        if not torch.is_autocast_enabled(x_t.device.type):
-            # Without autocast (mixed_precision=no, or DeepSpeed, which casts the weights instead) feed the
-            # network its own dtype: a bf16 teacher gets bf16 latents, as in the pipeline.
-            dtype = next(transformer.parameters()).dtype
-            x_t, embeds = x_t.to(dtype), embeds.to(dtype)
-        out = transformer(x_t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                          timestep=t.expand(x_t.shape[0]) if t.ndim <= 1 else t,
-                          added_cond_kwargs=self._size_conditions(x_t), return_dict=False)[0]
-        return out[:, : x_t.shape[1]]
-
-    def _size_conditions(self, x_t: torch.Tensor) -> dict:
-        """PixArt-α 1024 (`use_additional_conditions`) also takes the image size and aspect ratio, as
-        `PixArtAlphaPipeline` passes them; PixArt-Σ takes none."""
-        if not self.pipe.transformer.use_additional_conditions:
-            return {"resolution": None, "aspect_ratio": None}
-        height, width = (size * self.vae_scale_factor for size in x_t.shape[-2:])
-        batch = x_t.shape[0]
-        return {"resolution": torch.tensor([[height, width]], device=x_t.device, dtype=x_t.dtype).repeat(batch, 1),
-                "aspect_ratio": torch.tensor([[height / width]], device=x_t.device, dtype=x_t.dtype).repeat(batch, 1)}
-
-    def guided_eps(self, x_t, t, embeds, mask, guidance_scale: float | None = None, null=None, transformer=None):
-        """Classifier-free guidance: ε_u + s (ε_c − ε_u)  (Ho & Salimans 2022, eq. 6); s ≤ 1 is plain ε_c."""
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        if scale <= 1.0:
-            return self.eps(x_t, t, embeds, mask, transformer)
-        null_embeds, null_mask = null if null is not None else self.null_embedding(x_t.shape[0], embeds.shape[1])
-        # One batched call [uncond, cond], as the pipeline does, so results match it bit for bit.
-        both = self.eps(torch.cat([x_t, x_t]), torch.cat([t.expand(x_t.shape[0])] * 2),
-                        torch.cat([null_embeds, embeds]), torch.cat([null_mask, mask]), transformer)
-        eps_uncond, eps_cond = both.chunk(2)
-        return eps_uncond + scale * (eps_cond - eps_uncond)
-
-    def x0(self, x_t, t, embeds, mask, guidance_scale: float | None = 1.0, transformer=None) -> torch.Tensor:
-        """x̂0 from the (optionally guided) ε prediction."""
-        eps = self.guided_eps(x_t, t, embeds, mask, guidance_scale, transformer=transformer)
-        return x0_from_eps(x_t.float(), eps.float(), t, self.alphas_cumprod)
+    @property
+    def denoiser(self) -> Denoiser:
+        """The transformer with its noise schedule (ε, x0, v, guidance, TrigFlow: denoiser.py), over the pipeline's
+        current components, with this teacher's empty prompt as the unconditional branch of guidance."""
+        return Denoiser(self.pipe.transformer, self.pipe.scheduler.alphas_cumprod, self.vae_scale_factor,
+                        self.null_embedding, self.device)
 
     # ---- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -377,9 +339,10 @@ class Teacher:
             noise = initial_noise(self.latent_shape(embeds.shape[0]), generator, self.device, self.dtype)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         null = self.null_embedding(embeds.shape[0], embeds.shape[1]) if scale > 1.0 else None
+        denoiser = self.denoiser
 
         def eps_fn(x_t, t):
-            return self.guided_eps(x_t, t, embeds, mask, scale, null)
+            return denoiser.guided_eps(x_t, t, embeds, mask, scale, null)
 
         steps = None if timesteps is not None else (num_inference_steps or self.num_inference_steps)
         return sample_latents(eps_fn, scheduler or self.scheduler, noise, steps, timesteps=timesteps,

@@ -14,6 +14,7 @@ import time
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.configuration_utils import FrozenDict
 
 from pixsig_distill.toy.train import train_teacher, train_vae
 
@@ -43,6 +44,8 @@ def main():
         return
     if args.stage == "teacher":
         vae = AutoencoderKL.from_pretrained(args.vae_dir)
+        # from_pretrained records the folder in the config, and the shipped config must not name this machine's path
+        vae._internal_dict = FrozenDict({k: v for k, v in vae.config.items() if k != "_name_or_path"})
     else:
         with tempfile.TemporaryDirectory() as tmp:
             vae = train_vae(tmp, steps=args.vae_steps, seed=args.seed)

@@ -48,8 +48,8 @@ def x0_diagnostic(teacher: Teacher, images01: torch.Tensor, captions: list[str],
     out = {"mean_image_mse": baseline}
     for t_value in (100, 400, 700, 950):
         t = torch.full((len(x0),), t_value)
-        x_t = add_noise(x0, torch.randn(x0.shape, generator=gen), t, teacher.alphas_cumprod)
-        pred = teacher.x0(x_t, t, embeds, mask, guidance_scale=1.0)
+        x_t = add_noise(x0, torch.randn(x0.shape, generator=gen), t, teacher.denoiser.alphas_cumprod)
+        pred = teacher.denoiser.x0(x_t, t, embeds, mask, guidance_scale=1.0)
         out[f"t{t_value}"] = (pred - x0).pow(2).mean().item()
     return out
 

@@ -122,7 +122,7 @@ def guided_mean(teacher: Teacher, prompts: list[str], scale: float) -> torch.Ten
 
 def ode_solution(teacher: Teacher, x_T: torch.Tensor, t: int, mu: torch.Tensor) -> torch.Tensor:
     """The teacher's probability-flow ODE from x_t to 0, exactly: x0 = μ + s·(x_t − √ᾱμ)/√(ᾱs² + 1 − ᾱ)."""
-    a = teacher.alphas_cumprod[t]
+    a = teacher.denoiser.alphas_cumprod[t]
     s = float(teacher.transformer.log_std.weight[0, t].exp())
     mu = mu[..., None, None]
     return mu + s * (x_T - a.sqrt() * mu) / (a * s**2 + 1 - a).sqrt()

@@ -82,6 +82,8 @@ def test_data_configs_instantiate():
     ("t_bar=0", "out of range"), ("t_bar=1000", "out of range"), ("t_bar=-5", "out of range"),
     ("t_bar=abc", "not an integer"), ("t_bar=4.5", "not an integer"), ("train.max_steps=0", "out of range"),
     ("train.batch_size=-1", "out of range"), ("train.mixed_precision=fp8", "mixed_precision"),
+    ("train.lr_schedule.name=cosin", "lr_schedule.name='cosin'; use one of constant"),
+    ("train.lr_schedule.warmup_steps=10", "name=constant, which has no warm-up"),
 ])
 def test_bad_values_are_rejected_with_one_line(override, message):
     with pytest.raises(UserError, match=message) as err:

@@ -10,9 +10,9 @@ import json
 
 import pytest
 
+from methods import learning_rate, networks
 from pixsig_distill.checkpoint import list_checkpoints
-from test_fsdp import (LEARNING_RATES, ROOT, assert_moments_close, assert_weights_close, checkpoint_files, launch,
-                       train_here)
+from test_fsdp import ROOT, assert_moments_close, assert_weights_close, checkpoint_files, launch, train_here
 from test_multiprocess import assert_in_sync, make_text_cache, scale_out_command
 
 pytest.importorskip("deepspeed")
@@ -39,8 +39,9 @@ def dmd_reference(command, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage, killed", [("zero2", True), ("zero3", False)])  # ZeRO-3 resumes in the bf16 test
-def test_zero_dmd_matches_one_process_and_keeps_its_optimizer_state(stage, killed, command, dmd_reference, tmp_path):
-    networks = ("generator", "fake_score", "generator_ema")
+def test_zero_dmd_matches_one_process_and_keeps_its_optimizer_state(stage, killed, command, dmd_reference,
+                                                                    compose_train, tmp_path):
+    names, lr = networks(compose_train()), learning_rate(compose_train())  # DMD's (tests/methods.py)
     out = tmp_path / stage
     if killed:  # both processes killed (SIGKILL) right after step 3, before its checkpoint
         crashed = launch(command(out), tmp_path, config=ZERO_CONFIGS[stage], PIXSIG_FAULT_AFTER="step:3")
@@ -48,13 +49,13 @@ def test_zero_dmd_matches_one_process_and_keeps_its_optimizer_state(stage, kille
         assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002"]
         state = json.loads((out / "checkpoints" / "step-0000002" / "state.json").read_text())
         assert state["optimizer_states"] is True
-        assert_in_sync(out, 2, networks)  # both processes gathered the same full weights, and rank 0 wrote them
+        assert_in_sync(out, 2, names)  # both processes gathered the same full weights, and rank 0 wrote them
 
     run = launch(command(out), tmp_path, config=ZERO_CONFIGS[stage])
     assert run.returncode == 0, run.log[-4000:]
     if killed:
         assert "(step 2)" in run.log and "start afresh" not in run.log
-    assert_in_sync(out, 4, networks)
+    assert_in_sync(out, 4, names)
 
     # Weights and both engines' AdamW moments equal the one-process run's (moments restarted at the resume would
     # move every weight by ~lr in the next steps).
@@ -65,13 +66,13 @@ def test_zero_dmd_matches_one_process_and_keeps_its_optimizer_state(stage, kille
         if name.startswith("optimizer-"):
             assert_moments_close(ours[name], theirs[name], name)
         else:
-            assert_weights_close(ours[name], theirs[name], LEARNING_RATES["dmd"], name)
+            assert_weights_close(ours[name], theirs[name], lr, name)
 
     from diffusers import PixArtTransformer2DModel
 
     exported = PixArtTransformer2DModel.from_pretrained(out / "export" / "transformer").state_dict()
     reference = PixArtTransformer2DModel.from_pretrained(dmd_reference / "export" / "transformer").state_dict()
-    assert_weights_close(exported, reference, LEARNING_RATES["dmd"], "export")
+    assert_weights_close(exported, reference, lr, "export")
 
 
 def test_an_optimizer_without_adams_moments_is_refused_in_one_line():

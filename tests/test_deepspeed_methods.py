@@ -7,46 +7,38 @@ stages (killed and resumed under ZeRO-2); docs/scaling.md lists what ran by hand
 
 import pytest
 
+from methods import METHODS, cases, image_folder, learning_rate, networks
 from test_deepspeed import ZERO_CONFIGS
-from test_fsdp import LEARNING_RATES, assert_weights_close, checkpoint_files, differences, launch, train_here
+from test_fsdp import assert_weights_close, checkpoint_files, differences, launch, train_here
 from test_multiprocess import assert_in_sync, make_text_cache
 
 pytest.importorskip("deepspeed")
 
-LEARNING_RATES = {**LEARNING_RATES, "lcm": 2e-5, "dmd2": 2e-5}  # conf/distill/*.yaml
-EXTRA = {"lcm": ["distill.pair_steps=2"], "lcm_lora": ["distill.pair_steps=2"],
-         "dmd2": ["distill.timesteps=[999,499]"]}
-NETWORKS = {"lcm": ("student", "target"), "lcm_lora": ("lora",), "finetune": ("transformer", "transformer_ema"),
-            "finetune_lora": ("transformer", "transformer_ema"), "dmd2": ("generator", "fake_score", "generator_ema")}
-
 
 @pytest.fixture(scope="module")
 def command(tiny_folder, tmp_path_factory):
-    """The scale-out command at tiny size; the fine-tunes read a captioned image folder, the distillations the text
-    cache (both encoded here, once: the launched runs load no T5)."""
+    """The scale-out command of a registry method (tests/methods.py) at tiny size: its data, or the text cache (both
+    made here, once: the launched runs load no T5), its overrides for DeepSpeed. Also gives the composed config."""
     from hydra import compose, initialize_config_module
-    from hydra.utils import instantiate
 
     from conftest import tiny_train_overrides
-    from pixsig_distill.real_images import encode_image_folder
-    from test_finetune import write_folder
 
     root = tmp_path_factory.mktemp("deepspeed_methods")
-    cache = make_text_cache(tiny_folder, root / "cache")
-    folder, bank = write_folder(root / "images", n=8), root / "bank"
     with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
         model = compose("train", overrides=tiny_train_overrides(tiny_folder, root / "unused")).model
-    encode_image_folder(instantiate(model), folder, cache_dir=bank)
+    places = {"cache": make_text_cache(tiny_folder, root / "cache"), **image_folder(model, root)}
 
     def _command(method, out_dir, *extra, steps=2):
-        data = (["data=images", f"data.folder={folder}", f"data.cache_dir={bank}"] if method.startswith("finetune")
-                else ["data=cached", f"data.folder={cache}"])
-        if method == "dmd2":  # the GAN's real images: the same folder
-            data += ["distill/gan/real_images=folder", f"distill.gan.real_images.folder={folder}",
-                     f"distill.gan.real_images.cache_dir={bank}"]
-        return tiny_train_overrides(tiny_folder, out_dir) + [f"train.max_steps={steps}",
-            "model.load_text_encoder=false", *data, "train.deterministic=true", f"distill={method}",
-            f"hydra.run.dir={root / 'hydra'}", *EXTRA.get(method, []), *extra]
+        return tiny_train_overrides(tiny_folder, out_dir) + [
+            f"train.max_steps={steps}", "model.load_text_encoder=false", "data=cached", f"data.folder={places['cache']}",
+            "train.deterministic=true", f"hydra.run.dir={root / 'hydra'}",
+            *METHODS[method].overrides("deepspeed" if method in cases("deepspeed") else None, **places), *extra]
+
+    def composed(method):
+        with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
+            return compose("train", overrides=[o for o in _command(method, root / "unused") if not o.startswith("hydra.")])
+
+    _command.composed = composed
     return _command
 
 
@@ -64,20 +56,24 @@ def reference(command, tmp_path_factory):
     return _reference
 
 
-@pytest.mark.parametrize("stage, method", [("zero3", "lcm"), ("zero3", "finetune_lora"), ("zero2", "dmd2")])
-def test_zero_trains_as_one_process_does(stage, method, command, reference, tmp_path):
+@pytest.mark.parametrize("method", cases("deepspeed"))
+def test_zero_trains_as_one_process_does(method, command, reference, tmp_path):
+    """The registry's methods, each under the ZeRO stage its entry names (ZeRO-3 unless it says otherwise)."""
+    options = METHODS[method].options("deepspeed")
+    stage = options.get("stage", "zero3")
     out = tmp_path / stage
-    real = method == "dmd2"  # one test runs the real launcher's DeepSpeed path (tests/launching.py)
+    real = options.get("real_launcher", False)  # one case runs the real launcher's DeepSpeed path (tests/launching.py)
     extensions = tmp_path / "torch_extensions"  # where DeepSpeed would compile its C++ ops
     two = launch(command(method, out), tmp_path, config=ZERO_CONFIGS[stage], real=real,
                  TORCH_EXTENSIONS_DIR=str(extensions))
     assert two.returncode == 0, two.log[-4000:]
     assert not extensions.exists() or not any(extensions.iterdir())  # nothing compiled (distributed.py)
-    assert_in_sync(out, 2, NETWORKS[method])
+    composed = command.composed(method)
+    names, lr = networks(composed), learning_rate(composed)
+    assert_in_sync(out, 2, names)
     ours, theirs = checkpoint_files(out, 2), checkpoint_files(reference(method), 2)
-    lr = LEARNING_RATES[method]
-    for name in NETWORKS[method]:
-        if method == "dmd2":  # more paths where float32 sums differ (as in tests/test_fsdp.py's DMD2 test)
+    for name in names:
+        if options.get("loose_tolerance"):  # more paths where float32 sums differ (as in test_fsdp.py's DMD2 test)
             diff = differences(ours[f"{name}.safetensors"], theirs[f"{name}.safetensors"])
             assert diff.max() <= lr and diff.quantile(0.99) <= 0.02 * lr, (name, diff.max().item())
         else:
@@ -106,5 +102,5 @@ def test_zero3_bf16_checkpoints_keep_the_fp32_masters(command, tmp_path):
     resumed = launch(overrides, tmp_path, config=ZERO_CONFIGS["zero3"])
     assert resumed.returncode == 0, resumed.log[-4000:]
     assert "(step 2)" in resumed.log and "start afresh" not in resumed.log
-    assert_in_sync(out, 4, ("lora",))
+    assert_in_sync(out, 4, networks(command.composed("lcm_lora")))
     assert (out / "export" / "pixsig_student.json").is_file()

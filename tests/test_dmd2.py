@@ -77,7 +77,7 @@ def test_backward_simulation_feeds_each_step_the_chains_own_noise_level(compose_
     assert t.tolist() == [999, 749, 499, 249] * 2
     assert torch.equal(x[0], draws["z"][0])  # step 1: pure noise
     # Step k's input is the chain's x̂0 of step k−1 re-noised to t_k with that step's noise: replay it by hand.
-    ab = teacher.alphas_cumprod
+    ab = teacher.denoiser.alphas_cumprod
     chain, inputs = draws["z"], [draws["z"]]
     for j, t_j in enumerate([999, 749, 499]):
         x0 = method.generate(method.generator, embeds, mask, chain, torch.full((8,), t_j))
@@ -103,7 +103,7 @@ def test_training_chain_equals_the_exported_scheduler(compose_train):
     scheduler.set_timesteps(timesteps=method.chain.timesteps)
     noises, x = [], z
     for j, t in enumerate(scheduler.timesteps):
-        eps = teacher.eps(x, t.reshape(1), embeds, mask, transformer=method.generator)
+        eps = teacher.denoiser.eps(x, t.reshape(1), embeds, mask, transformer=method.generator)
         gen = torch.Generator().manual_seed(100 + j)
         if j < 3:
             noises.append(torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + j)))
@@ -204,6 +204,6 @@ def test_export_round_trip_in_stock_diffusers(compose_train, tmp_path, timesteps
     from pixsig_distill.sampling import sample_latents
 
     with method.sampling_network() as generator:
-        ours = sample_latents(lambda x, t: teacher.eps(x, t, embeds, mask, transformer=generator), method.scheduler(),
+        ours = sample_latents(lambda x, t: teacher.denoiser.eps(x, t, embeds, mask, transformer=generator), method.scheduler(),
                               noise, timesteps=timesteps, generator=gen)
     assert (ours - stock).abs().max() < 1e-4

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import launching
+from methods import METHODS, STEP2, cases
 from pixsig_distill.checkpoint import list_checkpoints
 from pixsig_distill.errors import UserError
 from pixsig_distill.loop import RunLock
@@ -76,27 +77,16 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
 
 # ---- training: kill, re-run, compare -------------------------------------------------------------
 
-# (method overrides, the faults of the killed runs in order, what each leaves: complete checkpoints and .tmp-*
-# folders, and whether the last re-run is a fresh process too (else it runs in this process)).
-STEP2, TMP4 = "step-0000002", ".tmp-step-0000004"
-SCENARIOS = {
-    # killed while writing checkpoint 4 (its .tmp folder is complete but for the rename), then killed again in
-    # the first step after resuming from checkpoint 2, then finished.
-    "dmd": ([], [("checkpoint:2", [STEP2], [TMP4]), ("step:1", [STEP2], [TMP4])], True),
-    # killed in step 3, after checkpoint 2.
-    "lcm": (["distill=lcm", "distill.pair_steps=2"], [("step:3", [STEP2], [])], False),
-    # killed while writing checkpoint 4.
-    "lcm_lora": (["distill=lcm_lora", "distill.lora_rank=4", "distill.pair_steps=2"],
-                 [("checkpoint:2", [STEP2], [TMP4])], False),
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(SCENARIOS))
+@pytest.mark.parametrize("method", cases("resume_after_kill"))
 def test_killed_training_resumes_to_the_uninterrupted_result(method, compose_train, tiny_train_args, tmp_path,
                                                              capsys):
-    overrides, faults, last_in_subprocess = SCENARIOS[method]
-    args = [*overrides, "train.deterministic=true"]
+    """The registry's methods (tests/methods.py), each killed (SIGKILL) where its entry says: in a step after a
+    checkpoint (the default: step 3, after checkpoint 2), or while writing checkpoint 4; then rerun to the end."""
+    options = METHODS[method].options("resume_after_kill")
+    faults = options.get("faults", [("step:3", [STEP2], [])])
+    last_in_subprocess = options.get("last_in_subprocess", False)
+    args = [*METHODS[method].overrides("resume_after_kill"), "train.deterministic=true"]
     out = tmp_path / "run"
     command = [*tiny_train_args(out), *args]
     for fault, checkpoints, partial in faults:
@@ -197,7 +187,7 @@ def test_run_lock_is_reentrant_in_one_process_and_released(tmp_path):
 @pytest.mark.parametrize("method", ["lcm", "lcm_lora"])
 def test_non_finite_loss_stops_lcm_and_keeps_good_checkpoints(method, compose_train, tmp_path):
     out = tmp_path / "nan"
-    overrides = SCENARIOS[method][0]
+    overrides = METHODS[method].overrides("resume_after_kill")
     with pytest.raises(UserError, match="became non-finite at step") as err:
         run(compose_train(*overrides, "train.max_steps=40", "train.ckpt_every=1", "distill.optimizer.lr=1e30",
                           "distill.grad_clip=null", out_dir=out))
@@ -213,7 +203,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     """A finite loss can precede an update that breaks the weights: the checkpoint is refused, not written."""
     from accelerate import Accelerator
 
-    from pixsig_distill.loop import _checkpoint
+    from pixsig_distill.run_state import save_state
 
     net = torch.nn.Linear(2, 2)
     with torch.no_grad():
@@ -227,7 +217,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
             return {"net": net}
 
     with pytest.raises(UserError, match="the weights of net became non-finite at step 3"):
-        _checkpoint(Method(), Accelerator(cpu=True), tmp_path, 3, 2)
+        save_state(Method(), Accelerator(cpu=True), tmp_path, 3, 2, {})
     assert not (tmp_path / "checkpoints").exists()
 
 

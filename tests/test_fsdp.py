@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 import launching
 from launching import ROOT, Launch
+from methods import METHODS, cases, image_folder, learning_rate
+from methods import networks as method_networks
 from pixsig_distill.checkpoint import list_checkpoints
 from test_multiprocess import assert_in_sync, make_text_cache, scale_out_command
 
@@ -32,7 +34,6 @@ FSDP_CONFIG = ROOT / "pixsig_distill" / "conf" / "accelerate" / "cpu_fsdp2_2proc
 # √v, so where a gradient is ~0 (LoRA's A matrices start with zero gradient) that rounding can move a weight by a
 # fraction of one step (lr): measured at most 0.11·lr over 4 steps, 99.9 % of the weights within 5e-8.
 STEP_FRACTION, TYPICAL = 0.2, 1e-6
-LEARNING_RATES = {"dmd": 2e-5, "lcm_lora": 1e-4, "finetune": 1e-4, "finetune_lora": 5e-4}  # conf/distill/*.yaml
 
 
 def launch(overrides: list[str], tmp_path: Path, config: Path = FSDP_CONFIG, real: bool = False, **env) -> Launch:
@@ -83,14 +84,16 @@ def checkpoint_files(out: Path, step: int) -> dict:
     return {f.name: load_file(str(f)) for f in sorted(folder.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("method, networks", [
-    ("dmd", ("generator", "fake_score", "generator_ema")),
-    ("lcm_lora", ("lora",)),
-])
-def test_fsdp2_matches_one_process_and_resumes_with_its_optimizer_state(method, networks, tiny_folder,
-                                                                        tiny_train_args, tmp_path, capsys, caplog):
+@pytest.mark.parametrize("method", cases("fsdp2"))
+def test_fsdp2_matches_one_process_and_resumes_with_its_optimizer_state(method, tiny_folder, tiny_train_args,
+                                                                        compose_train, tmp_path, capsys, caplog):
+    """The registry's methods (tests/methods.py), each network its method checkpoints."""
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
-    extra = [f"distill={method}", "distill.pair_steps=2"] if method != "dmd" else []
+    case = METHODS[method]
+    places = image_folder(compose_train().model, tmp_path) if case.needs_images("fsdp2") else {}
+    extra = case.overrides("fsdp2", **places)
+    composed = compose_train(*extra)
+    networks, lr = tuple(method_networks(composed)), learning_rate(composed)
 
     # The reference: one process, the global batch of 4 at once.
     reference = tmp_path / "one_process"
@@ -107,7 +110,7 @@ def test_fsdp2_matches_one_process_and_resumes_with_its_optimizer_state(method, 
 
     # DMD resumes on another process count: one process with the global batch (here, in this process) reads the
     # gathered states.
-    if method == "dmd":
+    if case.options("fsdp2").get("resume_on_one_process"):
         capsys.readouterr()
         train_here(command(out, *extra, "train.batch_size=4"))
         log = capsys.readouterr().out + caplog.text
@@ -126,26 +129,26 @@ def test_fsdp2_matches_one_process_and_resumes_with_its_optimizer_state(method, 
         if name.startswith("optimizer-"):
             assert_moments_close(ours[name], theirs[name], name)
         else:
-            assert_weights_close(ours[name], theirs[name], LEARNING_RATES[method], name)
+            assert_weights_close(ours[name], theirs[name], lr, name)
 
     # The export was written from the gathered weights (data=cached exports the transformer and scheduler).
     from diffusers import PixArtTransformer2DModel
 
     ours, theirs = (PixArtTransformer2DModel.from_pretrained(run / "export" / "transformer").state_dict()
                     for run in (out, reference))
-    assert_weights_close(ours, theirs, LEARNING_RATES[method], "export")
+    assert_weights_close(ours, theirs, lr, "export")
 
 
-def test_fsdp2_runs_lcm_with_bf16_and_gradient_checkpointing(tiny_folder, tiny_train_args, tmp_path):
+def test_fsdp2_runs_lcm_with_bf16_and_gradient_checkpointing(tiny_folder, tiny_train_args, compose_train, tmp_path):
     """The GPU recipe's settings (bf16 autocast + FSDP2's bf16 parameter all-gather, the model's own activation
     checkpointing) through the same code on CPU: it trains, checkpoints in sync and exports."""
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
     out = tmp_path / "run"
-    result = launch(command(out, "distill=lcm", "distill.pair_steps=2", "train.max_steps=2",
-                            "train.mixed_precision=bf16", "train.gradient_checkpointing=true"),
-                    tmp_path)
+    lcm = ["distill=lcm", "distill.pair_steps=2"]
+    result = launch(command(out, *lcm, "train.max_steps=2", "train.mixed_precision=bf16",
+                            "train.gradient_checkpointing=true"), tmp_path)
     assert result.returncode == 0, result.log[-4000:]
-    assert_in_sync(out, 2, ("student", "target"))
+    assert_in_sync(out, 2, method_networks(compose_train(*lcm)))
     assert (out / "export" / "pixsig_student.json").is_file()
 
 
@@ -169,21 +172,21 @@ def test_fsdp2_runs_dmd2_as_one_process_does(tiny_folder, tiny_train_args, compo
     train_here(command(reference, *extra, "train.batch_size=4"))
     two = launch(command(out, *extra), tmp_path)
     assert two.returncode == 0, two.log[-4000:]
-    networks = ("generator", "fake_score", "generator_ema")
+    networks = method_networks(compose_train(*extra))
     assert_in_sync(out, 2, networks)
     ours, theirs = checkpoint_files(out, 2), checkpoint_files(reference, 2)
     assert any(k.startswith("gan_head.") for k in ours["fake_score.safetensors"])
     # DMD2 has more paths on which float32 rounding differs (the chain's sub-batches, the GAN terms), so a weight whose
     # gradient is rounding noise moves by up to one Adam step (measured 0.5·lr); a real mismatch (other real images,
     # other noise per process) would move most weights by ~lr.
-    lr = LEARNING_RATES["dmd"]
+    lr = learning_rate(compose_train(*extra))
     for name in networks:
         diff = differences(ours[f"{name}.safetensors"], theirs[f"{name}.safetensors"])
         assert diff.max() <= lr and diff.quantile(0.99) <= 0.02 * lr, (name, diff.max().item())
 
 
-@pytest.mark.parametrize("method, networks", [("finetune", ("transformer", "transformer_ema"))])  # LoRA: lcm_lora above
-def test_fsdp2_fine_tunes_as_one_process_does(method, networks, tiny_folder, tiny_train_args, compose_train, tmp_path):
+@pytest.mark.parametrize("method", ["finetune"])  # LoRA: lcm_lora above
+def test_fsdp2_fine_tunes_as_one_process_does(method, tiny_folder, tiny_train_args, compose_train, tmp_path):
     """Fine-tuning sharded, on a captioned image folder (encoded once beforehand: the launched runs load no T5):
     the same weights as one process with the global batch, and an export stock diffusers loads."""
     from hydra.utils import instantiate
@@ -199,6 +202,8 @@ def test_fsdp2_fine_tunes_as_one_process_does(method, networks, tiny_folder, tin
                                            f"data.cache_dir={bank}", "train.deterministic=true", f"distill={method}",
                                            "train.max_steps=2", f"hydra.run.dir={tmp_path / 'hydra'}", *extra]
 
+    composed = compose_train(f"distill={method}")
+    networks, lr = method_networks(composed), learning_rate(composed)
     reference, out = tmp_path / "one_process", tmp_path / "fsdp"
     train_here(command(reference, "train.batch_size=4"))
     two = launch(command(out), tmp_path)
@@ -206,7 +211,7 @@ def test_fsdp2_fine_tunes_as_one_process_does(method, networks, tiny_folder, tin
     assert_in_sync(out, 2, networks)
     ours, theirs = checkpoint_files(out, 2), checkpoint_files(reference, 2)
     for name in networks:
-        assert_weights_close(ours[f"{name}.safetensors"], theirs[f"{name}.safetensors"], LEARNING_RATES[method], name)
+        assert_weights_close(ours[f"{name}.safetensors"], theirs[f"{name}.safetensors"], lr, name)
     from diffusers import PixArtTransformer2DModel
 
     PixArtTransformer2DModel.from_pretrained(out / "export" / "transformer")

@@ -69,7 +69,7 @@ def head_accuracy(teacher, real: tuple, fake: tuple, steps: int = 300, batch: in
 
     def features(side, rows, t, chunk: int = 256):
         latents, embeds, mask = (x[rows] for x in side)
-        x_t = add_noise(latents, torch.randn(latents.shape, generator=gen), t, teacher.alphas_cumprod)
+        x_t = add_noise(latents, torch.randn(latents.shape, generator=gen), t, teacher.denoiser.alphas_cumprod)
         out = []
         hook = blocks[len(blocks) // 2].register_forward_hook(keep_and_stop)
         try:
@@ -77,7 +77,7 @@ def head_accuracy(teacher, real: tuple, fake: tuple, steps: int = 300, batch: in
                 for i in range(0, len(rows), chunk):
                     part = slice(i, i + chunk)
                     try:
-                        teacher.eps(x_t[part], t[part], embeds[part], mask[part])
+                        teacher.denoiser.eps(x_t[part], t[part], embeds[part], mask[part])
                     except _EnoughFeatures:
                         out.append(captured.pop("x"))
         finally:

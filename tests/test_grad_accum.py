@@ -1,29 +1,22 @@
 """Gradient accumulation: grad_accum=2 at batch b is the same update as grad_accum=1 at batch 2b, for every
-method and every network it trains; and a network that stops training stops the run."""
+method of the registry (tests/methods.py) and every network it checkpoints; and a network that stops training stops
+the run."""
 
 import pytest
 from safetensors.torch import load_file
 
+from methods import METHODS, cases, networks, optimizer_keys
 from pixsig_distill.errors import UserError
 from pixsig_distill.train import run
 
-# SGD, not AdamW: Adam's update hardly depends on the gradient's scale, so half a batch would look right.
-SGD = {"dmd": ["distill.generator_optimizer._target_=torch.optim.SGD", "distill.generator_optimizer.lr=0.5",
-               "distill.fake_optimizer._target_=torch.optim.SGD", "distill.fake_optimizer.lr=0.5",
-               "distill.fake_updates_per_step=2", "distill.ema_decay=0.5"],
-       "lcm": ["distill.optimizer._target_=torch.optim.SGD", "distill.optimizer.lr=0.5", "distill.ema_decay=0.5",
-               "distill.pair_steps=2"],
-       "lcm_lora": ["distill.optimizer._target_=torch.optim.SGD", "distill.optimizer.lr=0.5",
-                    "distill.pair_steps=2"]}
-SGD["dmd_lora"] = SGD["dmd"] + ["distill.generator.lora_rank=4", "distill.fake_score.lora_rank=4"]
-NETWORKS = {"dmd": ["generator", "fake_score", "generator_ema"], "lcm": ["student", "target"], "lcm_lora": ["lora"]}
-NETWORKS["dmd_lora"] = NETWORKS["dmd"]
-# DMD2 at 4 steps with a LoRA fake score: backward simulation and the GAN terms split into micro-batches too.
-SGD["dmd2"] = SGD["dmd"] + ["distill.timesteps=[999,749,499,249]", "distill.gan.real_images.n=16",
-                            "distill.fake_score.lora_rank=4", "distill.gan.generator_weight=0.5",
-                            "distill.gan.discriminator_weight=0.5"]
-NETWORKS["dmd2"] = NETWORKS["dmd"]
-DISTILL = {"dmd_lora": "dmd"}
+
+
+def sgd(cfg) -> list[str]:
+    """Every optimizer of the method as SGD at lr 0.5, and any EMA at 0.5. SGD, not AdamW: Adam's update hardly
+    depends on the gradient's scale, so half a batch would look right."""
+    overrides = [o for key in optimizer_keys(cfg) for o in (f"distill.{key}._target_=torch.optim.SGD",
+                                                              f"distill.{key}.lr=0.5")]
+    return overrides + (["distill.ema_decay=0.5"] if cfg.distill.get("ema_decay") is not None else [])
 
 
 def _weights(out, name):
@@ -34,15 +27,17 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("method", ["dmd", "dmd_lora", "dmd2", "lcm", "lcm_lora"])
+@pytest.mark.parametrize("method", cases("grad_accum"))
 def test_accumulating_two_micro_batches_equals_one_double_batch(method, compose_train, tiny_pipe, tmp_path):
-    common = [f"distill={DISTILL.get(method, method)}", "train.deterministic=true", "train.max_steps=2", "train.ckpt_every=2",
-              "train.log_every=1", "train.sample_every=100", "distill.grad_clip=null", *SGD[method]]
+    common = [*METHODS[method].overrides("grad_accum"), "train.deterministic=true", "train.max_steps=2",
+              "train.ckpt_every=2", "train.log_every=1", "train.sample_every=100", "distill.grad_clip=null"]
+    composed = compose_train(*common)
+    common += sgd(composed)
     run(compose_train(*common, "train.batch_size=2", "train.grad_accum=2", out_dir=tmp_path / "accum"))
     run(compose_train(*common, "train.batch_size=4", "train.grad_accum=1", out_dir=tmp_path / "big"))
     run(compose_train(*common, "train.batch_size=2", "train.grad_accum=1", out_dir=tmp_path / "half"))
     teacher = tiny_pipe.transformer.state_dict()
-    for name in NETWORKS[method]:
+    for name in networks(composed):
         accum, big, half = (_weights(tmp_path / run_name, name) for run_name in ("accum", "big", "half"))
         if any("lora_" in k for k in accum):  # adapters start at B = 0: how far B moved
             moved = max(v.abs().max().item() for k, v in accum.items() if "lora_B" in k)

@@ -77,7 +77,7 @@ def test_guidance_convention(compose_train):
     embeds, mask = teacher.encode_prompts(["a red circle", "a blue square"])
     x, t = torch.randn(teacher.latent_shape(2)), torch.tensor([999, 259])
     w = torch.full((2,), 4.5)
-    ref = teacher.guided_eps(x, t, embeds, mask, guidance_scale=5.5)
+    ref = teacher.denoiser.guided_eps(x, t, embeds, mask, guidance_scale=5.5)
     assert torch.allclose(method.teacher_eps(x, t, embeds, mask, w), ref, atol=1e-5)
 
 
@@ -176,7 +176,7 @@ def test_pairs_latents_are_used_and_prompt_only_batches_get_teacher_samples(comp
 # ---- LoRA ----------------------------------------------------------------------------------------
 
 def _eps(transformer, teacher, x, t, embeds, mask):
-    return teacher.eps(x, t, embeds, mask, transformer=transformer)
+    return teacher.denoiser.eps(x, t, embeds, mask, transformer=transformer)
 
 
 def test_lora_save_load_merge(compose_train, tmp_path):

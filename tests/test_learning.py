@@ -325,7 +325,7 @@ SABOTAGE = {
                                                     _swapped_dm_loss),
                               lambda t: dmd_learns(t), dmd_converges),
     "real_score_unguided": (lambda mp: mp.setattr(dmd_module.DMD, "real_x0", lambda self, x_t, t, e, m:
-                                                  self.teacher.x0(x_t, t, e, m, guidance_scale=1.0)),
+                                                  self.teacher.denoiser.x0(x_t, t, e, m, guidance_scale=1.0)),
                             lambda t: dmd_learns(t, scale=3.0), dmd_converges),
     "gan_generator_term_negated": (lambda mp: mp.setattr(gan_module, "generator_gan_loss",
                                                          lambda logits: F.softplus(logits).mean()),
@@ -351,7 +351,7 @@ SABOTAGE = {
 def _swapped_dm_loss(self, x0_hat, embeds, mask, t, noise):
     """DMD's loss with the real and the fake score's estimates in each other's place."""
     with torch.no_grad():
-        x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.alphas_cumprod)
+        x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.denoiser.alphas_cumprod)
         grad = dmd_module.dm_gradient(x0_hat.detach(), self.fake_x0(x_t, t, embeds, mask),
                                       self.real_x0(x_t, t, embeds, mask))
     return dmd_module.dm_loss(x0_hat, grad)

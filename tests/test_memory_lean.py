@@ -28,7 +28,7 @@ def test_lora_fake_score_leaves_the_real_score_untouched(compose_train, tiny_pip
     x = torch.randn(teacher.latent_shape(2), generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500, 500])
     embeds, mask = teacher.encode_prompts(["a red circle", "a blue square"])
-    real_before = teacher.eps(x, t, embeds, mask)
+    real_before = teacher.denoiser.eps(x, t, embeds, mask)
     method = instantiate(cfg.distill, teacher=teacher)
     fake_base = dict(method.fake_score.named_parameters())
     shared = [k for k, v in teacher.transformer.named_parameters()
@@ -38,9 +38,9 @@ def test_lora_fake_score_leaves_the_real_score_untouched(compose_train, tiny_pip
         for name, p in method.fake_score.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    assert torch.equal(teacher.eps(x, t, embeds, mask), real_before)  # adapters off outside fake-score calls
-    assert not torch.allclose(method.fake_x0(x, t, embeds, mask), teacher.x0(x, t, embeds, mask), atol=1e-4)
-    assert torch.equal(teacher.eps(x, t, embeds, mask), real_before)
+    assert torch.equal(teacher.denoiser.eps(x, t, embeds, mask), real_before)  # adapters off outside fake-score calls
+    assert not torch.allclose(method.fake_x0(x, t, embeds, mask), teacher.denoiser.x0(x, t, embeds, mask), atol=1e-4)
+    assert torch.equal(teacher.denoiser.eps(x, t, embeds, mask), real_before)
     assert not any(v.requires_grad for v in teacher.transformer.parameters())
     assert all(torch.equal(teacher.transformer.state_dict()[k], v) for k, v in before.items())
 

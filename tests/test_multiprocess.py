@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 import launching
 from launching import ROOT, Launch
+from methods import METHODS, cases, image_folder, learning_rate, networks
 from pixsig_distill.checkpoint import list_checkpoints
 from pixsig_distill.distributed import state_digest
 
 CPU_CONFIG = ROOT / "pixsig_distill" / "conf" / "accelerate" / "cpu_2proc.yaml"
-NETWORKS = ("generator", "fake_score", "generator_ema")
 
 
 def make_text_cache(tiny_folder, out: Path) -> Path:
@@ -50,7 +50,7 @@ def checkpoint_digests(out_dir: Path, step: int, names) -> dict:
     return {name: state_digest(load_file(str(folder / f"{name}.safetensors"))) for name in names}
 
 
-def assert_in_sync(out_dir: Path, step: int, names=NETWORKS) -> None:
+def assert_in_sync(out_dir: Path, step: int, names) -> None:
     """Both processes hold bit-identical weights, and the checkpoint rank 0 wrote is those weights."""
     ranks = rank_digests(out_dir, step)
     assert len(ranks) == 2, f"expected a digest from each of 2 processes at step {step}, got {len(ranks)}"
@@ -65,8 +65,9 @@ def scale_out_command(tiny_train_args, cache: Path, tmp_path: Path):
     return command
 
 
-def test_two_processes_stay_in_sync_and_resume_after_a_crash(tiny_folder, tiny_train_args, tmp_path):
+def test_two_processes_stay_in_sync_and_resume_after_a_crash(tiny_folder, tiny_train_args, compose_train, tmp_path):
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
+    names, lr = networks(compose_train()), learning_rate(compose_train())  # DMD's (tests/methods.py)
 
     out = tmp_path / "run"
     overrides = command(out)
@@ -76,7 +77,7 @@ def test_two_processes_stay_in_sync_and_resume_after_a_crash(tiny_folder, tiny_t
     assert crashed.returncode != 0, crashed.log[-4000:]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002"]
     # The processes saw different batches and noise, yet after the all-reduced updates their weights agree.
-    assert_in_sync(out, 2)
+    assert_in_sync(out, 2, names)
 
     # The same command again: both processes resume from step 2 and finish; no checkpoint step is lost.
     resumed = launch(overrides, tmp_path)
@@ -86,31 +87,36 @@ def test_two_processes_stay_in_sync_and_resume_after_a_crash(tiny_folder, tiny_t
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["step"] == 4 and summary["finished"]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000002", "step-0000004"]
-    assert_in_sync(out, 4)
+    assert_in_sync(out, 4, names)
     # Without T5 the previews come from the text cache.
     assert (out / "samples" / "step-0000004.png").is_file()
     assert (out / "export" / "pixsig_student.json").is_file()
 
     # And the crash cost nothing: the uninterrupted run of the global batch in one process (the step's draws are
     # made for the global batch, draws.py) ends with the same weights, up to the order of float32 sums.
-    from test_fsdp import LEARNING_RATES, assert_weights_close, train_here
+    from test_fsdp import assert_weights_close, train_here
 
     straight_out = tmp_path / "straight"
     train_here(command(straight_out, "train.batch_size=4"))
-    for name in NETWORKS:
+    for name in names:
         a = load_file(str(out / "checkpoints" / "step-0000004" / f"{name}.safetensors"))
         b = load_file(str(straight_out / "checkpoints" / "step-0000004" / f"{name}.safetensors"))
-        assert_weights_close(a, b, LEARNING_RATES["dmd"], name)
+        assert_weights_close(a, b, lr, name)
 
 
-@pytest.mark.parametrize("method, names", [("lcm", ("student", "target")), ("lcm_lora", ("lora",))])
-def test_lcm_students_stay_in_sync(method, names, tiny_folder, tiny_train_args, tmp_path):
-    """LCM (EMA target gathered through distributed.full_parameters) and LCM-LoRA (adapters only) under DDP."""
+@pytest.mark.parametrize("method", cases("ddp"))
+def test_every_method_stays_in_sync_under_ddp(method, tiny_folder, tiny_train_args, compose_train, tmp_path):
+    """The registry's methods (tests/methods.py) under DDP, e.g. LCM (its EMA target gathered through
+    distributed.full_parameters) and LCM-LoRA (adapters only): both processes hold the same weights of every
+    network the method checkpoints."""
     command = scale_out_command(tiny_train_args, make_text_cache(tiny_folder, tmp_path / "cache"), tmp_path)
     out = tmp_path / "run"
-    result = launch(command(out, f"distill={method}", "train.max_steps=2", "distill.pair_steps=2"), tmp_path)
+    case = METHODS[method]
+    places = image_folder(compose_train().model, tmp_path) if case.needs_images("ddp") else {}
+    overrides = case.overrides("ddp", **places)
+    result = launch(command(out, *overrides, "train.max_steps=2"), tmp_path)
     assert result.returncode == 0, result.log[-4000:]
-    assert_in_sync(out, 2, names)
+    assert_in_sync(out, 2, networks(compose_train(*overrides)))
 
 
 def test_cpu_flag_alone_starts_one_process():
@@ -168,7 +174,7 @@ def test_dmd2_under_ddp_matches_one_process(tiny_folder, tiny_train_args, compos
              f"distill.gan.real_images.folder={folder}", f"distill.gan.real_images.cache_dir={bank}"]
     result = launch(command(tmp_path / "ddp", *extra), tmp_path, real=True)  # the real launcher with this config
     assert result.returncode == 0, result.log[-4000:]
-    assert_in_sync(tmp_path / "ddp", 2, NETWORKS)
+    assert_in_sync(tmp_path / "ddp", 2, networks(compose_train(*extra)))
     fake = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-0000002" / "fake_score.safetensors"))
     assert any(k.startswith("gan_head.") for k in fake)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
 
+from methods import METHODS, cases
 from pixsig_distill.architectures import random_pipeline
 from pixsig_distill.train import run
 
@@ -61,23 +62,20 @@ def _stock_sample(export, pipeline_class, output_type="latent"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,overrides", [
-    ("dmd", ["distill.fake_updates_per_step=1"]),
-    ("dmd_lora", ["distill=dmd", "distill.fake_updates_per_step=1", "distill.fake_score.lora_rank=8", "distill.generator.lora_rank=8",
-                  "distill.ema_device=cpu"]),
-    ("lcm", ["distill=lcm", "distill.pair_steps=1"]),
-    ("lcm_lora", ["distill=lcm_lora", "distill.pair_steps=1", "distill.lora_rank=8"]),
-])
-def test_sigma_512_every_method_trains_exports_and_samples_in_stock_diffusers(method, overrides, real_width_folder,
-                                                                             tmp_path):
-    side = 64 if method == "dmd" else SMALL_CANVAS  # DMD at the real 512-px canvas, the others at the same widths
-    folder = (real_width_folder(SIGMA_512, 1, None) if method == "dmd"  # one layer at the real canvas, as for 1024
-              else real_width_folder(SIGMA_512, 2, SMALL_CANVAS))
-    summary = _train(folder, "pixart_sigma_512", tmp_path / method, *overrides, steps=1 if method == "dmd" else 2)
+@pytest.mark.parametrize("method", cases("real_width"))
+def test_sigma_512_every_method_trains_exports_and_samples_in_stock_diffusers(method, real_width_folder, tmp_path):
+    """The registry's methods (tests/methods.py): one of them at the real 512-px canvas (one layer, one step, as for
+    1024), the others at the same widths on the small canvas (two layers, two steps)."""
+    options = METHODS[method].options("real_width")
+    real_canvas = options.get("real_canvas", False)
+    side = 64 if real_canvas else SMALL_CANVAS
+    folder = real_width_folder(SIGMA_512, 1, None) if real_canvas else real_width_folder(SIGMA_512, 2, SMALL_CANVAS)
+    summary = _train(folder, "pixart_sigma_512", tmp_path / method, *METHODS[method].overrides("real_width"),
+                     steps=1 if real_canvas else 2)
     assert summary["finished"]
     card, latents = _stock_sample(tmp_path / method / "export", PixArtSigmaPipeline)
     assert card["resolution"] == 8 * side and latents.shape == (1, 4, side, side) and torch.isfinite(latents).all()
-    if method == "lcm":  # once, the whole way to pixels: the real VAE decodes (on the small canvas, for time)
+    if options.get("decode_pixels"):  # once, the whole way to pixels: the real VAE decodes (on the small canvas)
         _, images = _stock_sample(tmp_path / method / "export", PixArtSigmaPipeline, output_type="np")
         assert images.shape == (1, 8 * side, 8 * side, 3) and images.std() > 0
 

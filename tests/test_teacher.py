@@ -42,13 +42,13 @@ def test_eps_drops_learned_sigma_and_cfg_formula(teacher):
     full = teacher.transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
     assert full.shape[1] == 8  # ε + learned variance, as the real PixArt-Σ
-    eps_c = teacher.eps(x, t, embeds, mask)
+    eps_c = teacher.denoiser.eps(x, t, embeds, mask)
     assert torch.allclose(eps_c, full[:, :4], atol=1e-6)
     null_embeds, null_mask = teacher.null_embedding(2)
-    eps_u = teacher.eps(x, t, null_embeds, null_mask)
-    guided = teacher.guided_eps(x, t, embeds, mask, guidance_scale=3.0)
+    eps_u = teacher.denoiser.eps(x, t, null_embeds, null_mask)
+    guided = teacher.denoiser.guided_eps(x, t, embeds, mask, guidance_scale=3.0)
     assert torch.allclose(guided, eps_u + 3.0 * (eps_c - eps_u), atol=1e-5)
-    assert torch.allclose(teacher.guided_eps(x, t, embeds, mask, guidance_scale=1.0), eps_c)
+    assert torch.allclose(teacher.denoiser.guided_eps(x, t, embeds, mask, guidance_scale=1.0), eps_c)
 
 
 def test_null_embedding_is_the_empty_prompt(teacher):
@@ -62,16 +62,16 @@ def test_x0_prediction_inverts_the_forward_process(teacher):
     embeds, mask = teacher.encode_prompts(PROMPTS)
     x_t = torch.randn(teacher.latent_shape(2))
     t = torch.tensor([999, 400])
-    eps = teacher.eps(x_t, t, embeds, mask)
-    x0 = teacher.x0(x_t, t, embeds, mask)
-    a = teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps = teacher.denoiser.eps(x_t, t, embeds, mask)
+    x0 = teacher.denoiser.x0(x_t, t, embeds, mask)
+    a = teacher.denoiser.alphas_cumprod[t].view(-1, 1, 1, 1)
     assert torch.allclose(a.sqrt() * x0 + (1 - a).sqrt() * eps, x_t, atol=1e-4)
 
 
 def test_alpha_schedule_is_pixart_linear(teacher):
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     expected = torch.cumprod(1 - betas, 0).float()
-    assert torch.allclose(teacher.alphas_cumprod, expected, rtol=1e-5)
+    assert torch.allclose(teacher.denoiser.alphas_cumprod, expected, rtol=1e-5)
 
 
 def test_local_folder_round_trip_keeps_weights(tiny_pipe, tiny_folder):

@@ -41,8 +41,8 @@ def test_cached_embeddings_give_the_same_eps(teacher, tmp_path):
     batch = [data[i] for i in range(3)]
     x = torch.randn(teacher.latent_shape(3))
     t = torch.tensor([10, 500, 900])
-    ours = teacher.eps(x, t, torch.stack([b["embeds"] for b in batch]), torch.stack([b["mask"] for b in batch]))
-    ref = teacher.eps(x, t, *teacher.encode_prompts(PROMPTS))
+    ours = teacher.denoiser.eps(x, t, torch.stack([b["embeds"] for b in batch]), torch.stack([b["mask"] for b in batch]))
+    ref = teacher.denoiser.eps(x, t, *teacher.encode_prompts(PROMPTS))
     assert torch.allclose(ours, ref, atol=1e-5)
 
 

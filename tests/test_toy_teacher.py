@@ -26,6 +26,14 @@ def test_shipped_teacher_loads_with_our_loader_and_is_small():
     assert size <= 40 * 2**20
 
 
+def test_shipped_configs_name_no_folder_of_the_machine_that_built_them():
+    import json
+
+    named = {str(f.relative_to(TOY_WEIGHTS)): json.loads(f.read_text()).get("_name_or_path")
+             for f in TOY_WEIGHTS.rglob("*.json") if isinstance(json.loads(f.read_text()), dict)}
+    assert not {f: path for f, path in named.items() if path and ("/" in path or "\\" in path)}
+
+
 def test_toy_teacher_follows_its_prompt():
     """A red-circle-on-white prompt gives a white background with red in the centre (not a random blob)."""
     teacher = Teacher.from_pretrained(str(TEACHER), max_sequence_length=16, device="cpu")

@@ -74,7 +74,7 @@ class BackwardSimulation:
             x0 = dmd.generate(dmd.generator, embeds[rows], mask[rows], x[rows], t)
             t_next = torch.full_like(t, self.timesteps[j + 1])
             # ≡ LCMScheduler.step's re-noise
-            x[rows] = add_noise(x0, renoise[j][rows], t_next, dmd.teacher.alphas_cumprod).to(x.dtype)
+            x[rows] = add_noise(x0, renoise[j][rows], t_next, dmd.teacher.denoiser.alphas_cumprod).to(x.dtype)
         return x
 
     @staticmethod

@@ -16,6 +16,7 @@ from ..distributed import clip_grad_norm, copy_full_into, full_tensor, resharded
 from ..lora import DEFAULT_TARGETS, add_lora, save_lora
 from ..model_card import STUDENT_CARD, write_model_card
 from ..teacher import pipeline_class, source_folder
+from .base import EXPORT_CARD_KEYS, check_card
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,10 @@ def export_pipeline(teacher, transformer: torch.nn.Module, scheduler, out_dir: P
     `PixArtSigmaPipeline.from_pretrained(teacher_id, transformer=..., scheduler=...)` assembles the pipeline
     (docs/export.md). The card also records the teacher and the resolution.
 
-    The folder is written as `<out_dir>.tmp` and renamed, so an export that exists is complete.
+    The folder is written as `<out_dir>.tmp` and renamed, so an export that exists is complete. The card is checked
+    first (methods/base.py: CARD_KEYS): what samples, evaluates and describes the student reads it.
     """
+    check_card(card)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -251,8 +254,8 @@ def export_pipeline(teacher, transformer: torch.nn.Module, scheduler, out_dir: P
         scheduler.save_pretrained(tmp / "scheduler")
     if extra is not None:  # more files of the export (e.g. the LoRA adapter), inside the same atomic rename
         extra(tmp)
-    card = {**card, "full_pipeline": full_pipeline, "teacher": _teacher_id(teacher),
-            "resolution": teacher.resolution, "pipeline": pipeline_class(transformer).__name__}
+    written = (full_pipeline, _teacher_id(teacher), teacher.resolution, pipeline_class(transformer).__name__)
+    card = {**card, **dict(zip(EXPORT_CARD_KEYS, written))}
     (tmp / STUDENT_CARD).write_text(json.dumps(card, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)

@@ -15,20 +15,19 @@ Distillation for Fast Image Synthesis"):
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .. import deepspeed_engines
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters, zero3
 from ..errors import UserError
 from ..sampling import sample_latents
-from ..schedule import add_noise, x0_from_eps
+from ..schedule import add_noise
 from .backward_simulation import BackwardSimulation, check_timesteps
+from .base import Method
 from .common import (EMA, TrainableParameters, accumulated_step, export_network, frozen, lora_network,
                      micro_slices, trainable_copy, trained_network, trained_parameters, weight_sharing_copy)
 
@@ -59,7 +58,7 @@ def _lora_spec(spec, name: str) -> tuple[int, float | None]:
     return rank, alpha
 
 
-class DMD:
+class DMD(Method):
     """Every setting is required: conf/distill/dmd.yaml is the one home of the defaults, with what each means."""
 
     fake_t_range = (0, 999)  # the fake score's ε-MSE timesteps: every noise level
@@ -143,9 +142,6 @@ class DMD:
         """Frozen networks the step runs besides the teacher and the trained ones (reward models): for the planner."""
         return [module for term in self.terms for module in term.modules()]
 
-    def unwrap(self, model):
-        return self.accelerator.unwrap_model(model) if self.accelerator else model
-
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
         """Full networks as state dicts of the transformer; LoRA networks as their adapters only."""
         modules = {}
@@ -161,14 +157,7 @@ class DMD:
             raise UserError("distill.gan under DeepSpeed ZeRO-3: the generator's GAN loss back-propagates through the "
                             "fake score, another ZeRO-3 engine, which DeepSpeed does not support; launch DMD2 with "
                             "deepspeed_zero2.yaml or fsdp2_full_shard.yaml (docs/scaling.md)")
-        self.accelerator = accelerator
-        # One prepare call per network with its optimizer: FSDP2 takes one model per call, DeepSpeed makes an
-        # engine of each.
-        for name in ("generator", "fake_score"):
-            model, self.optimizers[name] = deepspeed_engines.prepare(accelerator, getattr(self, name),
-                                                                     self.optimizers[name], self.grad_clip)
-            setattr(self, name, model)
-        self.models = {"generator": self.generator, "fake_score": self.fake_score}
+        self.prepare_networks(accelerator, self.grad_clip)
 
     def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict[str, float]:
         """One generator update, then `fake_updates_per_step` fake-score updates, each over `micro_batches`
@@ -252,13 +241,12 @@ class DMD:
         DMD)."""
         if t is None:
             t = torch.full((z.shape[0],), self.t_bar, device=z.device, dtype=torch.long)
-        eps = self.teacher.eps(z, t, embeds, mask, transformer=generator).float()
-        return x0_from_eps(z.float(), eps, t, self.teacher.alphas_cumprod)
+        return self.teacher.denoiser.x0(z, t, embeds, mask, transformer=generator)
 
     def distribution_matching_loss(self, x0_hat, embeds, mask, t, noise) -> torch.Tensor:
         """DMD eq. 7–8: ∇_x̂0 KL ≈ (x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real| at the noise level t."""
         with torch.no_grad():
-            x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.alphas_cumprod)
+            x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.denoiser.alphas_cumprod)
             x0_real = self.real_x0(x_t, t, embeds, mask)
             x0_fake = self.fake_x0(x_t, t, embeds, mask)
             grad = dm_gradient(x0_hat.detach(), x0_real, x0_fake)
@@ -266,15 +254,16 @@ class DMD:
 
     def real_x0(self, x_t, t, embeds, mask) -> torch.Tensor:
         """The frozen teacher's (guided) x̂0: the real score."""
-        return self.teacher.x0(x_t, t, embeds, mask, guidance_scale=self.real_guidance_scale)
+        return self.teacher.denoiser.x0(x_t, t, embeds, mask, guidance_scale=self.real_guidance_scale)
 
     def fake_x0(self, x_t, t, embeds, mask) -> torch.Tensor:
-        return self.teacher.x0(x_t, t, embeds, mask, guidance_scale=1.0, transformer=self.fake_score)
+        return self.teacher.denoiser.x0(x_t, t, embeds, mask, transformer=self.fake_score)
 
     def fake_score_loss(self, samples, embeds, mask, t, noise) -> torch.Tensor:
         """Denoising score matching on the generator's (detached) samples: plain ε-MSE, conditional only."""
-        x_t = add_noise(samples, noise, t, self.teacher.alphas_cumprod)
-        eps = self.teacher.eps(x_t.to(self.teacher.dtype), t, embeds, mask, transformer=self.fake_score).float()
+        denoiser = self.teacher.denoiser
+        x_t = add_noise(samples, noise, t, denoiser.alphas_cumprod)
+        eps = denoiser.eps(x_t.to(self.teacher.dtype), t, embeds, mask, transformer=self.fake_score).float()
         return F.mse_loss(eps, noise)
 
     # ---- inference and export -----------------------------------------------------------------
@@ -283,15 +272,16 @@ class DMD:
 
     def sampling_network(self):
         """The generator the student is: its EMA weights when it has an EMA (a context manager)."""
-        generator = self.unwrap(self.generator)
-        return self.generator_ema.applied(generator) if self.generator_ema is not None else contextlib.nullcontext(generator)
+        return self.ema_or_self(self.unwrap(self.generator), self.generator_ema)
 
     @torch.no_grad()
     def sample(self, embeds, mask, noise) -> torch.Tensor:
         """The (EMA) generator's sample, through the same scheduler and timesteps the exported pipeline uses."""
         with self.sampling_network() as generator:
+            denoiser = self.teacher.denoiser
+
             def eps_fn(x, t):
-                return self.teacher.eps(x, t, embeds, mask, transformer=generator)
+                return denoiser.eps(x, t, embeds, mask, transformer=generator)
 
             return sample_latents(eps_fn, self.scheduler(), noise, timesteps=self.chain.timesteps)
 

@@ -15,24 +15,23 @@ adapter in peft format) that any training command takes as `model.pretrained=`.
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .. import deepspeed_engines
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
 from ..lora import check_rank
 from ..sampling import sample_latents
 from ..schedule import add_noise
+from .base import Method
 from .common import EMA, TrainableParameters, accumulated_step, export_network, trained_network, trained_parameters
 
 
-class FineTune:
+class FineTune(Method):
     method_name = "finetune"
     MEMORY_SAVERS = {"8-bit AdamW (bitsandbytes, CUDA)": {"distill.optimizer._target_": "pixsig_distill.optim.adamw_8bit"}}  # plan.fit
 
@@ -58,21 +57,15 @@ class FineTune:
         self.accelerator = None
 
     # ---- loop interface ---------------------------------------------------------------------
-    def _unwrap(self, model):
-        return self.accelerator.unwrap_model(model) if self.accelerator else model
-
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
-        network = self._unwrap(self.transformer)
+        network = self.unwrap(self.transformer)
         modules = {"transformer": TrainableParameters(network) if self.lora_rank else network}
         if self.ema is not None:
             modules["transformer_ema"] = self.ema
         return modules
 
     def prepare(self, accelerator) -> None:
-        self.accelerator = accelerator
-        self.transformer, self.optimizers["transformer"] = deepspeed_engines.prepare(
-            accelerator, self.transformer, self.optimizers["transformer"], self.grad_clip)
-        self.models = {"transformer": self.transformer}
+        self.prepare_networks(accelerator, self.grad_clip)
 
     def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict:
         gen = step_draws(gen)
@@ -89,11 +82,12 @@ class FineTune:
             null_embeds, null_mask = self.teacher.null_embedding(b, embeds.shape[1])
             embeds = torch.where(dropped[:, None, None], null_embeds.to(embeds.dtype), embeds)
             mask = torch.where(dropped[:, None], null_mask.to(mask.dtype), mask)
-        x_t = add_noise(x0, noise, t, self.teacher.alphas_cumprod)
+        denoiser = self.teacher.denoiser
+        x_t = add_noise(x0, noise, t, denoiser.alphas_cumprod)
         parts = [slice(i * b // micro_batches, (i + 1) * b // micro_batches) for i in range(micro_batches)]
 
         def micro_loss(rows: slice):
-            eps = self.teacher.eps(x_t[rows].to(self.teacher.dtype), t[rows], embeds[rows], mask[rows],
+            eps = denoiser.eps(x_t[rows].to(self.teacher.dtype), t[rows], embeds[rows], mask[rows],
                                    transformer=self.transformer).float()
             return F.mse_loss(eps, noise[rows]) / len(parts)  # Ho et al. 2020, eq. 14
 
@@ -107,17 +101,17 @@ class FineTune:
     # ---- inference and export -----------------------------------------------------------------
     def sampling_network(self):
         """The fine-tuned transformer the export holds: its EMA weights when it has an EMA (a context manager)."""
-        network = self._unwrap(self.transformer)
-        return self.ema.applied(network) if self.ema is not None else contextlib.nullcontext(network)
+        return self.ema_or_self(self.unwrap(self.transformer), self.ema)
 
     @torch.no_grad()
     def sample(self, embeds, mask, noise) -> torch.Tensor:
         """The teacher's own sampler (steps, CFG) with the fine-tuned weights."""
         with self.sampling_network() as network:
             null = self.teacher.null_embedding(embeds.shape[0], embeds.shape[1])
+            denoiser, scale = self.teacher.denoiser, self.teacher.guidance_scale
 
             def eps_fn(x, t):
-                return self.teacher.guided_eps(x, t, embeds, mask, null=null, transformer=network)
+                return denoiser.guided_eps(x, t, embeds, mask, scale, null=null, transformer=network)
 
             return sample_latents(eps_fn, self.teacher.scheduler, noise, self.teacher.num_inference_steps)
 

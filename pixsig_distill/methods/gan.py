@@ -112,8 +112,9 @@ class GAN(Term):
 
     def realism(self, dmd, x0, embeds, mask, t, noise, network) -> torch.Tensor:
         """The head's logit on x0 noised to t, through the fake score's trunk."""
-        x_t = add_noise(x0.float(), noise, t, dmd.teacher.alphas_cumprod)
-        dmd.teacher.eps(x_t.to(dmd.teacher.dtype), t, embeds, mask, transformer=network)
+        denoiser = dmd.teacher.denoiser
+        x_t = add_noise(x0.float(), noise, t, denoiser.alphas_cumprod)
+        denoiser.eps(x_t.to(dmd.teacher.dtype), t, embeds, mask, transformer=network)
         return dmd.unwrap(dmd.fake_score).gan_head(self._features, embeds, mask)
 
     def draw(self, dmd, batch: dict, gen) -> dict:

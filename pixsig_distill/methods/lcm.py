@@ -12,7 +12,7 @@ PixArt-δ applies it to PixArt:
 Choices, and why:
 - t_n = t_{n+k} − k clamped at 0, as diffusers' LCM distillation example does (its DDIM solver
   uses ᾱ_0 as the "previous" ᾱ of the first grid point); there f(x, 0) = x, the boundary condition.
-- Guidance: w follows the LCM/PixArt-δ convention ε_w = ε_c + w·(ε_c − ε_u). Our `Teacher.guided_eps`
+- Guidance: w follows the LCM/PixArt-δ convention ε_w = ε_c + w·(ε_c − ε_u). Our `Denoiser.guided_eps`
   uses ε_u + s·(ε_c − ε_u), so w = s − 1: `guidance_w: 4.5` (PixArt-δ) is CFG scale s = 5.5. The key
   is named `guidance_w`, not `guidance_scale`, so that it cannot be confused with the s of the rest
   of the project (model.guidance_scale, DMD's real_guidance_scale).
@@ -41,13 +41,13 @@ from pathlib import Path
 import torch
 from diffusers import LCMScheduler
 
-from .. import deepspeed_engines
 from ..draws import StepDraws, step_draws
 from ..distributed import full_parameters
 from ..errors import UserError
 from ..sampling import sample_latents
 from ..schedule import (add_noise, ddim_step, lcm_boundary_scalings, scheduler_like, skipping_step_grid,
                         x0_from_eps)
+from .base import Method
 from .common import accumulated_step, ema_update, export_pipeline, frozen_copy, micro_slices, trainable_copy
 from .guidance_embedding import add_guidance_embedding, bake_guidance, guidance
 
@@ -76,7 +76,7 @@ def _int_in(name: str, value, low: int, high: int, hint: str) -> int:
     return value
 
 
-class LCM:
+class LCM(Method):
     method_name = "lcm"
     MEMORY_SAVERS = {"8-bit AdamW (bitsandbytes, CUDA)": {"distill.optimizer._target_": "pixsig_distill.optim.adamw_8bit"}}  # plan.fit
 
@@ -136,25 +136,19 @@ class LCM:
         return student, frozen_copy(student)
 
     # ---- loop interface ---------------------------------------------------------------------
-    def _unwrap(self, model):
-        return self.accelerator.unwrap_model(model) if self.accelerator else model
-
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
-        return {"student": self._unwrap(self.student), "target": self.target}
+        return {"student": self.unwrap(self.student), "target": self.target}
 
     def prepare(self, accelerator) -> None:
-        self.accelerator = accelerator
         if self.target is not None:
             self.target.to(accelerator.device)
-        self.student, self.optimizers["student"] = deepspeed_engines.prepare(accelerator, self.student,
-                                                                             self.optimizers["student"], self.grad_clip)
-        self.models = {"student": self.student}
+        self.prepare_networks(accelerator, self.grad_clip)
 
     def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict[str, float]:
         acc, gen = self.accelerator, step_draws(gen)
         embeds, mask = batch["embeds"], batch["mask"]
         x0 = self.clean_latents(batch)
-        b, device, ac = x0.shape[0], x0.device, self.teacher.alphas_cumprod
+        b, device, ac = x0.shape[0], x0.device, self.teacher.denoiser.alphas_cumprod
         # Skipping-step pair (t_{n+k}, t_n) on the DDIM grid, and x_{t_{n+k}} ~ q(x | x0); drawn for the whole
         # batch, then sliced into micro-batches (accumulation sees the numbers one large batch sees).
         t_start = self.grid[gen.randint(0, len(self.grid), b).to(self.grid.device)].to(device)
@@ -193,19 +187,20 @@ class LCM:
 
     def consistency_fn(self, model, x_t, t, embeds, mask, w) -> torch.Tensor:
         """f(x, t) = c_skip(t)·x + c_out(t)·x̂0(x, t) (LCM §4.1), x̂0 from the model's ε."""
-        with guidance(self._unwrap(model), w):
-            eps = self.teacher.eps(x_t, t, embeds, mask, transformer=model).float()
-        x0 = x0_from_eps(x_t.float(), eps, t, self.teacher.alphas_cumprod)
+        denoiser = self.teacher.denoiser
+        with guidance(self.unwrap(model), w):
+            eps = denoiser.eps(x_t, t, embeds, mask, transformer=model).float()
+        x0 = x0_from_eps(x_t.float(), eps, t, denoiser.alphas_cumprod)
         c_skip, c_out = (c.view(-1, *[1] * (x_t.ndim - 1)) for c in lcm_boundary_scalings(t, self.timestep_scaling))
         return c_skip * x_t.float() + c_out * x0
 
     def teacher_eps(self, x_t, t, embeds, mask, w) -> torch.Tensor:
         """Guided teacher ε_w = ε_c + w·(ε_c − ε_u) per sample (LCM §4.2; = CFG scale w + 1)."""
-        x_t = x_t.to(self.teacher.dtype)
+        x_t, denoiser = x_t.to(self.teacher.dtype), self.teacher.denoiser
         if not self.w_embedding and self.guidance_w == 0:  # decided by the config, not by the data (planner)
-            return self.teacher.eps(x_t, t, embeds, mask)
+            return denoiser.eps(x_t, t, embeds, mask)
         null_embeds, null_mask = self.teacher.null_embedding(x_t.shape[0], embeds.shape[1])
-        both = self.teacher.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null_embeds, embeds]),
+        both = denoiser.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null_embeds, embeds]),
                                 torch.cat([null_mask, mask]))
         eps_uncond, eps_cond = both.float().chunk(2)
         return eps_cond + w.view(-1, 1, 1, 1) * (eps_cond - eps_uncond)
@@ -268,10 +263,11 @@ class LCM:
         model = self.sampling_network()
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         w = torch.full((noise.shape[0],), float(self.export_w), device=noise.device)
+        denoiser = self.teacher.denoiser
 
         def eps_fn(x, t):
-            with guidance(self._unwrap(model), w):
-                return self.teacher.eps(x, t, embeds, mask, transformer=model)
+            with guidance(self.unwrap(model), w):
+                return denoiser.eps(x, t, embeds, mask, transformer=model)
 
         return sample_latents(eps_fn, self.scheduler(), noise, num_inference_steps or self.num_inference_steps,
                               generator=generator)

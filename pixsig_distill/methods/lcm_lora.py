@@ -50,11 +50,11 @@ class LCMLoRA(LCM):
         return self.student
 
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
-        return {"lora": TrainableParameters(self._unwrap(self.student))}
+        return {"lora": TrainableParameters(self.unwrap(self.student))}
 
     def card(self) -> dict:
         return {**super().card(), "lora": "lora", "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha}
 
     def export(self, out_dir: Path) -> Path:
-        return export_network(self.teacher, self._unwrap(self.student), self.scheduler(), out_dir, self.card(),
+        return export_network(self.teacher, self.unwrap(self.student), self.scheduler(), out_dir, self.card(),
                               self.full_pipeline_export, lora=True)

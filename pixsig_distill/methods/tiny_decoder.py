@@ -15,7 +15,6 @@ that a stock `PixArtSigmaPipeline` takes as `vae=` (decoders.py: latent scaling)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -29,6 +28,7 @@ from ..distributed import full_parameters
 from ..draws import StepDraws, step_draws
 from ..errors import UserError
 from ..model_card import DECODER_CARD, write_model_card
+from .base import Method
 from .common import EMA, accumulated_step, trained_parameters
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class PatchDiscriminator(torch.nn.Module):
         return self.layers(images)
 
 
-class TinyDecoder:
+class TinyDecoder(Method):
     method_name = "tiny_decoder"
 
     def __init__(self, teacher, *, decoder: dict, latents, student: str | None, student_share: float,
@@ -95,11 +95,8 @@ class TinyDecoder:
         self.accelerator = None
 
     # ---- loop interface ---------------------------------------------------------------------
-    def _unwrap(self, model):
-        return self.accelerator.unwrap_model(model) if self.accelerator else model
-
     def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
-        modules = {name: self._unwrap(model) for name, model in self.models.items()}
+        modules = {name: self.unwrap(model) for name, model in self.models.items()}
         if self.ema is not None:
             modules["decoder_ema"] = self.ema
         return modules
@@ -116,12 +113,7 @@ class TinyDecoder:
             raise UserError("distill.adversarial_weight > 0 under DeepSpeed: the decoder's GAN loss back-propagates "
                             "through the discriminator, a second engine, which DeepSpeed 0.19 does not take; launch "
                             "it with DDP (conf/accelerate/ddp.yaml), or set distill.adversarial_weight=0")
-        self.accelerator = accelerator
-        for name in list(self.models):
-            self.models[name], self.optimizers[name] = deepspeed_engines.prepare(
-                accelerator, self.models[name], self.optimizers[name], self.grad_clip)
-        self.decoder = self.models["decoder"]
-        self.discriminator = self.models.get("discriminator")
+        self.prepare_networks(accelerator, self.grad_clip)
 
     def latents(self, batch: dict, gen: StepDraws) -> torch.Tensor:
         """This step's latents: the student's samples for the batch's first `student_share` rows, encoded real
@@ -187,7 +179,7 @@ class TinyDecoder:
     def _discriminator_step(self, z, target, parts) -> dict:
         """Hinge loss: E[relu(1 − h(VAE(z)))] + E[relu(1 + h(D(z)))] (Lim & Ye 2017)."""
         with torch.no_grad():
-            fake = self._unwrap(self.decoder)(z).float()
+            fake = self.unwrap(self.decoder)(z).float()
 
         def loss(rows: slice):
             return (F.relu(1 - self.discriminator(target[rows])).mean()
@@ -200,8 +192,7 @@ class TinyDecoder:
     # ---- inference and export -----------------------------------------------------------------
     def sampling_decoder(self):
         """The decoder the export holds: its EMA weights when it has an EMA (a context manager)."""
-        decoder = self._unwrap(self.decoder)
-        return self.ema.applied(decoder) if self.ema is not None else contextlib.nullcontext(decoder)
+        return self.ema_or_self(self.unwrap(self.decoder), self.ema)
 
     @torch.no_grad()
     def sample(self, embeds, mask, noise) -> torch.Tensor:

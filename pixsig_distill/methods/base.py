@@ -58,6 +58,8 @@ OPTIONAL_CARD_KEYS = {
     "timestep_scaling": "LCMScheduler's boundary-condition scaling",
     "lora": "the folder of its peft adapter inside the export",
     "lora_rank": "that adapter's rank", "lora_alpha": "that adapter's alpha",
+    "objective_models": "pretrained models its training objective read (a reward's), name -> weights identity: a "
+                        "board marks the figures computed with one of them not independent",
 }
 # Written by common.export_pipeline, not by the method.
 EXPORT_CARD_KEYS = ("full_pipeline", "teacher", "resolution", "pipeline")

@@ -9,7 +9,10 @@ score, a LoRA copy).
 Time. DDPM (Ho et al. 2020): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε for t = 0..T−1, ᾱ from the scheduler (PixArt-Σ: linear β
 1e-4..0.02, T = 1000). An integer tensor t indexes ᾱ; a floating-point t is continuous time, with log ᾱ linear
 between the integer timesteps (exact at every integer, decreasing in t), and the network's sinusoidal timestep
-embedding takes the real t as it is.
+embedding takes the real t as it is. Why log ᾱ: ᾱ_t = Π_{s≤t} (1 − β_s), so −log ᾱ is a sum of one term per step, and
+linear inside each step is the continuous schedule whose β is constant over the step (the VP SDE's −log ᾱ(t) =
+∫β). Both directions, t → ᾱ → t̂ and t̂ → t, are then closed forms and exact inverses, and both differentiate in
+forward and reverse mode (the JVPs of continuous-time consistency go through t(t̂): jvp.py).
 
 TrigFlow (Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", §2): with
 σ_d = 1, x_t̂ = cos t̂·x0 + sin t̂·z for t̂ in [0, π/2]. Matching the DDPM noising gives cos t̂ = √ᾱ_t and
@@ -28,33 +31,57 @@ import torch
 
 # ---- the schedule at integer or continuous time ------------------------------------------------------------
 
+def _alpha_bar_64(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t in float64: an integer t indexes the schedule, a floating-point t interpolates log ᾱ linearly."""
+    log_a = alphas_cumprod.to(t.device, torch.float64).log()
+    if not t.is_floating_point():
+        return log_a[t.long()].exp()
+    t = t.to(torch.float64).clamp(0, len(log_a) - 1)
+    low = t.floor().long().clamp(max=len(log_a) - 2)
+    frac = t - low
+    return (log_a[low] * (1 - frac) + log_a[low + 1] * frac).exp()
+
+
 def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """ᾱ_t per element of `t` (float32): an integer t indexes the schedule; a floating-point t interpolates log ᾱ
     linearly between the neighbouring integers (t in [0, T−1])."""
     if not t.is_floating_point():
         return alphas_cumprod.to(t.device, torch.float32)[t.long()]
-    log_a = alphas_cumprod.to(t.device, torch.float64).log()
-    t = t.to(torch.float64).clamp(0, len(log_a) - 1)
-    low = t.floor().long().clamp(max=len(log_a) - 2)
-    frac = t - low
-    return (log_a[low] * (1 - frac) + log_a[low + 1] * frac).exp().float()
+    return _alpha_bar_64(alphas_cumprod, t).float()
+
+
+def _result_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 in, float64 out (exactness checks); anything else gives float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def trigflow_time(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """t̂ = arccos √ᾱ_t: the TrigFlow time of DDPM time t (integer or continuous), in [0, π/2)."""
-    return alpha_bar(alphas_cumprod, t).double().sqrt().acos().float()
+    return _alpha_bar_64(alphas_cumprod, t).sqrt().acos().to(_result_dtype(t))
 
 
 def ddpm_time(alphas_cumprod: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
-    """The continuous DDPM time t with √ᾱ_t = cos t̂, the inverse of `trigflow_time` (float32). t̂ outside the trained
-    range [t̂(0), t̂(T−1)] gives the nearest end, 0 or T−1."""
+    """The continuous DDPM time t with √ᾱ_t = cos t̂, the inverse of `trigflow_time` (float32; float64 for a float64
+    t̂). t̂ outside the trained range [t̂(0), t̂(T−1)] gives the nearest end, 0 or T−1, with the end segment's slope
+    as its derivative: t̂(T−1) rounded to float32 may land just past the end, and must keep its time tangent."""
     minus_log_a = -alphas_cumprod.to(t_hat.device, torch.float64).log()  # increasing in t
     target = -2 * t_hat.to(torch.float64).cos().clamp(min=1e-12).log()  # −log ᾱ = −2 log cos t̂
-    target = target.clamp(minus_log_a[0], minus_log_a[-1])  # tensors, not numbers: the planner's have no values
-    high = torch.searchsorted(minus_log_a, target).clamp(1, len(minus_log_a) - 1)
+    inside = target.clamp(minus_log_a[0], minus_log_a[-1])  # tensors, not numbers: the planner's have no values
+    target = target + (inside - target).detach()  # the clamped value, the unclamped derivative
+    high = torch.searchsorted(minus_log_a, target.detach()).clamp(1, len(minus_log_a) - 1)  # an index: no derivative
     low = high - 1
     frac = (target - minus_log_a[low]) / (minus_log_a[high] - minus_log_a[low])
-    return (low + frac).float()
+    return (low + frac).to(_result_dtype(t_hat))
+
+
+def ddpm_time_rate(alphas_cumprod: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
+    """dt/dt̂ of `ddpm_time`: how many DDPM timesteps one unit of TrigFlow time is worth at t̂ (the chain-rule factor
+    by which a tangent in t̂ reaches the network's time embedding). From t = k + (−2 log cos t̂ + log ᾱ_k) /
+    (log ᾱ_k − log ᾱ_{k+1}): dt/dt̂ = 2 tan t̂ / (log ᾱ_k − log ᾱ_{k+1}); ≈ 2 tan t̂ / β_{k+1} (PixArt-Σ: 167 at t = 0,
+    503 at T̄ = 400, 15,583 at t = 999)."""
+    log_a = alphas_cumprod.to(t_hat.device, torch.float64).log()
+    low = ddpm_time(alphas_cumprod, t_hat.detach().double()).floor().long().clamp(max=len(log_a) - 2)
+    return (2 * t_hat.to(torch.float64).tan() / (log_a[low] - log_a[low + 1])).to(_result_dtype(t_hat))
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -103,8 +130,14 @@ class Denoiser:
     # ---- ε, x0, v ----------------------------------------------------------------------------------------
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
             transformer=None) -> torch.Tensor:
-        """ε̂(x_t, t, text), one network call. PixArt also predicts learned variances: only the first C channels are
-        kept."""
+        """ε̂(x_t, t, text), one call of an ε-prediction network (the teacher, DMD's networks, LCM's)."""
+        return self.output(x_t, t, embeds, mask, transformer)
+
+    def output(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
+               transformer=None) -> torch.Tensor:
+        """What the network predicts at DDPM time t (integer or continuous), one call: ε̂ for an ε-prediction
+        network, F for a v-prediction (TrigFlow) student. PixArt also predicts learned variances: only the first C
+        channels are kept."""
         transformer = transformer or self.transformer
         if not torch.is_autocast_enabled(x_t.device.type):
             # Without autocast (mixed_precision=no, or DeepSpeed, which casts the weights instead) feed the
@@ -168,6 +201,20 @@ class Denoiser:
         ends = trigflow_time(self.alphas_cumprod, torch.tensor([0, self.num_train_timesteps - 1],
                                                                device=self.alphas_cumprod.device))
         return ends[0], ends[1]
+
+    def ddpm_time_rate(self, t_hat: torch.Tensor) -> torch.Tensor:
+        """dt/dt̂ at t̂: the chain-rule factor of a tangent in t̂ at the network's time embedding."""
+        return ddpm_time_rate(self.alphas_cumprod, t_hat)
+
+    def in_trigflow_time(self, embeds: torch.Tensor, mask: torch.Tensor, transformer=None
+                         ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """fn(x_t, t̂) → `output` at the continuous DDPM time t(t̂), for one batch of text: the function whose JVP in
+        (x_t, t̂) continuous-time consistency needs (jvp.py). Differentiable in both arguments, forward mode
+        included, inside the trained range; a t̂ beyond it reads as the nearest end (and has no time tangent)."""
+        def call(x_t: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
+            return self.output(x_t, self.ddpm_time(t_hat), embeds, mask, transformer)
+
+        return call
 
     def trigflow(self, x_t, t_hat, embeds, mask, guidance_scale: float = 1.0, null=None,
                  transformer=None) -> torch.Tensor:

@@ -12,11 +12,11 @@ Two ways to get it, with one call signature (`jvp(fn, primals, tangents) → tan
   same tangent, e.g. central: (fn(p + h·v) − fn(p − h·v)) / 2h. Any attention kernel, no tangent memory.
 
 How time enters: PixArt's embedding takes the DDPM timestep t (0…999) in a sinusoid whose fastest component turns
-one radian per timestep. With TrigFlow time the call is fn(x_t, t̂) = network(x_t, t(t̂)) (`pixart_call`), so a
-tangent in t̂ reaches the embedding multiplied by dt/dt̂ (chain rule, `trigflow.timestep_rate`: 207 at t = 0, 504
-at T̄ = 400, 15,500 at t = 998). Both methods apply it, because the mapping is inside fn: forward-mode AD
-differentiates through it, and a finite difference steps t̂ itself. A caller that feeds DDPM timesteps directly
-must scale the time tangent by dt/dt̂ itself.
+one radian per timestep. With TrigFlow time the call is fn(x_t, t̂) = network(x_t, t(t̂)) (`pixart_call`, the
+denoiser's `in_trigflow_time`), so a tangent in t̂ reaches the embedding multiplied by dt/dt̂ (chain rule,
+`denoiser.ddpm_time_rate`: 167 at t = 0, 503 at T̄ = 400, 15,583 at t = 999). Both methods apply it, because the
+mapping is inside fn: forward-mode AD differentiates through it, and a finite difference steps t̂ itself. A caller
+that feeds DDPM timesteps directly must scale the time tangent by dt/dt̂ itself.
 """
 
 from __future__ import annotations
@@ -28,26 +28,16 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 
 from .errors import UserError
-from .trigflow import ddpm_timestep
 
 # Processors that compute exactly what AttnProcessor computes, with kernels that lack forward-mode AD.
 SWAPPABLE = (AttnProcessor2_0, XFormersAttnProcessor)
 
 
-def pixart_call(transformer, embeds: torch.Tensor, mask: torch.Tensor, alphas_cumprod: torch.Tensor,
-                added_cond_kwargs: dict | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """fn(x_t, t̂) → the transformer's first C output channels (ε̂ for the teacher, F for a v-prediction student)
-    at the continuous DDPM timestep t(t̂), for one batch of text conditions; the learned-variance channels dropped."""
-    channels = transformer.config.in_channels
-    conditions = added_cond_kwargs or {"resolution": None, "aspect_ratio": None}
-
-    def call(x_t: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
-        out = transformer(x_t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                          timestep=ddpm_timestep(t_hat, alphas_cumprod), added_cond_kwargs=conditions,
-                          return_dict=False)[0]
-        return out[:, :channels]
-
-    return call
+def pixart_call(denoiser, embeds: torch.Tensor, mask: torch.Tensor,
+                transformer=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """fn(x_t, t̂) → the network's first C output channels (ε̂ for the teacher, F for a v-prediction student) at the
+    continuous DDPM timestep t(t̂), for one batch of text (`denoiser.Denoiser.in_trigflow_time`)."""
+    return denoiser.in_trigflow_time(embeds, mask, transformer)
 
 
 def _attention_layers(networks: Sequence[torch.nn.Module]):

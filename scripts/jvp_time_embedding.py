@@ -3,7 +3,7 @@
     python scripts/jvp_time_embedding.py --out docs/results/consistency/jvp_time_embedding
 
 SANA-Sprint found that its embedding of 1000·t made JVP gradients explode and fine-tuned its teacher to c_noise = t.
-PixArt's embedding takes t(t̂), whose slope dt/dt̂ runs from 207 (t = 0) to 15,500 (t = 998). This measures, at TrigFlow
+PixArt's embedding takes t(t̂), whose slope dt/dt̂ runs from 167 (t = 0) to 15,583 (t = 999). This measures, at TrigFlow
 times t̂ along the schedule, the two terms of the tangent sCM needs, dN/dt̂ = ∂N/∂t̂ + ∂N/∂x_t · dx_t/dt̂ (sCM, Fig. 4
 shows the same two terms), for N the network's ε channels:
 
@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from benchmark_report import write_report  # noqa: E402
 from trim_gain import cpu_name  # noqa: E402
 
+from pixsig_distill.denoiser import Denoiser, trigflow_from_eps, trigflow_time  # noqa: E402
 from pixsig_distill.jvp import ExactJVP, FiniteDifferenceJVP, forward_ad_attention, pixart_call  # noqa: E402
-from pixsig_distill.trigflow import ddpm_timestep, timestep_rate, trigflow_time, velocity_from_eps  # noqa: E402
 
 TIMESTEPS = [0, 25, 100, 200, 400, 600, 800, 900, 950, 990, 999]
 FD_TIMESTEPS = [100, 400, 800, 999]
@@ -61,16 +61,14 @@ def toy_world(batch: int) -> dict:
     teacher = Teacher.from_pretrained(str(TOY_WEIGHTS / "teacher"), max_sequence_length=16, device="cpu")
     embeds, mask = teacher.encode_prompts(split_captions("heldout")[:batch])
     x0 = teacher.sample(embeds=embeds, mask=mask, generator=torch.Generator().manual_seed(0))
-    alphas = teacher.alphas_cumprod
+    denoiser = teacher.denoiser
 
     def velocity(x_t, t_hat):  # the guided teacher's TrigFlow F (CFG 4.5): sCM distillation's dx_t/dt̂
         with torch.no_grad():
-            eps = teacher.guided_eps(x_t, ddpm_timestep(t_hat, alphas), embeds, mask, guidance_scale=4.5)
-        return velocity_from_eps(x_t, eps, t_hat)
+            return denoiser.trigflow(x_t, t_hat, embeds, mask, guidance_scale=4.5)
 
     return {"name": "toy teacher (the shipped weights: 8 layers, hidden 192, 8×8 latents)",
-            "transformer": teacher.transformer, "embeds": embeds, "mask": mask, "x0": x0, "alphas": alphas,
-            "velocity": velocity}
+            "denoiser": denoiser, "embeds": embeds, "mask": mask, "x0": x0, "velocity": velocity}
 
 
 def real_width(batch: int, layers: int, canvas: int, tokens: int, pretrained: str | None = None) -> dict:
@@ -97,23 +95,24 @@ def real_width(batch: int, layers: int, canvas: int, tokens: int, pretrained: st
     def velocity(x_t, t_hat):  # the conditional velocity cos t̂·z − sin t̂·x0 (what a trained teacher's F estimates)
         return torch.cos(per_sample(t_hat, x0)) * noise - torch.sin(per_sample(t_hat, x0)) * x0
 
-    alphas = DDPMScheduler.from_config({k: v for k, v in PIXART_SCHEDULER.items()
-                                        if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
+    schedule = DDPMScheduler.from_config({k: v for k, v in PIXART_SCHEDULER.items()
+                                          if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
     weights = f"the weights of {pretrained}" if pretrained else "random weights"
+    denoiser = Denoiser(transformer, schedule.alphas_cumprod, 8, null_embedding=None, device=torch.device("cpu"))
     return {"name": f"Σ-512 real width, {layers} of 28 layers, {weights}, {canvas}×{canvas} latents",
-            "transformer": transformer, "embeds": 0.1 * torch.randn(batch, tokens, 4096, generator=g),
-            "mask": torch.ones(batch, tokens), "x0": x0, "noise": noise, "alphas": alphas.alphas_cumprod,
-            "velocity": velocity}
+            "denoiser": denoiser, "embeds": 0.1 * torch.randn(batch, tokens, 4096, generator=g),
+            "mask": torch.ones(batch, tokens), "x0": x0, "noise": noise, "velocity": velocity}
 
 
 def measure(world: dict, fd: bool) -> dict:
-    transformer, alphas, x0 = world["transformer"], world["alphas"], world["x0"]
-    fn = pixart_call(transformer, world["embeds"], world["mask"], alphas)
+    denoiser, x0 = world["denoiser"], world["x0"]
+    transformer, alphas = denoiser.transformer, denoiser.alphas_cumprod
+    fn = pixart_call(denoiser, world["embeds"], world["mask"])
     exact = ExactJVP()
     noise = world.get("noise", torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
     rows, fd_rows = [], []
     for t in TIMESTEPS:
-        t_hat = trigflow_time(torch.full((x0.shape[0],), t), alphas).float()
+        t_hat = trigflow_time(alphas, torch.full((x0.shape[0],), t))
         x_t = torch.cos(per_sample(t_hat, x0)) * x0 + torch.sin(per_sample(t_hat, x0)) * noise
         v = world["velocity"](x_t, t_hat)
         zero_x, zero_t, one = torch.zeros_like(x_t), torch.zeros_like(t_hat), torch.ones_like(t_hat)
@@ -123,16 +122,16 @@ def measure(world: dict, fd: bool) -> dict:
         x_term = exact(fn, (x_t, t_hat), (v, zero_t), networks=[transformer])
 
         def conditioning(u):  # adaLN-single's modulation vector (6 × hidden) at t(t̂)
-            return transformer.adaln_single(ddpm_timestep(u, alphas), NO_SIZE, batch_size=u.shape[0],
+            return transformer.adaln_single(denoiser.ddpm_time(u), NO_SIZE, batch_size=u.shape[0],
                                             hidden_dtype=torch.float32)[0]
 
         cond, cond_tangent = torch.func.jvp(conditioning, (t_hat,), (one,))
 
         def eps_velocity(x, u):  # an ε-parametrised network's TrigFlow F
-            return velocity_from_eps(x, fn(x, u), u)
+            return trigflow_from_eps(x, fn(x, u), u)
 
         f_total = exact(eps_velocity, (x_t, t_hat), (v, one), networks=[transformer])
-        rate = float(timestep_rate(t_hat[:1], alphas))
+        rate = float(denoiser.ddpm_time_rate(t_hat[:1]))
         th = float(t_hat[0])
         rows.append({"t": t, "t_hat": th, "dt_dt_hat": rate, "cos_sin": math.cos(th) * math.sin(th),
                      "sana_dc_dt_hat": 1000 / (math.sin(th) + math.cos(th)) ** 2,
@@ -157,7 +156,7 @@ def measure(world: dict, fd: bool) -> dict:
 
 def cost(fn, x0, alphas, transformer, runs: int = 3) -> dict:
     """Median seconds of a forward call (fused attention), a forward call on the math attention, and an exact JVP."""
-    t_hat = trigflow_time(torch.full((x0.shape[0],), 400), alphas).float()
+    t_hat = trigflow_time(alphas, torch.full((x0.shape[0],), 400))
     tangents = (torch.randn_like(x0), torch.ones_like(t_hat))
 
     def median(call):

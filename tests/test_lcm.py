@@ -166,7 +166,7 @@ def test_pairs_latents_are_used_and_prompt_only_batches_get_teacher_samples(comp
     made = method.clean_latents(batch)  # prompt-only: the teacher's own 2-step samples, cached per prompt
     again = method.clean_latents({**batch, "prompt": batch["prompt"][::-1], "embeds": embeds.flip(0),
                                   "mask": mask.flip(0)})
-    assert torch.equal(again, made.flip(0)) and len(method._pairs) == 2
+    assert torch.equal(again, made.flip(0)) and len(method.samples.cache) == 2
     seed = zlib.crc32(b"a red circle")  # seed 0: the noise of a prompt depends on the prompt only
     noise = torch.randn(teacher.latent_shape(1)[1:], generator=torch.Generator().manual_seed(seed))[None]
     expected = teacher.sample(embeds=embeds[:1], mask=mask[:1], noise=noise, num_inference_steps=2)

@@ -20,21 +20,14 @@ Choices, and why:
   through a grafted w-embedding (methods/guidance_embedding.py). The export bakes one w (`export_w`,
   default `guidance_w`) into the weights, so stock diffusers still loads the student.
 - Where x_{t_{n+k}} comes from without images: LCM noises data latents, x_{t_{n+k}} ~ q(x | x0). We
-  use the teacher's own samples as x0 (data-free distillation): batches from teacher pairs
-  (`python -m pixsig_distill.make_pairs`, then data=cached data.folder=PAIRS) carry them as
-  `latents`; for prompt-only batches the method makes the same pairs itself, once per prompt, with
-  the teacher's sampler (`pair_steps` DPM-Solver++ steps at CFG `pair_guidance_scale`, noise seeded by
-  the prompt), and keeps them in memory (`pair_cache_size`). The first epoch then pays for the
-  teacher's sampler; later epochs cost what pairs from disk cost. Running the teacher's 50-step
-  DDIM chain to a random t_{n+k} for every batch was the other faithful option, at up to 50 guided
-  teacher calls per step and never amortised: too slow on CPU.
+  use the teacher's own samples as x0 (data-free distillation, methods/teacher_samples.py): from teacher pairs
+  on disk, or made here once per prompt and cached. Running the teacher's 50-step DDIM chain to a random t_{n+k}
+  for every batch was the other faithful option, at up to 50 guided teacher calls per step and never amortised:
+  too slow on CPU.
 """
 
 from __future__ import annotations
 
-import logging
-import zlib
-from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 
@@ -50,8 +43,7 @@ from ..schedule import (add_noise, ddim_step, lcm_boundary_scalings, scheduler_l
 from .base import Method
 from .common import accumulated_step, ema_update, export_pipeline, frozen_copy, micro_slices, trainable_copy
 from .guidance_embedding import add_guidance_embedding, bake_guidance, guidance
-
-log = logging.getLogger(__name__)
+from .teacher_samples import TeacherSamples
 
 
 def consistency_distance(pred: torch.Tensor, target: torch.Tensor, loss: str = "huber", huber_c: float = 0.001
@@ -102,8 +94,6 @@ class LCM(Method):
                             f"0 <= w_min < w_max (w = CFG scale − 1)")
         if w_embedding and export_w is not None and not w_min <= export_w <= w_max:
             raise UserError(f"distill.export_w={export_w} lies outside the trained range [{w_min}, {w_max}]")
-        if pair_cache_size < 0:
-            raise UserError(f"distill.pair_cache_size={pair_cache_size}; use an integer >= 0 (0: no cache)")
         self.teacher = teacher
         self.grid = skipping_step_grid(n_train, num_ddim_timesteps).to(teacher.device)
         self.k = n_train // num_ddim_timesteps
@@ -117,11 +107,8 @@ class LCM(Method):
         self.loss, self.huber_c = loss, huber_c
         self.timestep_scaling = timestep_scaling
         self.grad_clip = grad_clip
-        self.pair_steps, self.pair_guidance_scale = pair_steps, pair_guidance_scale
-        self.pair_cache_size, self.seed = pair_cache_size, seed
+        self.samples = TeacherSamples(teacher, pair_steps, pair_guidance_scale, pair_cache_size, seed)
         self.full_pipeline_export = full_pipeline_export
-        self._pairs: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt → teacher sample (LRU)
-        self._warned = False
         self.accelerator = None
 
         self.student, self.target = self._build_networks(gradient_checkpointing)
@@ -207,44 +194,8 @@ class LCM(Method):
 
     def clean_latents(self, batch: dict) -> torch.Tensor:
         """x0 for q(x_{t_{n+k}} | x0): the teacher pairs' `latents` if the batch has them, else teacher
-        samples made here once per prompt and cached (see the module docstring)."""
-        shape = self.teacher.latent_shape(len(batch["prompt"]))
-        if "latents" in batch:
-            latents = batch["latents"].float()
-            if tuple(latents.shape) != shape:
-                raise UserError(f"the teacher pairs' latents have shape {tuple(latents.shape[1:])} but this "
-                                f"teacher makes {shape[1:]}; remake them with python -m pixsig_distill.make_pairs "
-                                f"and this model")
-            return latents
-        found = {p: self._pairs[p] for p in batch["prompt"] if p in self._pairs}
-        for p in found:
-            self._pairs.move_to_end(p)  # least recently used goes first
-        missing = [i for i, p in enumerate(batch["prompt"]) if p not in found]
-        if missing:
-            if not self._warned:
-                self._warned = True
-                log.warning("the batches carry no teacher latents: LCM makes a teacher sample per prompt on first "
-                            "use (%s steps, CFG %s) and caches it; precompute them with python -m "
-                            "pixsig_distill.make_pairs and train with data=cached data.folder=PAIRS to skip this",
-                            self.pair_steps or self.teacher.num_inference_steps,
-                            self.pair_guidance_scale or self.teacher.guidance_scale)
-            found.update(self._make_pairs(batch, missing))
-        return torch.stack([found[p] for p in batch["prompt"]]).to(self.teacher.device).float()
-
-    @torch.no_grad()
-    def _make_pairs(self, batch: dict, rows: list[int]) -> dict[str, torch.Tensor]:
-        """The teacher's sample for each prompt in `rows`, from noise seeded by (seed, prompt) (make_pairs' way)."""
-        prompts = [batch["prompt"][i] for i in rows]
-        noise = torch.stack([torch.randn(self.teacher.latent_shape(1)[1:], generator=torch.Generator().manual_seed(
-            self.seed * 1_000_003 + zlib.crc32(p.encode("utf-8")))) for p in prompts])
-        latents = self.teacher.sample(embeds=batch["embeds"][rows], mask=batch["mask"][rows],
-                                      noise=noise.to(self.teacher.device, self.teacher.dtype),
-                                      num_inference_steps=self.pair_steps, guidance_scale=self.pair_guidance_scale)
-        made = dict(zip(prompts, latents.float().cpu()))
-        self._pairs.update(made)
-        while len(self._pairs) > self.pair_cache_size:
-            self._pairs.popitem(last=False)
-        return made
+        samples made once per prompt and cached (methods/teacher_samples.py)."""
+        return self.samples.latents(batch)
 
     # ---- inference and export -----------------------------------------------------------------
     def scheduler(self) -> LCMScheduler:

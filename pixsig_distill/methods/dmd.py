@@ -58,10 +58,62 @@ def _lora_spec(spec, name: str) -> tuple[int, float | None]:
     return rank, alpha
 
 
-class DMD(Method):
-    """Every setting is required: conf/distill/dmd.yaml is the one home of the defaults, with what each means."""
+class DistributionMatching:
+    """DMD's distribution matching for a generator's samples x̂0: the real score (the frozen teacher, guided at
+    `real_guidance_scale`), a fake score fitted to the generator's samples, and the DM loss between the two (DMD
+    eq. 7–8). DMD is one (methods/dmd.py: its generator one- or few-step); rCM holds one for its consistency student
+    (methods/rcm.py)."""
 
     fake_t_range = (0, 999)  # the fake score's ε-MSE timesteps: every noise level
+
+    def __init__(self, teacher, fake_score: torch.nn.Module, real_guidance_scale: float):
+        self.teacher, self.fake_score, self.real_guidance_scale = teacher, fake_score, real_guidance_scale
+
+    def draw_noise(self, batch_size: int, gen: StepDraws) -> torch.Tensor:
+        return gen.randn(self.teacher.latent_shape(batch_size)).to(self.teacher.device)
+
+    def draw_timesteps(self, batch_size: int, low: int, high: int, gen: StepDraws) -> torch.Tensor:
+        return gen.randint(low, high + 1, batch_size).to(self.teacher.device)
+
+    def distribution_matching_loss(self, x0_hat, embeds, mask, t, noise) -> torch.Tensor:
+        """DMD eq. 7–8: ∇_x̂0 KL ≈ (x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real| at the noise level t."""
+        with torch.no_grad():
+            x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.denoiser.alphas_cumprod)
+            x0_real = self.real_x0(x_t, t, embeds, mask)
+            x0_fake = self.fake_x0(x_t, t, embeds, mask)
+            grad = dm_gradient(x0_hat.detach(), x0_real, x0_fake)
+        return dm_loss(x0_hat, grad)
+
+    def real_x0(self, x_t, t, embeds, mask) -> torch.Tensor:
+        """The frozen teacher's (guided) x̂0: the real score."""
+        return self.teacher.denoiser.x0(x_t, t, embeds, mask, guidance_scale=self.real_guidance_scale)
+
+    def fake_x0(self, x_t, t, embeds, mask) -> torch.Tensor:
+        return self.teacher.denoiser.x0(x_t, t, embeds, mask, transformer=self.fake_score)
+
+    def fake_score_loss(self, samples, embeds, mask, t, noise) -> torch.Tensor:
+        """Denoising score matching on the generator's (detached) samples: plain ε-MSE, conditional only."""
+        denoiser = self.teacher.denoiser
+        x_t = add_noise(samples, noise, t, denoiser.alphas_cumprod)
+        eps = denoiser.eps(x_t.to(self.teacher.dtype), t, embeds, mask, transformer=self.fake_score).float()
+        return F.mse_loss(eps, noise)
+
+
+
+def fake_score_network(teacher, spec, target_modules, gradient_checkpointing: bool) -> tuple[torch.nn.Module, int]:
+    """The fake score and its LoRA rank: a trainable float32 copy of the teacher (`lora_rank: 0`), or LoRA adapters
+    on a copy that shares the frozen teacher's weights (the real score is then the same base without adapters, so a
+    method holds one frozen base instead of a second trained network; the teacher itself stays as it was)."""
+    rank, alpha = _lora_spec(spec, "fake_score")
+    if rank:
+        return lora_network(weight_sharing_copy(teacher.transformer), rank, alpha, list(target_modules),
+                            gradient_checkpointing), rank
+    return trainable_copy(teacher.transformer, gradient_checkpointing), 0
+
+
+class DMD(DistributionMatching, Method):
+    """Every setting is required: conf/distill/dmd.yaml is the one home of the defaults, with what each means.
+    The fake score, the real score and the DM loss are `DistributionMatching`'s (its attributes are set here)."""
     # What `plan.fit` may turn on when a step does not fit, cheapest first (config overrides).
     MEMORY_SAVERS = {
         "the generator EMA on the CPU": {"distill.ema_device": "cpu"},
@@ -118,14 +170,9 @@ class DMD(Method):
         # is the same base without adapters), so DMD then holds one frozen base instead of a second trained network.
         targets = list(lora_target_modules)
         self.generator_lora_rank, gen_alpha = _lora_spec(generator, "generator")
-        self.fake_lora_rank, fake_alpha = _lora_spec(fake_score, "fake_score")
         self.generator = trained_network(teacher.transformer, self.generator_lora_rank, gen_alpha, targets,
                                          gradient_checkpointing)
-        if self.fake_lora_rank:  # adapters on a copy that shares the teacher's weights: the teacher stays as it was
-            self.fake_score = lora_network(weight_sharing_copy(teacher.transformer), self.fake_lora_rank, fake_alpha,
-                                           targets, gradient_checkpointing)
-        else:
-            self.fake_score = trainable_copy(teacher.transformer, gradient_checkpointing)
+        self.fake_score, self.fake_lora_rank = fake_score_network(teacher, fake_score, targets, gradient_checkpointing)
         self.generator_ema = (None if ema_decay is None else
                               EMA(self.generator, ema_decay, "cpu" if ema_device == "cpu" else None))
         self.models = {"generator": self.generator, "fake_score": self.fake_score}
@@ -230,41 +277,12 @@ class DMD(Method):
         return logs
 
     # ---- the method -------------------------------------------------------------------------
-    def draw_noise(self, batch_size: int, gen: StepDraws) -> torch.Tensor:
-        return gen.randn(self.teacher.latent_shape(batch_size)).to(self.teacher.device)
-
-    def draw_timesteps(self, batch_size: int, low: int, high: int, gen: StepDraws) -> torch.Tensor:
-        return gen.randint(low, high + 1, batch_size).to(self.teacher.device)
-
     def generate(self, generator, embeds, mask, z: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """One step: x̂0 = (z − √(1−ᾱ_t)·ε_G(z, t)) / √ᾱ_t, by default at t = T̄ with z ~ N(0, I) unscaled (PixArt
         DMD)."""
         if t is None:
             t = torch.full((z.shape[0],), self.t_bar, device=z.device, dtype=torch.long)
         return self.teacher.denoiser.x0(z, t, embeds, mask, transformer=generator)
-
-    def distribution_matching_loss(self, x0_hat, embeds, mask, t, noise) -> torch.Tensor:
-        """DMD eq. 7–8: ∇_x̂0 KL ≈ (x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real| at the noise level t."""
-        with torch.no_grad():
-            x_t = add_noise(x0_hat.detach(), noise, t, self.teacher.denoiser.alphas_cumprod)
-            x0_real = self.real_x0(x_t, t, embeds, mask)
-            x0_fake = self.fake_x0(x_t, t, embeds, mask)
-            grad = dm_gradient(x0_hat.detach(), x0_real, x0_fake)
-        return dm_loss(x0_hat, grad)
-
-    def real_x0(self, x_t, t, embeds, mask) -> torch.Tensor:
-        """The frozen teacher's (guided) x̂0: the real score."""
-        return self.teacher.denoiser.x0(x_t, t, embeds, mask, guidance_scale=self.real_guidance_scale)
-
-    def fake_x0(self, x_t, t, embeds, mask) -> torch.Tensor:
-        return self.teacher.denoiser.x0(x_t, t, embeds, mask, transformer=self.fake_score)
-
-    def fake_score_loss(self, samples, embeds, mask, t, noise) -> torch.Tensor:
-        """Denoising score matching on the generator's (detached) samples: plain ε-MSE, conditional only."""
-        denoiser = self.teacher.denoiser
-        x_t = add_noise(samples, noise, t, denoiser.alphas_cumprod)
-        eps = denoiser.eps(x_t.to(self.teacher.dtype), t, embeds, mask, transformer=self.fake_score).float()
-        return F.mse_loss(eps, noise)
 
     # ---- inference and export -----------------------------------------------------------------
     def scheduler(self):

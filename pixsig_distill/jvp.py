@@ -25,6 +25,7 @@ import contextlib
 from typing import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 
 from .errors import UserError
@@ -84,10 +85,14 @@ class ExactJVP:
 
     def __call__(self, fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor],
                  tangents: Sequence[torch.Tensor], networks: Sequence[torch.nn.Module] = ()) -> torch.Tensor:
-        """The tangent of fn's output at `primals` along `tangents` (no graph: sCM's target is stop-gradient)."""
-        tangents = tuple(v.to(p.dtype) for p, v in zip(primals, tangents))  # forward AD wants matching dtypes
-        with torch.no_grad(), forward_ad_attention(*networks):
-            return torch.func.jvp(fn, tuple(primals), tangents)[1]
+        """The tangent of fn's output at `primals` along `tangents` (no graph: sCM's target is stop-gradient).
+
+        Dual tensors (torch.autograd.forward_ad) rather than torch.func.jvp: the same forward-mode AD on plain
+        tensors, which the planner's fake tensors and memory tracker can follow (functorch's wrappers hide their
+        storage from it)."""
+        with torch.no_grad(), forward_ad_attention(*networks), fwAD.dual_level():
+            duals = [fwAD.make_dual(p, v.to(p.dtype)) for p, v in zip(primals, tangents)]  # matching dtypes
+            return fwAD.unpack_dual(fn(*duals)).tangent
 
 
 class FiniteDifferenceJVP:
@@ -105,9 +110,9 @@ class FiniteDifferenceJVP:
 
     def __init__(self, step: float = 3e-4, scheme: str = "central"):
         if not step > 0:
-            raise UserError(f"distill.jvp.step={step} must be positive; 3e-4 is the measured default")
+            raise UserError(f"distill.jvp_step={step} must be positive; 3e-4 is the measured default")
         if scheme not in ("central", "backward"):
-            raise UserError(f"distill.jvp.scheme={scheme!r} is not a scheme; use central or backward")
+            raise UserError(f"distill.jvp_scheme={scheme!r} is not a scheme; use central or backward")
         self.step, self.scheme = float(step), scheme
 
     def check(self, *networks: torch.nn.Module) -> None:

@@ -86,17 +86,65 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
         return (torch.cat([eps, torch.zeros_like(eps)], dim=1),)
 
 
+class ConsistencyGaussian(GaussianDenoiser):
+    """The same world in continuous time, for continuous-time consistency (sCM, rCM): a network whose output can be
+    the teacher's exact ε and also the exact consistency velocity that a TrigFlow student must reach.
+
+    With x_t̂ = cos t̂·x0 + sin t̂·z and x0 ~ N(μ, s²), σ² = cos² t̂·s² + sin² t̂:
+    - the teacher's ε*(x_t̂) = sin t̂·(x_t̂ − cos t̂·μ)/σ², exact at every real t (ᾱ log-linear between integers, as in
+      pixsig_distill/denoiser.py, so t̂ ↔ t is the denoiser's own map, and the time tangent reaches ᾱ);
+    - the ODE keeps (x − cos t̂·μ)/σ constant, so the consistency function is f*(x_t̂) = μ + s·(x_t̂ − cos t̂·μ)/σ and
+      its TrigFlow velocity (f = cos t̂·x − sin t̂·F) is F* = ((cos t̂ − s/σ)·x − (1 − s·cos t̂/σ)·μ)/sin t̂.
+    The output is (1 − λ)·ε*(μ, s) + λ·F*(μ, s_F), with λ, log s, log s_F and the caption → μ map trained: λ = 0 is
+    the teacher, λ = 1, s_F = s and μ the guided mean are the answer of distilling its guided ODE."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, sample_size: int = 8, caption_channels: int = 32, std: float = 0.2,
+                 num_attention_heads: int = 1, attention_head_dim: int = 16):
+        super().__init__(in_channels, sample_size, caption_channels, std, num_attention_heads, attention_head_dim)
+        del self.log_std
+        self.log_std = torch.nn.Parameter(torch.tensor(math.log(std)))       # s of the ε branch
+        self.log_std_f = torch.nn.Parameter(torch.tensor(math.log(std)))     # s_F of the velocity branch
+        self.gate = torch.nn.Parameter(torch.tensor(0.0))                     # λ
+
+    def forward(self, hidden_states, encoder_hidden_states=None, encoder_attention_mask=None, timestep=None,
+                added_cond_kwargs=None, return_dict=False):
+        from pixsig_distill.denoiser import alpha_bar
+
+        x_t = hidden_states
+        pooled, mu = self.mean(encoder_hidden_states, encoder_attention_mask)
+        for block in self.transformer_blocks:
+            block(x_t, pooled)
+        t = timestep if timestep.is_floating_point() else timestep.long()
+        a = alpha_bar(self.alphas_cumprod, t.expand(x_t.shape[0]) if t.ndim == 0 else t).view(-1, 1, 1, 1)
+        cos, sin, mu = a.sqrt(), (1 - a).sqrt(), mu[..., None, None]
+        s, s_f = self.log_std.exp(), self.log_std_f.exp()
+        eps = sin * (x_t - cos * mu) / (cos**2 * s**2 + sin**2)
+        sigma_f = (cos**2 * s_f**2 + sin**2).sqrt()
+        velocity = ((cos - s_f / sigma_f) * x_t - (1 - s_f * cos / sigma_f) * mu) / sin
+        out = (1 - self.gate) * eps + self.gate * velocity
+        return (torch.cat([out, torch.zeros_like(out)], dim=1),)
+
+
+def consistency_solution(teacher: Teacher, x_t: torch.Tensor, t: int, mu: torch.Tensor, std: float = 0.2):
+    """f*(x_t) = μ + s·(x_t − √ᾱ μ)/√(ᾱ s² + 1 − ᾱ): the guided ODE's end from x_t (ConsistencyGaussian's world)."""
+    a = teacher.denoiser.alphas_cumprod[t]
+    mu = mu[..., None, None]
+    return mu + std * (x_t - a.sqrt() * mu) / (a * std**2 + 1 - a).sqrt()
+
+
 PROMPTS = ["red", "blue", "green"]
 
 
 def known_teacher(means=((1.0, 0.0, 0.0, 0.0), (-1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0)), null=(0.0,) * 4,
-                  std: float = 0.2, guidance_scale: float = 3.0) -> Teacher:
+                  std: float = 0.2, guidance_scale: float = 3.0, network_class=GaussianDenoiser) -> Teacher:
     """The Gaussian teacher behind `PROMPTS` (each with its per-channel mean; the empty prompt: `null`), with a
-    tiny real T5 and VAE so that the project's own Teacher wraps it."""
+    tiny real T5 and VAE so that the project's own Teacher wraps it (`network_class`: ConsistencyGaussian for
+    continuous time)."""
     pipe = tiny_pipeline(seed=0)
     teacher = Teacher(pipe, max_sequence_length=8, guidance_scale=guidance_scale, num_inference_steps=20,
                       device="cpu")
-    network = GaussianDenoiser(std=std, caption_channels=pipe.text_encoder.config.d_model)
+    network = network_class(std=std, caption_channels=pipe.text_encoder.config.d_model)
     torch.manual_seed(0)
     pooled, _ = network.mean(*teacher.encode_prompts(PROMPTS + [""]))
     # caption_proj fitted exactly: the four pooled captions are independent, so W·pooled + b hits every mean

@@ -111,6 +111,11 @@ METHODS: dict[str, Case] = {
         "deepspeed": "tests/test_deepspeed_methods.py::test_zero3_bf16_checkpoints_keep_the_fp32_masters (killed, "
                      "resumed)",
     }),
+    "scm": Case("scm", fast=("distill.pair_steps=2",), runs={
+        # ZeRO-3's parameter hooks have no forward-mode AD (the exact JVP is refused there in one line): the
+        # finite-difference tangent, from plain forwards
+        "deepspeed": {"overrides": ("distill.jvp=finite_difference",)},
+    }),
     "finetune": Case("finetune", data=IMAGES, skips={
         "grad_accum": "not run (suite time): its micro-batches are sliced as the distillations' are",
         "resume_after_kill": "tests/test_finetune.py::test_finetune_resumes_exactly (resumed from a checkpoint)",

@@ -107,3 +107,22 @@ def test_the_plan_counts_the_jvp_and_names_its_attention_path():
     score_matrix_and_tangent = 2 * 16 * 4096**2 * 2  # bf16
     assert peaks["exact"] - peaks["finite_difference"] > 2 * score_matrix_and_tangent
     assert "math attention" in notes["exact"] and "finite difference" in notes["finite_difference"]
+
+
+def test_rcm_switches_its_dmd_term_on_at_the_end_of_the_warm_up_by_the_step_number(compose_train):
+    """The DMD term starts at step `tangent_warmup_steps` of the run (StepDraws.step, which a resume restores), not
+    at a count of the method's own calls; the fake score learns from the first step."""
+    from pixsig_distill.draws import StepDraws
+
+    cfg = compose_train("distill=rcm", "distill.pair_steps=2", "distill.tangent_warmup_steps=5")
+    teacher = build(cfg.model)
+    method = build(cfg.distill, teacher=teacher)
+    method.prepare(Accelerator(cpu=True))
+    embeds, mask = teacher.encode_prompts(["a red circle", "a blue square"])
+    batch = {"prompt": ["a red circle", "a blue square"], "embeds": embeds, "mask": mask}
+    before = method.train_step(batch, StepDraws(torch.Generator().manual_seed(0), step=4))
+    after = method.train_step(batch, StepDraws(torch.Generator().manual_seed(0), step=5))
+    assert "loss_dm" not in before and float(before["r"]) == pytest.approx(0.8) and "loss_fake" in before
+    assert torch.isfinite(after["loss_dm"]) and float(after["r"]) == 1.0
+    card = method.card()
+    assert card["method"] == "rcm" and card["dmd_timesteps"] == [999, 499] and card["eval_steps"] == [1, 2, 4]

@@ -106,11 +106,16 @@ class FiniteDifferenceJVP:
     float32 before its sinusoid, one ulp at t ≈ 999 is 6e-5 timesteps. On the toy teacher, along sCM's tangent
     cos t̂ sin t̂·(v, 1), h = 3e-4 is within 0.25 % of the exact JVP from t = 100 to 999, 1e-4 is 6 % off at t = 999
     and the backward scheme is 4–10× worse (docs/consistency.md, "JVP through PixArt-Σ"). Needs a float32 network:
-    in bfloat16 the rounding swamps any useful step."""
+    in bfloat16 the rounding swamps any useful step.
+
+    A large step is a low-pass on purpose: along sCM's tangent a step of 0.05 spans ±5–8 DDPM timesteps at every
+    noise level, wider than the wiggles the time embedding's fastest sinusoids put between neighbouring timesteps;
+    sCM's targets then follow the network's trend in time, not those wiggles (distill=scm's default; measured in
+    docs/consistency.md)."""
 
     def __init__(self, step: float = 3e-4, scheme: str = "central"):
         if not step > 0:
-            raise UserError(f"distill.jvp_step={step} must be positive; 3e-4 is the measured default")
+            raise UserError(f"distill.jvp_step={step} must be positive (0.05: the smoothed tangent; 3e-4: the exact one)")
         if scheme not in ("central", "backward"):
             raise UserError(f"distill.jvp_scheme={scheme!r} is not a scheme; use central or backward")
         self.step, self.scheme = float(step), scheme

@@ -112,16 +112,16 @@ METHODS: dict[str, Case] = {
                      "resumed)",
     }),
     "scm": Case("scm", fast=("distill.pair_steps=2",), runs={
-        # ZeRO-3's parameter hooks have no forward-mode AD (the exact JVP is refused there in one line): the
+        "fsdp2": {"overrides": ("distill.jvp=exact",)},  # forward-mode AD through FSDP2's gathering hooks
+        # ZeRO-3's parameter hooks have no forward-mode AD (the exact JVP is refused there in one line): the default
         # finite-difference tangent, from plain forwards
-        "deepspeed": {"overrides": ("distill.jvp=finite_difference",)},
     }, skips={
         "ddp": "rcm's case (the same student under DDP); this one's FSDP2 case runs DDP's data path too",
         "real_width": "rcm's case (experiment=pixart_sigma_512_rcm: this student, its JVP and export, at real width)",
     }),
     # the DMD term switches on after a one-step warm-up: every check sees both phases (and resumes across the switch)
     "rcm": Case("rcm", fast=("distill.pair_steps=2", "distill.tangent_warmup_steps=1"), runs={
-        "deepspeed": {"stage": "zero2"},  # the exact JVP where ZeRO-3 refuses it (scm runs ZeRO-3)
+        "deepspeed": {"stage": "zero2", "overrides": ("distill.jvp=exact",)},  # the exact JVP where ZeRO-3 refuses it
         # its 512-px recipe (bf16, checkpointing, the 4-step chain, 4 fake-score updates) on prompts, a full export
         "real_width": {"overrides": ("experiment=pixart_sigma_512_rcm", "data=toy", "model.load_text_encoder=true",
                                      "distill.full_pipeline_export=true", "distill.pair_steps=1",

@@ -50,7 +50,7 @@ def test_export_samples_in_stock_diffusers_as_our_sampler_does(compose_train, tm
 def test_the_default_sdpa_student_trains_through_the_math_path_and_keeps_its_own(compose_train):
     """The exact JVP swaps each attention layer to diffusers' AttnProcessor for the call (PyTorch's fused kernel has
     no forward-mode AD: tests/test_jvp.py) and gives the layers their own processors back."""
-    cfg = compose_train(*FAST)
+    cfg = compose_train(*FAST, "distill.jvp=exact")
     teacher = build(cfg.model)
     method = build(cfg.distill, teacher=teacher)
     method.prepare(Accelerator(cpu=True))
@@ -64,7 +64,7 @@ def test_the_default_sdpa_student_trains_through_the_math_path_and_keeps_its_own
 
 
 def test_what_the_exact_jvp_cannot_run_is_refused_in_one_line(compose_train):
-    cfg = compose_train(*FAST)
+    cfg = compose_train(*FAST, "distill.jvp=exact")
     teacher = build(cfg.model)
 
     class FusedKernelAttention(AttnProcessor2_0):  # a kernel with the same call and no forward-mode rule
@@ -76,7 +76,7 @@ def test_what_the_exact_jvp_cannot_run_is_refused_in_one_line(compose_train):
     assert "\n" not in str(err.value)
     build(compose_train(*FAST, "distill.jvp=finite_difference").distill, teacher=teacher)  # plain forwards: fine
 
-    method = build(compose_train(*FAST).distill, teacher=build(cfg.model))
+    method = build(cfg.distill, teacher=build(cfg.model))
     plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})
     from accelerate.utils import DistributedType
 

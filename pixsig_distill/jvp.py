@@ -115,7 +115,8 @@ class FiniteDifferenceJVP:
 
     def __init__(self, step: float = 3e-4, scheme: str = "central"):
         if not step > 0:
-            raise UserError(f"distill.jvp_step={step} must be positive (0.05: the smoothed tangent; 3e-4: the exact one)")
+            raise UserError(f"distill.jvp_step={step} must be positive (0.05: the smoothed tangent; 3e-4: the exact "
+                            f"one)")
         if scheme not in ("central", "backward"):
             raise UserError(f"distill.jvp_scheme={scheme!r} is not a scheme; use central or backward")
         self.step, self.scheme = float(step), scheme

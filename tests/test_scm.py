@@ -100,9 +100,10 @@ def test_the_plan_counts_the_jvp_and_names_its_attention_path():
     peaks, notes = {}, {}
     for jvp in ("exact", "finite_difference"):
         with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
-            cfg = compose("train", overrides=["distill=scm", "model=pixart_sigma_1024", "model.load_text_encoder=false",
-                                              "train.batch_size=1", "train.gradient_checkpointing=true",
-                                              "train.mixed_precision=bf16", "distill.ema_decay=null", f"distill.jvp={jvp}"])
+            cfg = compose("train", overrides=[
+                "distill=scm", "model=pixart_sigma_1024", "model.load_text_encoder=false", "train.batch_size=1",
+                "train.gradient_checkpointing=true", "train.mixed_precision=bf16", "distill.ema_decay=null",
+                f"distill.jvp={jvp}"])
         peaks[jvp], notes[jvp] = simulate_step(cfg, num_layers=1).peak, " ".join(plan_notes(cfg))
     score_matrix_and_tangent = 2 * 16 * 4096**2 * 2  # bf16
     assert peaks["exact"] - peaks["finite_difference"] > 2 * score_matrix_and_tangent

@@ -52,8 +52,8 @@ class RCM(SCM):
 
     @staticmethod
     def plan_note(node) -> str:
-        return (SCM.plan_note(node) + f"; the student's {len(node.dmd_timesteps)}-step chain for the DMD term is planned "
-                f"as its first step (the rest runs without gradients, below the step's peak)")
+        return (SCM.plan_note(node) + f"; the student's {len(node.dmd_timesteps)}-step chain for the DMD term is "
+                f"planned as its first step (the rest runs without gradients, below the step's peak)")
 
     def __init__(self, teacher, *, dmd_weight: float, dmd_timesteps, real_guidance_scale: float,
                  fake_updates_per_step: int, dm_t_min: int, dm_t_max: int, fake_optimizer, fake_score,

@@ -56,8 +56,8 @@ JVP_MODES = ("exact", "finite_difference")
 
 
 def consistency_target(F_minus, velocity, x_t, tangent, t_hat, r: float, c: float) -> torch.Tensor:
-    """The normalised target direction g of Alg. 1, per sample: F_minus = F_θ⁻(x_t̂, t̂), velocity = dx/dt̂,
-    tangent = cos t̂ sin t̂·dF_θ⁻/dt̂ (the rearranged JVP)."""
+    """The target direction g of Alg. 1 per sample, normalised, and its norm before: F_minus = F_θ⁻(x_t̂, t̂),
+    velocity = dx/dt̂, tangent = cos t̂ sin t̂·dF_θ⁻/dt̂ (the rearranged JVP)."""
     shape = (-1, *[1] * (x_t.ndim - 1))
     cos, sin = t_hat.cos().view(shape), t_hat.sin().view(shape)
     g = -cos**2 * (F_minus - velocity) - r * (cos * sin * x_t + tangent)
@@ -80,8 +80,9 @@ def jvp_from_config(mode: str, step: float, scheme: str):
 class SCM(Method):
     """Every setting is required: conf/distill/scm.yaml is the one home of the defaults, with what each means."""
 
-    MEMORY_SAVERS = {"the student EMA on the CPU": {"distill.ema_device": "cpu"},
-                     "8-bit AdamW (bitsandbytes, CUDA)": {"distill.optimizer._target_": "pixsig_distill.optim.adamw_8bit"}}
+    MEMORY_SAVERS = {  # what `plan.fit` may turn on, cheapest first
+        "the student EMA on the CPU": {"distill.ema_device": "cpu"},
+        "8-bit AdamW (bitsandbytes, CUDA)": {"distill.optimizer._target_": "pixsig_distill.optim.adamw_8bit"}}
 
     @staticmethod
     def plan_stand_in(node):

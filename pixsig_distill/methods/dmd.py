@@ -90,12 +90,19 @@ class DMD(Method):
         return None
 
     def __init__(self, teacher, *, timesteps, real_guidance_scale: float, fake_updates_per_step: int, dm_t_min: int,
-                 dm_t_max: int, generator_optimizer, fake_optimizer, grad_clip: float | None, ema_decay: float | None,
-                 ema_device: str, generator, fake_score, lora_target_modules, gradient_checkpointing: bool,
+                 dm_t_max: int, dm_start_step: int, generator_optimizer, fake_optimizer, grad_clip: float | None,
+                 ema_decay: float | None, ema_device: str, generator, fake_score, lora_target_modules, gradient_checkpointing: bool,
                  full_pipeline_export: bool, regression=None, gan=None, rewards=None, name: str = "dmd"):
         if isinstance(fake_updates_per_step, bool) or not isinstance(fake_updates_per_step, int) \
                 or fake_updates_per_step < 1:
             raise UserError(f"distill.fake_updates_per_step={fake_updates_per_step!r}; use an integer >= 1")
+        if isinstance(dm_start_step, bool) or not isinstance(dm_start_step, int) or dm_start_step < 0:
+            raise UserError(f"distill.dm_start_step={dm_start_step!r}; use an integer >= 0 (0: the DM loss from the "
+                            f"first step)")
+        if dm_start_step and not (regression or gan or rewards):
+            raise UserError(f"distill.dm_start_step={dm_start_step}: before it the generator learns only from its "
+                            f"extra terms, and this run has none; add one (e.g. +distill/regression=pairs) or set "
+                            f"distill.dm_start_step=0")
         if not 0 <= dm_t_min < dm_t_max <= 999:
             raise UserError(f"distill.dm_t_min/dm_t_max = {dm_t_min}/{dm_t_max}; need 0 <= min < max <= 999")
         if ema_decay is not None and not 0 <= ema_decay < 1:
@@ -109,6 +116,7 @@ class DMD(Method):
         self.real_guidance_scale = real_guidance_scale
         self.fake_updates_per_step = fake_updates_per_step
         self.dm_t_range = (dm_t_min, dm_t_max)
+        self.dm_start_step = dm_start_step
         self.grad_clip = grad_clip
         self.ema_decay = ema_decay
         self.full_pipeline_export = full_pipeline_export
@@ -189,6 +197,8 @@ class DMD(Method):
             samples[i] = x0_hat.detach()
             loss = self.distribution_matching_loss(x0_hat, embeds[rows], mask[rows], t_dm[rows], noise_dm[rows])
             log("loss_dm", loss)
+            if gen.step < self.dm_start_step:  # a warm start on the terms alone (e.g. ODE regression); logged only
+                loss = loss.detach() * 0
             for term, draws in zip(self.terms, term_draws):
                 for name, value, weight in term.generator_losses(self, x0_hat, embeds[rows], mask[rows], draws, rows,
                                                                  (i, len(parts))):

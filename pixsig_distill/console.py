@@ -49,12 +49,14 @@ def start_process() -> None:
     configure_threads()
 
 
-def entry_point(config_name: str, run, needs_values: bool = True):
+def entry_point(config_name: str, run, needs_values: bool = True, validate=None):
     """The `main()` of a command: compose conf/<config_name>.yaml with the command line and call `run(cfg)`.
 
     Around it: one-line errors for a command line Hydra cannot compose or values a chosen option still needs
-    (`needs_values=False`: the planner, which reads no data), one line and exit code 2 for a UserError, and
-    `start_process()`. Hydra names the job (and so the default output folder) after the module `run` lives in."""
+    (`needs_values=False`: the planner, which reads no data), the command's own checks of its values
+    (`validate(cfg)`, when the command line is read: before the checks every command shares, so a range particular
+    to a setting is the one named), one line and exit code 2 for a UserError, and `start_process()`.
+    Hydra names the job (and so the default output folder) after the module `run` lives in."""
     import functools
 
     import hydra
@@ -67,6 +69,6 @@ def entry_point(config_name: str, run, needs_values: bool = True):
         start_process()
         run(cfg)
 
-    return one_line_config_errors(config_name, needs_values)(
+    return one_line_config_errors(config_name, needs_values, validate)(
         hydra.main(version_base="1.3", config_path="pkg://pixsig_distill.conf", config_name=config_name)(
             exit_on_user_error(main)))

@@ -145,6 +145,16 @@ def parameters_sharded(accelerator) -> bool:
     return False
 
 
+def engine_name(accelerator) -> str:
+    """ddp | fsdp2 | zero2 | zero3: how this run splits its networks, in the planner's words (plan.engine); ddp for
+    one process. A method's `check_engine` refuses what it cannot run under it, for training and for a plan."""
+    if accelerator is not None and accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp2"
+    if is_deepspeed(accelerator):
+        return "zero3" if parameters_sharded(accelerator) else "zero2"
+    return "ddp"
+
+
 def zero3(accelerator) -> bool:
     """DeepSpeed ZeRO-3: parameters are empty placeholders outside forward/backward."""
     return (accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED

@@ -31,7 +31,7 @@ from .plan_latency import (INFER_MFU, QUANTIZED_SHARE, check_generation_options,
                            generation_flops, generation_memory, generation_report, inference_memory,
                            roofline_latency)
 from .plan_config import plan_notes
-from .sharding import ENGINES, per_device, sharded_networks
+from .sharding import ENGINES, check_engine, per_device, sharded_networks
 from .console import entry_point
 
 GiB = 2**30
@@ -60,17 +60,25 @@ GPUS = {  # vendor datasheet peaks (dense, no sparsity); memory as nvidia-smi re
 TRAIN_MFU = 0.4      # share of the peak a well-tuned training step reaches (a typical figure, not a measurement)
 # ---- the report --------------------------------------------------------------------------------
 
-def plan(cfg: DictConfig) -> dict:
+def validate(cfg: DictConfig) -> None:
+    """What train refuses (but a plan may size random-weight stand-ins and fp16 on a GPU it does not have), and
+    the plan's own options."""
     from .config import validate_train_config
 
-    validate_train_config(cfg, check_resume=False)  # a plan writes nothing and resumes nothing
-    options = cfg.plan
-    gpu_name = None if options.gpu is None else str(options.gpu)  # `plan.gpu=4090` arrives as an integer
+    validate_train_config(cfg, check_resume=False, training=False)  # a plan writes nothing and resumes nothing
+    gpu_name = None if cfg.plan.gpu is None else str(cfg.plan.gpu)  # `plan.gpu=4090` arrives as an integer
     if gpu_name is not None and gpu_name not in GPUS:
         raise UserError(f"plan.gpu={gpu_name!r}; use one of {', '.join(GPUS)} (or null for memory only)")
-    check_plan_options(options, cfg.model)
+    check_plan_options(cfg.plan, cfg.model)
+
+
+def plan(cfg: DictConfig) -> dict:
+    validate(cfg)
+    options = cfg.plan
+    gpu_name = None if options.gpu is None else str(options.gpu)
     began = time.time()
     gpus, engine = int(options.gpus), str(options.engine or "ddp")
+    check_engine(cfg, engine)  # before minutes of simulation
     step, layers, device = predict_device(cfg, engine, gpus)
     report = {"prediction": True, "model": str(cfg.model.pretrained), "layers": layers,
               "method": OmegaConf.select(cfg, "distill._target_"),
@@ -241,7 +249,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-main = entry_point("plan", plan, needs_values=False)  # a plan reads no data: folders may stay unset
+main = entry_point("plan", plan, needs_values=False, validate=validate)  # a plan reads no data: folders may stay unset
 
 
 if __name__ == "__main__":

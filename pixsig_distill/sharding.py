@@ -49,6 +49,16 @@ def per_device(step: dict, sharded: dict, engine: str, gpus: int, mixed_precisio
             "sharded_networks": sharded["networks"], "sharded_bytes": sharded["bytes"], "unit_bytes": sharded["unit"]}
 
 
+def check_engine(cfg: DictConfig, engine: str) -> None:
+    """Whatever training refuses under `engine`, a plan refuses too: the method's own `check_engine`, on its networks
+    built on the meta device (nothing allocated)."""
+    cfg = plannable(cfg)
+    teacher, _ = shape_only_teacher(cfg.model, num_layers=1)
+    method = build(cfg.distill, teacher=teacher)
+    if hasattr(method, "check_engine"):
+        method.check_engine(engine)
+
+
 def sharded_networks(cfg: DictConfig) -> dict:
     """What a sharding engine splits across devices, at full depth on the meta device (nothing allocated): the
     bytes of the networks training prepares (`method.models`: their parameters, trained or frozen inside them) and

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import deepspeed_engines
 from ..draws import StepDraws, step_draws
-from ..distributed import full_parameters, zero3
+from ..distributed import engine_name, full_parameters
 from ..errors import UserError
 from ..sampling import sample_latents
 from ..schedule import add_noise, x0_from_eps
@@ -156,11 +156,16 @@ class DMD:
             modules["generator_ema"] = self.generator_ema
         return modules
 
-    def prepare(self, accelerator) -> None:
-        if zero3(accelerator) and any(term.generator_loss_reads_fake_score for term in self.terms):
+    def check_engine(self, engine: str) -> None:
+        """What DMD cannot run under `engine` (distributed.engine_name): refused by training and by a plan alike."""
+        if engine == "zero3" and any(term.generator_loss_reads_fake_score for term in self.terms):
             raise UserError("distill.gan under DeepSpeed ZeRO-3: the generator's GAN loss back-propagates through the "
                             "fake score, another ZeRO-3 engine, which DeepSpeed does not support; launch DMD2 with "
-                            "deepspeed_zero2.yaml or fsdp2_full_shard.yaml (docs/scaling.md)")
+                            "deepspeed_zero2.yaml or fsdp2_full_shard.yaml, plan it with plan.engine=zero2 or fsdp2 "
+                            "(docs/scaling.md)")
+
+    def prepare(self, accelerator) -> None:
+        self.check_engine(engine_name(accelerator))
         self.accelerator = accelerator
         # One prepare call per network with its optimizer: FSDP2 takes one model per call, DeepSpeed makes an
         # engine of each.

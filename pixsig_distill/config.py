@@ -319,8 +319,9 @@ def _is_group(key: str) -> bool:
 def value_type_error(config_name: str, overrides: list[str], cfg: DictConfig) -> str | None:
     """A value given on the command line that cannot be what its setting holds, by the setting's default: a
     number setting (an integer one) given text, an empty string, a float (for an integer), NaN or infinity, or a
-    negative number. One check for every command, before anything is loaded; ranges particular to a setting are
-    checked where it is used (e.g. `validate_train_config`, the methods)."""
+    negative number. One check for every command, before anything is loaded, after the command's own `validate`
+    (ranges particular to a setting: `validate_train_config`, ...); the methods check theirs where they are built,
+    so the fix named for a negative number is one sure to be taken (0 when that is the default, else the default)."""
     groups = [o for o in overrides if _is_group(o.partition("=")[0])]
     base = None
     for override in overrides:
@@ -348,7 +349,9 @@ def value_type_error(config_name: str, overrides: list[str], cfg: DictConfig) ->
                 isinstance(default, int) and not integral):
             return f"{key}={value!r} is not {wanted}; give {wanted} (the default is {default})"
         if value < 0 <= default and not key.endswith("weight"):  # a loss term's weight may be negative: a penalty
-            return f"{key}={value} is negative; give {wanted} >= 0 (the default is {default})"
+            # Only what is sure to be taken: a range of its own is checked where the setting is read (0 may be out).
+            fix = f"{wanted} >= 0 (the default is 0)" if default == 0 else f"{wanted} such as its default, {default}"
+            return f"{key}={value} is negative; give {fix}"
     return None
 
 

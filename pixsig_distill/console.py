@@ -69,6 +69,8 @@ def entry_point(config_name: str, run, needs_values: bool = True, validate=None)
         start_process()
         run(cfg)
 
-    return one_line_config_errors(config_name, needs_values, validate)(
+    command = one_line_config_errors(config_name, needs_values, validate)(
         hydra.main(version_base="1.3", config_path="pkg://pixsig_distill.conf", config_name=config_name)(
             exit_on_user_error(main)))
+    command.validate = validate  # what the command line is checked with (tests/test_fuzz_cli.py)
+    return command

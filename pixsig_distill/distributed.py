@@ -73,10 +73,8 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
         raise UserError("fsdp_version: 1 is retired in this toolkit; launch with "
                         "pixsig_distill/conf/accelerate/fsdp2_full_shard.yaml or fsdp2_shard_grad_op.yaml "
                         "(fsdp_version: 2, docs/scaling.md)")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and grad_accum > 1:
-        raise UserError(f"train.grad_accum={grad_accum} under DeepSpeed: DeepSpeed steps its optimizer inside every "
-                        f"backward unless it runs its own accumulation, which this toolkit does not drive; use "
-                        f"train.grad_accum=1 with a larger train.batch_size, or DDP/FSDP (docs/scaling.md)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        deepspeed_engines.check_grad_accum(grad_accum)
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
         # accelerate reads the micro-batch from a prepared DataLoader; the loop batches by itself.

@@ -159,6 +159,8 @@ def advise_fit(cfg: DictConfig, gpu_name: str, gpus: int, engine: str) -> dict:
             break
         if all(OmegaConf.select(cfg, key, default=None) == value for key, value in changes.items()):
             continue  # already on
+        if refused_under(cfg, {**chosen, **changes}, engine):
+            continue  # training would refuse it under this engine (8-bit AdamW under DeepSpeed)
         chosen.update(changes)
         used.append(name)
         peak1, flops1 = device_peak(1)
@@ -174,6 +176,22 @@ def advise_fit(cfg: DictConfig, gpu_name: str, gpus: int, engine: str) -> dict:
                   peak=peak1 + (batch - 1) * per_sample,
                   step_seconds=(flops1 + (batch - 1) * (flops2 - flops1)) / (gpu.bf16_flops * TRAIN_MFU))
     return advice
+
+
+def refused_under(cfg: DictConfig, changes: dict, engine: str) -> bool:
+    """Would training refuse `cfg` with `changes` under `engine` for DeepSpeed's rules (sharding.py)?"""
+    from .sharding import check_deepspeed_rules
+
+    trial = copy.deepcopy(cfg)
+    with open_dict(trial):
+        for key, value in changes.items():
+            if key != "plan.engine":
+                OmegaConf.update(trial, key, value, force_add=True)
+    try:
+        check_deepspeed_rules(trial, str(changes.get("plan.engine", engine)))
+    except UserError:
+        return True
+    return False
 
 
 def check_plan_options(options: DictConfig, model_cfg: DictConfig | None = None) -> None:

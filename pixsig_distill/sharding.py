@@ -50,13 +50,27 @@ def per_device(step: dict, sharded: dict, engine: str, gpus: int, mixed_precisio
 
 
 def check_engine(cfg: DictConfig, engine: str) -> None:
-    """Whatever training refuses under `engine`, a plan refuses too: the method's own `check_engine`, on its networks
-    built on the meta device (nothing allocated)."""
+    """Whatever training refuses under `engine`, a plan refuses too: DeepSpeed's rules (`check_deepspeed_rules`),
+    then the method's own `check_engine`, on its networks built on the meta device (nothing allocated)."""
+    check_deepspeed_rules(cfg, engine)
     cfg = plannable(cfg)
     teacher, _ = shape_only_teacher(cfg.model, num_layers=1)
     method = build(cfg.distill, teacher=teacher)
     if hasattr(method, "check_engine"):
         method.check_engine(engine)
+
+
+def check_deepspeed_rules(cfg: DictConfig, engine: str) -> None:
+    """Under zero2/zero3: AdamW only and no train.grad_accum (deepspeed_engines.py: what training refuses)."""
+    if engine not in ("zero2", "zero3"):
+        return
+    from .config_checks import target_nodes
+    from .deepspeed_engines import check_grad_accum, check_optimizer
+
+    check_grad_accum(int(cfg.train.grad_accum))
+    for path, _, target in target_nodes(cfg._get_node("distill"), "distill"):
+        if path.endswith("optimizer"):
+            check_optimizer(target)
 
 
 def sharded_networks(cfg: DictConfig) -> dict:

@@ -76,6 +76,20 @@ def test_the_planner_refuses_what_training_refuses_under_its_engine(tiny_folder)
         plan(cfg)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["experiment=pixart_sigma_1024_dmd", "train.grad_accum=1"], "adamw_8bit under DeepSpeed"),  # its 8-bit AdamW
+    (["train.grad_accum=2"], "train.grad_accum=2 under DeepSpeed")])
+def test_the_planner_refuses_deepspeeds_rules_as_training_does(overrides, message):
+    from pixsig_distill.config import _compose
+    from pixsig_distill.plan import plan, refused_under
+
+    cfg = _compose("plan", [*overrides, "plan.engine=zero3", "plan.gpus=8"])
+    with pytest.raises(UserError, match=message):
+        plan(cfg)
+    # plan.fit never offers what training would refuse under the engine
+    assert refused_under(cfg, {}, "zero2") and not refused_under(cfg, {}, "fsdp2")
+
+
 def test_a_merged_lora_lists_no_lora_folder(tiny_folder, tmp_path):
     from hydra import compose, initialize_config_module
 

@@ -39,6 +39,32 @@ def quiet_console() -> None:
             handler.setLevel(logging.INFO)
             if not any(isinstance(f, OursOnConsole) for f in handler.filters):
                 handler.addFilter(OursOnConsole())
+    _deepspeed_into_logging()
+
+
+def _deepspeed_into_logging() -> None:
+    """DeepSpeed logs through a handler of its own on stdout (its "DeepSpeed" logger does not propagate) and says, as
+    it is imported, which accelerator it chose. Under a DeepSpeed launch it is imported here with stdout captured,
+    and its records join the logging tree like any third party's: the log file keeps them from INFO, the console
+    shows only its errors."""
+    import contextlib
+    import io
+    import os
+    import sys
+
+    if "deepspeed" not in sys.modules and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return  # not a DeepSpeed run: not worth its import
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        import deepspeed  # noqa: F401
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    for handler in list(deepspeed_logger.handlers):
+        deepspeed_logger.removeHandler(handler)
+    deepspeed_logger.propagate = True
+    deepspeed_logger.setLevel(logging.INFO)
+    for line in said.getvalue().splitlines():  # what it said while importing, for the log file
+        if line.strip():
+            deepspeed_logger.info(line)
 
 
 def start_process() -> None:

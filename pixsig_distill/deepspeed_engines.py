@@ -9,8 +9,8 @@ built.
 Checkpoints stay safetensors: the optimizer state is gathered from the ZeRO partitions per parameter
 (`safe_get_full_optimizer_state`, a collective) into the same parameter-name keyed form the DDP and FSDP2 runs
 save, and scattered back on resume, so a ZeRO run resumes with its AdamW moments (the files do not depend on the
-process count: a 2-process run resumes on 1, tests/test_deepspeed.py). The moments are AdamW's (`exp_avg`, `exp_avg_sq`): an
-optimizer with other state keys (bitsandbytes' 8-bit AdamW) is not supported under DeepSpeed.
+process count: a 2-process run resumes on 1, tests/test_deepspeed.py). The moments are AdamW's (`exp_avg`,
+`exp_avg_sq`): an optimizer with other state keys (bitsandbytes' 8-bit AdamW) is not supported under DeepSpeed.
 """
 
 from __future__ import annotations

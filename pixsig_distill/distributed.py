@@ -63,6 +63,7 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
         from accelerate.utils import ProjectConfiguration
 
         project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "tensorboard"))
+    _shipped_deepspeed_config()
     accelerator = Accelerator(cpu=wanted.type == "cpu", mixed_precision=mixed_precision,
                               log_with=list(log_with) if log_with else None, project_config=project)
     if wanted.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -80,6 +81,16 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
         # accelerate reads the micro-batch from a prepared DataLoader; the loop batches by itself.
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size * grad_accum
     return accelerator
+
+
+def _shipped_deepspeed_config() -> None:
+    """The shipped launch configs name their DeepSpeed JSON by its path in the repository
+    (`pixsig_distill/conf/accelerate/deepspeed_zero3.json`): launched from elsewhere, it is the installed package's."""
+    name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if name != "none" and not Path(name).is_file() and name.startswith("pixsig_distill/"):
+        installed = Path(__file__).resolve().parent.parent / name
+        if installed.is_file():
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(installed)
 
 
 def _fsdp_on_cpu(accelerator: Accelerator) -> None:

@@ -31,7 +31,7 @@ from .plan_latency import (INFER_MFU, QUANTIZED_SHARE, check_generation_options,
                            generation_flops, generation_memory, generation_report, inference_memory,
                            roofline_latency)
 from .plan_config import plan_notes
-from .sharding import ENGINES, check_engine, per_device, sharded_networks
+from .sharding import ENGINES, check_engine, per_device, sharded_networks, zero3_limits
 from .console import entry_point
 
 GiB = 2**30
@@ -88,6 +88,13 @@ def plan(cfg: DictConfig) -> dict:
               "gpus": gpus, "engine": engine if gpus > 1 else None, "per_device": device,
               "notes": []}
     report["notes"] += plan_notes(cfg)  # what each configured object says the plan leaves out
+    if device.get("zero2_peak") is not None and device["peak"] >= device["zero2_peak"]:
+        held = device["limits"]["stage3_max_live_parameters"] + device["limits"]["stage3_prefetch_bucket_size"]
+        report["notes"].append(
+            f"ZeRO-3 holds {device['peak'] / GiB:.2f} GiB per device, no less than ZeRO-2's "
+            f"{device['zero2_peak'] / GiB:.2f}: its live-parameter limits ({held:.3g} parameters live and prefetched) "
+            f"let each network stay gathered whole; lower stage3_max_live_parameters and stage3_prefetch_bucket_size "
+            f"in its DeepSpeed JSON (plan.deepspeed_config=) or use plan.engine=fsdp2 or zero2")
     if gpu_name is not None:
         gpu = GPUS[gpu_name]
         report["gpu"] = {"name": gpu.name, "memory_gib": gpu.memory_gib, "fits": gpu.fits(device["peak"]),
@@ -116,8 +123,15 @@ def predict_device(cfg: DictConfig, engine: str, gpus: int):
     segments: list = []
     step, layers = predict_step(cfg, tuple(options.depths), options.exact, segments)
     sharded = sharded_networks(cfg)
-    device = max((per_device(asdict(s), sharded, engine, gpus, cfg.train.mixed_precision) for s in segments or [step]),
-                 key=lambda d: d["peak"])  # each segment's peak as the device holds it: the largest is the device's
+    limits = zero3_limits(options.get("deepspeed_config")) if engine == "zero3" else None
+
+    def on_device(engine_: str) -> dict:  # each segment's peak as the device holds it: the largest is the device's
+        return max((per_device(asdict(s), sharded, engine_, gpus, cfg.train.mixed_precision, limits)
+                    for s in segments or [step]), key=lambda d: d["peak"])
+
+    device = on_device(engine)
+    if engine == "zero3" and gpus > 1:  # what ZeRO-3 buys over ZeRO-2 with these limits, for the report's note
+        device["zero2_peak"], device["limits"] = on_device("zero2")["peak"], limits
     return step, layers, device
 
 

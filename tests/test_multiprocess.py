@@ -127,7 +127,7 @@ def test_cpu_flag_alone_starts_one_process():
 
 
 @pytest.mark.parametrize("name", ["single_gpu", "ddp", "fsdp2_shard_grad_op", "fsdp2_full_shard", "deepspeed_zero2",
-                                  "deepspeed_zero3", "cpu_2proc", "cpu_fsdp2_2proc"])
+                                  "deepspeed_zero3", "cpu_2proc", "cpu_fsdp2_2proc", "multinode"])
 def test_shipped_launch_configs_parse(name):
     """Every shipped accelerate config is accepted by `accelerate launch` (the GPU ones cannot run here)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -139,6 +139,8 @@ def test_shipped_launch_configs_parse(name):
         assert args.use_fsdp and str(args.fsdp_version) == "2" and args.num_processes == (2 if "cpu" in name else 8)
         assert str(args.fsdp_reshard_after_forward).lower() == ("false" if "grad_op" in name else "true")
         assert args.fsdp_transformer_layer_cls_to_wrap == "BasicTransformerBlock"
+    if name == "multinode":  # the machine arguments come from the command line (scripts/slurm/train.sbatch)
+        assert args.multi_gpu and args.num_machines == 2 and args.num_processes == 16 and args.machine_rank == 0
     if name == "deepspeed_zero2":
         assert args.use_deepspeed and args.zero_stage == 2 and args.mixed_precision == "bf16"
         assert args.gradient_accumulation_steps is None  # train.grad_accum decides

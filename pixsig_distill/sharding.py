@@ -18,6 +18,9 @@ DEEPSPEED_DEFAULT_LIMITS = {"stage3_max_live_parameters": 1e9, "stage3_max_reuse
                             "stage3_prefetch_bucket_size": 5e7}
 
 
+ZERO3_GATHERED = 2.3  # bytes a ZeRO-3 device holds per byte of parameters gathered (FITTED, docs/scaling.md)
+
+
 def zero3_limits(deepspeed_config: str | None = None) -> dict:
     """The live-parameter limits of a ZeRO-3 run: those of the DeepSpeed JSON `deepspeed_config` (None: the shipped
     conf/accelerate/deepspeed_zero3.json), DeepSpeed's defaults for what it leaves out."""
@@ -45,12 +48,13 @@ def per_device(step: dict, sharded: dict, engine: str, gpus: int, mixed_precisio
     * zero2: gradients and optimizer state split over the devices (ZeRO stage 2);
     * fsdp2: the prepared networks' parameters split too, and two of their units (one transformer block, in bf16
       when training in mixed precision) gathered whole at a time: the one computing and the one prefetched;
-    * zero3: as zero2, plus what each prepared network holds gathered: twice (the gathered copies and their
-      partition buffers) the smaller of its bytes and the parameters its live-parameter `limits` let it hold
+    * zero3: as zero2, with the prepared networks' parameters split over the devices too, plus what each of them
+      holds gathered at a time: `ZERO3_GATHERED` times (the gathered copies, their partition and communication
+      buffers) the smaller of its bytes and the parameters its live-parameter `limits` let it hold
       (`stage3_max_live_parameters` + `stage3_prefetch_bucket_size`; None: DeepSpeed's defaults, 1e9 + 5e7, which
-      exceed these networks: what a forward gathers stays gathered until its backward, and no parameter memory
-      is saved). The factor 2 is FITTED to the 2-process CPU measurement of DMD under the defaults, the limited
-      term checked against the shipped limits (docs/scaling.md).
+      exceed these networks: what a forward gathers stays gathered until its backward, and ZeRO-3 holds more than
+      ZeRO-2). The factor is FITTED to 2-process CPU measurements of DMD under the defaults and the shipped limits
+      and checked on LCM and on checkpointed DMD (docs/scaling.md).
 
     DeepSpeed (zero2, zero3) also keeps, whatever the precision, an fp32 master copy of the trained parameters and
     their reduced fp32 gradients, each split over the devices (`masters`).
@@ -71,8 +75,9 @@ def per_device(step: dict, sharded: dict, engine: str, gpus: int, mixed_precisio
             limits = limits or DEEPSPEED_DEFAULT_LIMITS
             held = limits["stage3_max_live_parameters"] + limits["stage3_prefetch_bucket_size"]
             per_network = sharded.get("per_network") or {"all": (sharded["bytes"] / 4, sharded["bytes"])}
-            parts["gathered"] = 2 * half * sum(min(size, held * size / max(count, 1))
-                                               for count, size in per_network.values())
+            parts["sharded_away"] += share * sharded["bytes"]
+            parts["gathered"] = ZERO3_GATHERED * half * sum(min(size, held * size / max(count, 1))
+                                                            for count, size in per_network.values())
         if engine in ("zero2", "zero3"):
             parts["masters"] = 2 * sharded["trained_fp32"] / gpus
     return {"peak": peak - parts["sharded_away"] + parts["gathered"] + parts["buckets"] + parts["masters"], **parts,

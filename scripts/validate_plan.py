@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results/real_scale/plan_validation.json")
     parser.add_argument("--only", help="run only the cases whose name contains this text; the other rows of --out "
                                         "are kept")
+    parser.add_argument("--predict-only", action="store_true", help="recompute the predictions of the rows in --out "
+                        "(after a change to the planner), keeping their measurements")
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--sharded-worker", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,7 +217,13 @@ def main() -> None:
             elif "model=pixart_sigma_512" in overrides:
                 overrides = [*overrides, f"model.pretrained={folder}", "model.max_sequence_length=300"]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-            if name in SHARDED:
+            if args.predict_only:
+                old = next((r for r in json.loads(Path(args.out).read_text())["rows"] if r["case"] == name), None)
+                if old is None:
+                    continue
+                measured = {k: old[k] for k in ("measured_bytes", "step_seconds", "ranks") if k in old}
+                predicted = predict(overrides, *((2, SHARDED[name][0]) if name in SHARDED else ()))
+            elif name in SHARDED:
                 engine = SHARDED[name][0]
                 measured, predicted = measure_sharded(overrides, env, engine), predict(overrides, 2, engine)
             else:
@@ -226,7 +234,7 @@ def main() -> None:
             rows.append({"case": name, "overrides": overrides, **measured, **predicted, "ratio": ratio})
             print(f"{name}: predicted {predicted['predicted_bytes'] / 2**20:.0f} MiB, measured "
                   f"{measured['measured_bytes'] / 2**20:.0f} MiB (×{ratio:.2f})", flush=True)
-    if args.only is not None and Path(args.out).is_file():  # the other cases' rows, as last measured
+    if (args.only is not None or args.predict_only) and Path(args.out).is_file():  # the other rows, as they were
         ran = {r["case"] for r in rows}
         rows += [r for r in json.loads(Path(args.out).read_text())["rows"] if r["case"] not in ran]
         order = [*CASES, *SHARDED]

@@ -217,6 +217,8 @@ def check_plan_options(options: DictConfig, model_cfg: DictConfig | None = None)
         raise UserError(f"plan.fit={options.fit!r}; use one of {', '.join(GPUS)}")
     if options.engine is not None and str(options.engine) not in ENGINES:
         raise UserError(f"plan.engine={options.engine!r}; use one of {', '.join(ENGINES)}")
+    if str(options.engine) == "zero3":
+        zero3_limits(options.get("deepspeed_config"))  # a DeepSpeed JSON that reads, before simulating
     check_generation_options(options, model_cfg)
     depths = options.depths
     if not (OmegaConf.is_list(depths) and len(depths) == 2

@@ -237,6 +237,23 @@ def test_sharding_engines_split_what_they_should(compose_plan, capsys):
     assert device["peak"] < step["peak"]  # the plan: sharding the tiny DMD's two networks over 4 devices pays
 
 
+def test_zero3_is_planned_with_its_configs_limits_and_says_when_it_saves_nothing(compose_plan, tmp_path):
+    """The tiny networks are far inside the shipped limits (deepspeed_zero3.json): ZeRO-3 holds them gathered and
+    the plan says it saves nothing over ZeRO-2; a DeepSpeed JSON with limits below them plans less than ZeRO-2."""
+    import json
+
+    shipped = plan(compose_plan("plan.gpus=2", "plan.engine=zero3"))
+    assert any("no less than ZeRO-2" in note and "stage3_max_live_parameters" in note for note in shipped["notes"])
+    small = tmp_path / "zero3.json"
+    small.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 100,
+                                                       "stage3_prefetch_bucket_size": 100}}))
+    lean = plan(compose_plan("plan.gpus=2", "plan.engine=zero3", f"plan.deepspeed_config={small}"))
+    assert lean["per_device"]["peak"] < lean["per_device"]["zero2_peak"] < shipped["per_device"]["peak"]
+    assert not any("no less than ZeRO-2" in note for note in lean["notes"])
+    with pytest.raises(UserError, match="plan.deepspeed_config=.* is not a readable DeepSpeed JSON"):
+        plan(compose_plan("plan.gpus=2", "plan.engine=zero3", f"plan.deepspeed_config={tmp_path / 'none.json'}"))
+
+
 @pytest.mark.parametrize("override,message", [("plan.gpus=0", "plan.gpus=0"), ("plan.engine=zero4", "one of ddp")])
 def test_bad_sharding_options_are_one_line(override, message, compose_plan):
     with pytest.raises(UserError, match=message):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..draws import StepDraws, step_draws
-from ..distributed import full_parameters, zero3
+from ..distributed import full_parameters
 from ..errors import UserError
 from ..sampling import sample_latents
 from ..schedule import add_noise
@@ -160,11 +160,15 @@ class DMD(Method):
             modules["generator_ema"] = self.generator_ema
         return modules
 
-    def prepare(self, accelerator) -> None:
-        if zero3(accelerator) and any(term.generator_loss_reads_fake_score for term in self.terms):
+    def check_engine(self, engine: str) -> None:
+        """What DMD cannot run under `engine` (distributed.engine_name): refused by training and by a plan alike."""
+        if engine == "zero3" and any(term.generator_loss_reads_fake_score for term in self.terms):
             raise UserError("distill.gan under DeepSpeed ZeRO-3: the generator's GAN loss back-propagates through the "
                             "fake score, another ZeRO-3 engine, which DeepSpeed does not support; launch DMD2 with "
-                            "deepspeed_zero2.yaml or fsdp2_full_shard.yaml (docs/scaling.md)")
+                            "deepspeed_zero2.yaml or fsdp2_full_shard.yaml, plan it with plan.engine=zero2 or fsdp2 "
+                            "(docs/scaling.md)")
+
+    def prepare(self, accelerator) -> None:
         self.prepare_networks(accelerator, self.grad_clip)
 
     def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict[str, float]:

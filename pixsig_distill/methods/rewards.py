@@ -63,6 +63,8 @@ class Reward(Term):
         return [self.reward] if isinstance(self.reward, torch.nn.Module) else []
 
     def card(self) -> dict:
+        if getattr(self.reward, "random_weights", False):  # a sizing run's stand-in: no reward was trained for
+            return {}
         return {"reward_" + self.name: self.weight,
                 **({f"reward_{self.name}_ceiling": self.ceiling} if self.ceiling is not None else {}),
                 **({f"reward_{self.name}_start_step": self.start_step} if self.start_step else {})}
@@ -79,6 +81,7 @@ class CLIPRewardStandIn(torch.nn.Module):
     step). It measures nothing: use it to size a run, never to train one for its samples."""
 
     name = "clip_stand_in"
+    random_weights = True  # training refuses it unless sizing_run=true (config_checks.refuse_random_weights)
 
     def __init__(self, width: int = 1280, layers: int = 32, heads: int = 16, patch_size: int = 14,
                  image_size: int = 224, embed_dim: int = 1024):

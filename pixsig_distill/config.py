@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .conf import compose as _compose
 from .errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -199,13 +200,6 @@ def one_line_config_errors(config_name: str, needs_values: bool = True, validate
         return wrapper
 
     return decorate
-
-
-def _compose(config_name: str, overrides: list[str], hydra_config: bool = False):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
-        return compose(config_name, overrides=overrides, return_hydra_config=hydra_config)
 
 
 def rewrite_aliases(config_name: str, argv: list[str]) -> list[str]:

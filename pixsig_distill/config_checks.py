@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .conf import CONF_DIR, compose as compose_config
 from .errors import UserError
 
 HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
@@ -76,14 +77,13 @@ def _options_taking(path: str, key: str) -> list[str]:
     from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
-    from .config import PACKAGE_DIR, _compose
 
-    if "." in path or not (PACKAGE_DIR / "conf" / path).is_dir():
+    if "." in path or not (CONF_DIR / path).is_dir():
         return []
     found = []
-    for option in sorted((PACKAGE_DIR / "conf" / path).glob("*.yaml")):
+    for option in sorted((CONF_DIR / path).glob("*.yaml")):
         try:  # inside a Hydra job (train's run) its config module is already the search path
-            composed = compose if GlobalHydra.instance().is_initialized() else _compose
+            composed = compose if GlobalHydra.instance().is_initialized() else compose_config
             node = composed("train", overrides=[f"{path}={option.stem}"])[path]
             parameters = inspect.signature(_locate(str(node._target_))).parameters
         except Exception:  # noqa: BLE001
@@ -124,18 +124,17 @@ def refuse_fp16_on_cpu(cfg: DictConfig) -> None:
 def launch_config_error(config_name: str, argv: list[str], cfg: DictConfig) -> str | None:
     """`+accelerate=deepspeed_zero2` and the like: a config group the command has no place for, added with `+`.
     A launch config (accelerate's, with `distributed_type`) is read by `accelerate launch` only."""
-    from .config import PACKAGE_DIR, _compose
 
     added = [arg[1:].partition("=") for arg in argv if arg.startswith("+") and "=" in arg]
     added = [(key, value) for key, _, value in added if "/" not in key and "." not in key
-             and (PACKAGE_DIR / "conf" / key).is_dir() and key in cfg]
+             and (CONF_DIR / key).is_dir() and key in cfg]
     if not added:
         return None
-    base = _compose(config_name, [])
+    base = compose_config(config_name, [])
     for key, value in added:
         if key in base:
             continue
-        path = PACKAGE_DIR / "conf" / key / f"{value}.yaml"
+        path = CONF_DIR / key / f"{value}.yaml"
         if "distributed_type" in cfg[key]:
             how = ("a plan takes the engine and the device count instead: plan.engine=ddp|fsdp2|zero2|zero3 "
                    "plan.gpus=N" if "plan" in base else f"launch with it: accelerate launch --config_file "

@@ -48,8 +48,9 @@ class RowSpec:
         return self.card.get("method", self.kind)
 
     @property
-    def t_bar(self) -> int | None:
-        return self.card.get("t_bar")
+    def timesteps(self) -> list[int] | None:
+        """The fixed timesteps the card samples at (a DMD student's T̄ is its one), or None."""
+        return self.card.get("timesteps")
 
     @property
     def label(self) -> str:
@@ -254,7 +255,7 @@ def evaluate(ev: Evaluation, rows: list[RowSpec]) -> tuple[list[dict], list]:
     results, grids, paired = [], [], []  # paired: per row, {scorer name: its per-item values}
     main = ev.accelerator.is_main_process
     for row in rows:  # rows of one model are adjacent, so each model loads once
-        result = {"name": row.name, "method": row.method, "kind": row.kind, "steps": row.steps, "t_bar": row.t_bar,
+        result = {"name": row.name, "method": row.method, "kind": row.kind, "steps": row.steps, "timesteps": row.timesteps,
                   "path": row.path, "n_samples": len(ev.prompt_set.prompts), "group": row.group, "vae": row_vae(row, ev.mode),
                   "reference": row.compare_to, "not_independent": shared_models(row, ev.scorers) or None}
         if row.kind == "real":

@@ -138,7 +138,7 @@ def run(cfg: DictConfig) -> dict:
     return {"rows": results, "meta": meta}
 
 
-main = entry_point("leaderboard", run)
+main = entry_point("leaderboard", run, validate=validate)
 
 
 if __name__ == "__main__":

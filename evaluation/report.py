@@ -21,7 +21,7 @@ PAPER_TABLE = [
     {"method": "teacher 20 steps", "fid": 9.273, "clip": 0.2863, "time_s": 1.44},
 ]
 
-BASE_COLUMNS = ["name", "group", "method", "steps", "t_bar", "guidance_scale", "vae"]
+BASE_COLUMNS = ["name", "group", "method", "steps", "timesteps", "guidance_scale", "vae"]
 STAGES = ("text_encoder", "transformer", "vae")  # the end-to-end breakdown (evaluation/latency.py)
 TAIL_COLUMNS = ["latency_median_ms", "latency_p90_ms", "transformer_median_ms", "transformer_p90_ms",
                 *(f"{stage}_stage_median_ms" for stage in STAGES), "n_samples", "path"]
@@ -74,7 +74,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
              f"({boot.get('resamples')} resamples)" + (f"; ± the standard deviation over {meta['seed_sets']} seed "
                                                        f"sets of the generated images" if meta.get("seed_sets", 1) > 1
                                                        else "") + ".", "",
-             "| name | method | steps | T̄ | " + " | ".join(c["header"] + (" ↑" if c["better"] == "higher" else " ↓")
+             "| name | method | steps | timesteps | " + " | ".join(c["header"] + (" ↑" if c["better"] == "higher" else " ↓")
                                                         for c in columns)
              + " | latency median (ms) | p90 (ms) | T5 + transformer + VAE (ms) | transformer-only median (ms) | n |",
              "|" + "---|" * (len(columns) + 9)]
@@ -82,7 +82,8 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
         e2e, tr = r.get("latency_ms") or {}, r.get("latency_transformer_ms") or {}
         cells = " | ".join(cell(r, c) + mark(r, c) for c in columns)
         steps = "" if r.get("kind") == "real" else r["steps"]
-        lines.append(f"| {r['name']} | {r['method']} | {steps} | {r.get('t_bar') or ''} | {cells} | "
+        timesteps = ", ".join(str(t) for t in r.get("timesteps") or [])
+        lines.append(f"| {r['name']} | {r['method']} | {steps} | {timesteps} | {cells} | "
                      f"{_fmt(e2e.get('median'), 1)} | {_fmt(e2e.get('p90'), 1)} | {breakdown(r)} | "
                      f"{_fmt(tr.get('median'), 1)} | {r['n_samples']} |")
     lines += independence_note(rows)
@@ -112,7 +113,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
               f"{meta.get('grid_n', 8)} prompts and seeds in every row; rows, top to bottom: "
               f"{', '.join(meta.get('grid_rows', []))}."]
     if (path.parent / "tbar_sweep.png").is_file():
-        lines += ["", "FID and CLIP of the DMD rows against T̄: `tbar_sweep.png`."]
+        lines += ["", "The first two columns of the one-step rows against their start timestep T̄: `tbar_sweep.png`."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -236,10 +237,17 @@ def write_grid(path: Path, row_images: list[np.ndarray]) -> None:
     save_grid(np.concatenate(fitted), path, columns=len(row_images[0]), scale=max(1, 128 // h))
 
 
-def write_tbar_sweep(path: Path, rows: list[dict]) -> bool:
-    """FID and CLIP against T̄ for the one-step rows that have one (the PixArt-Σ paper's supplement, Fig. 1), if there are two T̄ or more."""
-    dmd = sorted((r for r in rows if r.get("t_bar") is not None and r["steps"] == 1), key=lambda r: r["t_bar"])
-    if len({r["t_bar"] for r in dmd}) < 2:
+def start_timestep(row: dict) -> int | None:
+    """T̄ of a one-step row that samples at one fixed timestep (its card's), else None."""
+    timesteps = row.get("timesteps") or []
+    return timesteps[0] if row["steps"] == 1 and len(timesteps) == 1 else None
+
+
+def write_tbar_sweep(path: Path, rows: list[dict], columns: list[dict]) -> bool:
+    """The board's first two columns against T̄ for the one-step rows that start at a fixed timestep (the PixArt-Σ
+    paper's supplement, Fig. 1), if there are two T̄ or more."""
+    dmd = sorted((r for r in rows if start_timestep(r) is not None), key=start_timestep)
+    if len({start_timestep(r) for r in dmd}) < 2 or len(columns) < 2:
         path.unlink(missing_ok=True)  # a plot from an earlier run with other entries would mislead
         return False
     import matplotlib
@@ -249,16 +257,17 @@ def write_tbar_sweep(path: Path, rows: list[dict]) -> bool:
 
     teacher = next((r for r in rows if r.get("kind") == "teacher" and r["steps"] == 20), None)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in ((axes[0], "fid", "FID ↓"), (axes[1], "clip", "CLIP score ↑ (plain cosine)")):
+    for ax, column in zip(axes, columns[:2]):
+        key, label = column["key"], f"{column['header']} {'↑' if column['better'] == 'higher' else '↓'}"
         have = [r for r in dmd if r.get(key) is not None]
         if have:
-            x, y = [r["t_bar"] for r in have], np.array([r[key] for r in have])
+            x, y = [start_timestep(r) for r in have], np.array([r[key] for r in have])
             lo = np.array([r.get(f"{key}_lo", r[key]) for r in have])
             hi = np.array([r.get(f"{key}_hi", r[key]) for r in have])
-            ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o-", capsize=3, label="DMD, 1 step (95 % interval)")
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o-", capsize=3, label="1 step (95 % interval)")
         if teacher is not None and teacher.get(key) is not None:
             ax.axhline(teacher[key], ls="--", color="gray", label="teacher, 20 steps")
-        ax.set_xlabel("T̄ (DMD start timestep)")
+        ax.set_xlabel("T̄ (start timestep)")
         ax.set_ylabel(label)
         ax.legend()
     fig.tight_layout()
@@ -290,7 +299,7 @@ def write_all(out: Path, stem: str, results: list[dict], meta: dict, images: lis
                                           f"step{'' if r['steps'] == 1 else 's'})" for r in results])
     write_grid(out / ("grid.png" if stem == "leaderboard" else f"{stem}_grid.png"),
                [np.stack([np.asarray(rows[i]) for i in range(n_grid)]) for rows in images])
-    write_tbar_sweep(out / "tbar_sweep.png", results)
+    write_tbar_sweep(out / "tbar_sweep.png", results, meta["columns"])
     write_json(out / f"{stem}.json", results, meta)
     write_csv(out / f"{stem}.csv", results, meta)
     write_markdown(out / f"{stem}.md", results, meta)

@@ -18,9 +18,13 @@ from .console import entry_point
 log = logging.getLogger(__name__)
 
 
-def cache_text(cfg: DictConfig) -> Path:
+def validate(cfg: DictConfig) -> None:
     for key in ("shard_size", "batch_size"):
         check_int(cfg, key, 1)
+
+
+def cache_text(cfg: DictConfig) -> Path:
+    validate(cfg)
     if cfg.images is not None:
         out = encode_image_folder(build(cfg.model), cfg.images, cache_dir=cfg.out_dir)
         print(f"wrote the VAE latents and caption embeddings of {cfg.images} to {out}; train with "
@@ -38,7 +42,7 @@ def cache_text(cfg: DictConfig) -> Path:
     return out
 
 
-main = entry_point("cache_text", cache_text)
+main = entry_point("cache_text", cache_text, validate=validate)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .conf import compose as _compose
 from .errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -43,8 +44,8 @@ def check_int(cfg: DictConfig, key: str, low: int, high: int | None = None, hint
         else:
             raise UserError(f"{key}={value!r} is not an integer; {hint or f'use an integer >= {low}'}")
     if value < low or (high is not None and value > high):
-        bounds = f"{low}..{high}" if high is not None else f">= {low}"
-        raise UserError(f"{key}={value} is out of range; {hint or f'use an integer in {bounds}'}")
+        bounds = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise UserError(f"{key}={value} is out of range; {hint or f'use an integer {bounds}'}")
     return value
 
 
@@ -58,9 +59,11 @@ def check_float(cfg: DictConfig, key: str, low: float | None = None, hint: str =
     return float(value)
 
 
-def validate_train_config(cfg: DictConfig, check_resume: bool = True) -> None:
+def validate_train_config(cfg: DictConfig, check_resume: bool = True, training: bool = True) -> None:
     """Reject bad values of a `train` config (also what `plan` reads) before anything is loaded, with the fix in the
-    message."""
+    message. `training=False`: a plan, which may size a recipe with random-weight stand-ins or fp16 on a CPU."""
+    from .config_checks import check_settings_taken, refuse_fp16_on_cpu, refuse_random_weights
+
     check_int(cfg, "t_bar", 1, 999, "use an integer in 1..999 (the PixArt-Σ DMD recipe uses 400)")
     check_int(cfg, "seed", 0)
     for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "train.log_every",
@@ -73,6 +76,10 @@ def validate_train_config(cfg: DictConfig, check_resume: bool = True) -> None:
     from .lr_schedule import check_lr_schedule
 
     check_lr_schedule(cfg.train.lr_schedule)
+    check_settings_taken(cfg)
+    if training:
+        refuse_random_weights(cfg)
+        refuse_fp16_on_cpu(cfg)
     if not check_resume or cfg.resume == "auto":  # auto picks its checkpoint when the run starts
         return
     from .checkpoint import resolve_resume
@@ -92,24 +99,56 @@ RESUMABLE_CHANGES = ("out_dir", "resume", "device", "eval.", "train.max_steps", 
 def run_fingerprint(cfg: DictConfig) -> dict:
     """The settings that make a run what it is, flat and resolved; every checkpoint records them, and resuming
     with other ones is refused (loop.train). Left out: `RESUMABLE_CHANGES`, the optimizers' settings, and values
-    that repeat another setting (`${t_bar}`, `${device}`, `${toy_asset:teacher}`): their sources count instead."""
-    raw = flat_settings(OmegaConf.to_container(cfg, resolve=False))
-    resolved = flat_settings(OmegaConf.to_container(cfg, resolve=True))
-    return {key: value for key, value in resolved.items()
-            if not key.startswith(RESUMABLE_CHANGES) and "optimizer." not in key and "${" not in str(raw.get(key))}
+    that only follow one of those (`${device}`, `${train.gradient_checkpointing}`). A value that repeats another
+    setting (`${t_bar}`, `${toy_asset:teacher}`) counts as what it resolves to, a path inside this package relative
+    to it (so an install elsewhere is the same run); an empty group (`distill.rewards: {}`) is a value too."""
+    raw = flat_settings(OmegaConf.to_container(cfg, resolve=False), keep_empty=True)
+    resolved = flat_settings(OmegaConf.to_container(cfg, resolve=True), keep_empty=True)
+    return {key: _portable(value) for key, value in resolved.items()
+            if not _resumable(key) and not any(_resumable(source) for source in _references(raw.get(key)))}
+
+
+def _resumable(key: str) -> bool:
+    return key.startswith(RESUMABLE_CHANGES) or "optimizer." in key
+
+
+def _references(raw) -> list[str]:
+    """The settings a raw value interpolates (`${train.gradient_checkpointing}` → that key; resolvers excluded)."""
+    return re.findall(r"\$\{([\w.]+)\}", str(raw))
+
+
+def _portable(value):
+    """A path inside this package, relative to it: the shipped toy teacher is the same teacher wherever it lies."""
+    if isinstance(value, str) and value.startswith(str(PACKAGE_DIR)):
+        return "pixsig_distill" + value[len(str(PACKAGE_DIR)):]
+    if isinstance(value, list):
+        return [_portable(item) for item in value]
+    return value
 
 
 def fingerprint_changes(recorded: dict, now: dict) -> list[str]:
-    """`key: old → new` for every setting both record with another value (one only a newer version records is
-    no change)."""
-    return [f"{key}: {recorded[key]} → {now[key]}" for key in sorted(recorded.keys() & now.keys())
-            if recorded[key] != now[key]]
+    """`key: old → new` for every setting both record with another value, and for a group one side has where the
+    other has a value (`distill.rewards: {} → {toy_clip}`, `distill.regression: None → {...}`). A key only one
+    side has, under a group both have, is a setting only a newer version records: no change."""
+    changes = [f"{key}: {recorded[key]} → {now[key]}" for key in sorted(recorded.keys() & now.keys())
+               if recorded[key] != now[key]]
+    for side, other in ((now, recorded), (recorded, now)):
+        groups: dict[str, set] = {}  # a value on the other side → the names under it on this side
+        for key in side.keys() - other.keys():
+            held = next((p for p in (key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)) if p in other), None)
+            if held is not None:
+                groups.setdefault(held, set()).add(key[len(held) + 1:].split(".")[0])
+        for held, names in sorted(groups.items()):
+            group = "{" + ", ".join(sorted(names)) + "}"
+            changes.append(f"{held}: {other[held]} → {group}" if side is now else f"{held}: {group} → {other[held]}")
+    return changes
 
 
-def flat_settings(node, prefix: str = "") -> dict:
-    """A nested config as `a.b.c: value` (lists stay values)."""
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in flat_settings(value, f"{prefix}{key}.").items()}
+def flat_settings(node, prefix: str = "", keep_empty: bool = False) -> dict:
+    """A nested config as `a.b.c: value` (lists stay values; `keep_empty`: an empty group stays, as `{}`)."""
+    if isinstance(node, dict) and (node or not keep_empty or not prefix):
+        return {k: v for key, value in node.items()
+                for k, v in flat_settings(value, f"{prefix}{key}.", keep_empty).items()}
     return {prefix[:-1]: node}
 
 
@@ -135,7 +174,7 @@ ALIASES = {"prompt_file": "prompts", "num_images": "n_images", "num_samples": "n
            "output_dir": "out_dir"}
 
 
-def one_line_config_errors(config_name: str, needs_values: bool = True):
+def one_line_config_errors(config_name: str, needs_values: bool = True, validate=None):
     """Outermost decorator of a Hydra `main`: a command line Hydra cannot compose (an unknown `model=`
     option, a key that does not exist, an override it cannot parse) ends in one line on stderr and
     exit code 2, like a UserError, instead of Hydra's multi-line report; so does an output folder that
@@ -144,14 +183,15 @@ def one_line_config_errors(config_name: str, needs_values: bool = True):
     It composes the config once from the command line before handing over to Hydra; flags (`--help`,
     `-m`, `--cfg job`, ...) and `hydra.*` overrides are left to Hydra itself. Old key spellings
     (`ALIASES`) are rewritten to the current ones first, with a deprecation line. `needs_values=False`: the command
-    reads no data, so `???` placeholders (folders) may stay unset."""
+    reads no data, so `???` placeholders (folders) may stay unset. `validate(cfg)`: the command's own checks of its
+    values (ranges particular to a setting), run on the composed config before the checks every command shares."""
 
     def decorate(hydra_main):
         @functools.wraps(hydra_main)
         def wrapper(*args, **kwargs):
             if not args and not kwargs:  # called as a command, not with a config
                 sys.argv[1:] = rewrite_aliases(config_name, sys.argv[1:])
-                message = compose_error(config_name, sys.argv[1:], needs_values)
+                message = compose_error(config_name, sys.argv[1:], needs_values, validate)
                 if message:
                     print(f"error: {message}", file=sys.stderr)
                     sys.exit(2)
@@ -160,13 +200,6 @@ def one_line_config_errors(config_name: str, needs_values: bool = True):
         return wrapper
 
     return decorate
-
-
-def _compose(config_name: str, overrides: list[str], hydra_config: bool = False):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("pixsig_distill.conf", version_base="1.3"):
-        return compose(config_name, overrides=overrides, return_hydra_config=hydra_config)
 
 
 def rewrite_aliases(config_name: str, argv: list[str]) -> list[str]:
@@ -209,7 +242,7 @@ def closest_keys(cfg: DictConfig, key: str) -> list[str]:
     return difflib.get_close_matches(key, flat, n=1, cutoff=0.6)
 
 
-def compose_error(config_name: str, argv: list[str], needs_values: bool = True) -> str | None:
+def compose_error(config_name: str, argv: list[str], needs_values: bool = True, validate=None) -> str | None:
     """Why Hydra would refuse these overrides, in one line (None if it would not, or if unsure)."""
     if any(arg.startswith("-") for arg in argv):
         return None
@@ -247,7 +280,10 @@ def compose_error(config_name: str, argv: list[str], needs_values: bool = True) 
         return _one_line(err)
     except (HydraException, OmegaConfBaseException) as err:
         return _one_line(err)
-    message = value_type_error(config_name, overrides, cfg)
+    from .config_checks import launch_config_error
+
+    message = launch_config_error(config_name, argv, cfg) or _validation_error(validate, cfg) or \
+        value_type_error(config_name, overrides, cfg)
     if message:
         return message
     if needs_values:  # a `???` the chosen options need (data=images's folder): Hydra would fail deep in instantiate
@@ -259,6 +295,19 @@ def compose_error(config_name: str, argv: list[str], needs_values: bool = True) 
     return output_folder_error(cfg)
 
 
+def _validation_error(validate, cfg: DictConfig) -> str | None:
+    """The command's own one-line refusal of these values (None if it takes them, or cannot judge them yet)."""
+    if validate is None:
+        return None
+    try:
+        validate(cfg)
+    except UserError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001  (a value it cannot even read: the shared checks below name it)
+        return None
+    return None
+
+
 def _is_group(key: str) -> bool:
     """`distill`, `model`, `distill/gan/real_images`, ...: a config group (a folder of conf/), not a value."""
     return (PACKAGE_DIR / "conf" / key.lstrip("+~")).is_dir()
@@ -267,8 +316,9 @@ def _is_group(key: str) -> bool:
 def value_type_error(config_name: str, overrides: list[str], cfg: DictConfig) -> str | None:
     """A value given on the command line that cannot be what its setting holds, by the setting's default: a
     number setting (an integer one) given text, an empty string, a float (for an integer), NaN or infinity, or a
-    negative number. One check for every command, before anything is loaded; ranges particular to a setting are
-    checked where it is used (e.g. `validate_train_config`, the methods)."""
+    negative number. One check for every command, before anything is loaded, after the command's own `validate`
+    (ranges particular to a setting: `validate_train_config`, ...); the methods check theirs where they are built,
+    so the fix named for a negative number is one sure to be taken (0 when that is the default, else the default)."""
     groups = [o for o in overrides if _is_group(o.partition("=")[0])]
     base = None
     for override in overrides:
@@ -296,7 +346,9 @@ def value_type_error(config_name: str, overrides: list[str], cfg: DictConfig) ->
                 isinstance(default, int) and not integral):
             return f"{key}={value!r} is not {wanted}; give {wanted} (the default is {default})"
         if value < 0 <= default and not key.endswith("weight"):  # a loss term's weight may be negative: a penalty
-            return f"{key}={value} is negative; give {wanted} >= 0 (the default is {default})"
+            # Only what is sure to be taken: a range of its own is checked where the setting is read (0 may be out).
+            fix = f"{wanted} >= 0 (the default is 0)" if default == 0 else f"{wanted} such as its default, {default}"
+            return f"{key}={value} is negative; give {fix}"
     return None
 
 

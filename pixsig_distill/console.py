@@ -39,6 +39,32 @@ def quiet_console() -> None:
             handler.setLevel(logging.INFO)
             if not any(isinstance(f, OursOnConsole) for f in handler.filters):
                 handler.addFilter(OursOnConsole())
+    _deepspeed_into_logging()
+
+
+def _deepspeed_into_logging() -> None:
+    """DeepSpeed logs through a handler of its own on stdout (its "DeepSpeed" logger does not propagate) and says, as
+    it is imported, which accelerator it chose. Under a DeepSpeed launch it is imported here with stdout captured,
+    and its records join the logging tree like any third party's: the log file keeps them from INFO, the console
+    shows only its errors."""
+    import contextlib
+    import io
+    import os
+    import sys
+
+    if "deepspeed" not in sys.modules and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return  # not a DeepSpeed run: not worth its import
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        import deepspeed  # noqa: F401
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    for handler in list(deepspeed_logger.handlers):
+        deepspeed_logger.removeHandler(handler)
+    deepspeed_logger.propagate = True
+    deepspeed_logger.setLevel(logging.INFO)
+    for line in said.getvalue().splitlines():  # what it said while importing, for the log file
+        if line.strip():
+            deepspeed_logger.info(line)
 
 
 def start_process() -> None:
@@ -49,12 +75,14 @@ def start_process() -> None:
     configure_threads()
 
 
-def entry_point(config_name: str, run, needs_values: bool = True):
+def entry_point(config_name: str, run, needs_values: bool = True, validate=None):
     """The `main()` of a command: compose conf/<config_name>.yaml with the command line and call `run(cfg)`.
 
     Around it: one-line errors for a command line Hydra cannot compose or values a chosen option still needs
-    (`needs_values=False`: the planner, which reads no data), one line and exit code 2 for a UserError, and
-    `start_process()`. Hydra names the job (and so the default output folder) after the module `run` lives in."""
+    (`needs_values=False`: the planner, which reads no data), the command's own checks of its values
+    (`validate(cfg)`, when the command line is read: before the checks every command shares, so a range particular
+    to a setting is the one named), one line and exit code 2 for a UserError, and `start_process()`.
+    Hydra names the job (and so the default output folder) after the module `run` lives in."""
     import functools
 
     import hydra
@@ -67,6 +95,8 @@ def entry_point(config_name: str, run, needs_values: bool = True):
         start_process()
         run(cfg)
 
-    return one_line_config_errors(config_name, needs_values)(
+    command = one_line_config_errors(config_name, needs_values, validate)(
         hydra.main(version_base="1.3", config_path="pkg://pixsig_distill.conf", config_name=config_name)(
             exit_on_user_error(main)))
+    command.validate = validate  # what the command line is checked with (tests/test_fuzz_cli.py)
+    return command

@@ -9,8 +9,8 @@ built.
 Checkpoints stay safetensors: the optimizer state is gathered from the ZeRO partitions per parameter
 (`safe_get_full_optimizer_state`, a collective) into the same parameter-name keyed form the DDP and FSDP2 runs
 save, and scattered back on resume, so a ZeRO run resumes with its AdamW moments (the files do not depend on the
-process count; resuming on another count is untested). The moments are AdamW's (`exp_avg`, `exp_avg_sq`): an
-optimizer with other state keys (bitsandbytes' 8-bit AdamW) is not supported under DeepSpeed.
+process count: a 2-process run resumes on 1, tests/test_deepspeed.py). The moments are AdamW's (`exp_avg`,
+`exp_avg_sq`): an optimizer with other state keys (bitsandbytes' 8-bit AdamW) is not supported under DeepSpeed.
 """
 
 from __future__ import annotations
@@ -31,14 +31,27 @@ def prepare(accelerator, model: torch.nn.Module, optimizer, grad_clip: float | N
     """`accelerator.prepare(model, optimizer)`; under DeepSpeed an engine of its own for this network."""
     if not is_deepspeed(accelerator):
         return accelerator.prepare(model, optimizer)
-    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        raise UserError(f"{type(optimizer).__name__} under DeepSpeed: checkpoints gather AdamW's moments from ZeRO's "
-                        f"partitions, so DeepSpeed runs take torch.optim.AdamW (the default); use FSDP2 or DDP for "
-                        f"8-bit AdamW (docs/scaling.md)")
+    check_optimizer(type(optimizer))
     accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = float(grad_clip or 0.0)
     engine, optimizer = accelerator.prepare(model, optimizer)
     accelerator.deepspeed_engine_wrapped = None  # every engine is stepped by `step`, not accelerator.backward
     return engine, optimizer
+
+
+def check_optimizer(kind) -> None:
+    """The optimizers a DeepSpeed run takes (training's `prepare` and a plan with plan.engine=zero2|zero3)."""
+    if not (isinstance(kind, type) and issubclass(kind, (torch.optim.Adam, torch.optim.AdamW))):
+        raise UserError(f"{getattr(kind, '__name__', kind)} under DeepSpeed: checkpoints gather AdamW's moments from "
+                        f"ZeRO's partitions, so DeepSpeed runs take torch.optim.AdamW (the default); use FSDP2 or DDP "
+                        f"for 8-bit AdamW (docs/scaling.md)")
+
+
+def check_grad_accum(grad_accum: int) -> None:
+    """DeepSpeed steps inside every backward (training's accelerator and a plan with plan.engine=zero2|zero3)."""
+    if grad_accum > 1:
+        raise UserError(f"train.grad_accum={grad_accum} under DeepSpeed: DeepSpeed steps its optimizer inside every "
+                        f"backward unless it runs its own accumulation, which this toolkit does not drive; use "
+                        f"train.grad_accum=1 with a larger train.batch_size, or DDP/FSDP (docs/scaling.md)")
 
 
 def step(engine, loss: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,7 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
         from accelerate.utils import ProjectConfiguration
 
         project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "tensorboard"))
+    _shipped_deepspeed_config()
     accelerator = Accelerator(cpu=wanted.type == "cpu", mixed_precision=mixed_precision,
                               log_with=list(log_with) if log_with else None, project_config=project)
     if wanted.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -73,15 +74,23 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
         raise UserError("fsdp_version: 1 is retired in this toolkit; launch with "
                         "pixsig_distill/conf/accelerate/fsdp2_full_shard.yaml or fsdp2_shard_grad_op.yaml "
                         "(fsdp_version: 2, docs/scaling.md)")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and grad_accum > 1:
-        raise UserError(f"train.grad_accum={grad_accum} under DeepSpeed: DeepSpeed steps its optimizer inside every "
-                        f"backward unless it runs its own accumulation, which this toolkit does not drive; use "
-                        f"train.grad_accum=1 with a larger train.batch_size, or DDP/FSDP (docs/scaling.md)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        deepspeed_engines.check_grad_accum(grad_accum)
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
         # accelerate reads the micro-batch from a prepared DataLoader; the loop batches by itself.
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size * grad_accum
     return accelerator
+
+
+def _shipped_deepspeed_config() -> None:
+    """The shipped launch configs name their DeepSpeed JSON by its path in the repository
+    (`pixsig_distill/conf/accelerate/deepspeed_zero3.json`): launched from elsewhere, it is the installed package's."""
+    name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if name != "none" and not Path(name).is_file() and name.startswith("pixsig_distill/"):
+        installed = Path(__file__).resolve().parent.parent / name
+        if installed.is_file():
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(installed)
 
 
 def _fsdp_on_cpu(accelerator: Accelerator) -> None:
@@ -143,6 +152,16 @@ def parameters_sharded(accelerator) -> bool:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
     return False
+
+
+def engine_name(accelerator) -> str:
+    """ddp | fsdp2 | zero2 | zero3: how this run splits its networks, in the planner's words (plan.engine); ddp for
+    one process. A method's `check_engine` refuses what it cannot run under it, for training and for a plan."""
+    if accelerator is not None and accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp2"
+    if is_deepspeed(accelerator):
+        return "zero3" if parameters_sharded(accelerator) else "zero2"
+    return "ddp"
 
 
 def zero3(accelerator) -> bool:

@@ -31,15 +31,20 @@ def _prompts(cfg: DictConfig) -> list[str]:
     return check_prompts([str(cfg.prompt)])
 
 
-def generate(cfg: DictConfig) -> dict:
-    prompts = _prompts(cfg)
-    n_images = check_int(cfg, "n_images", 1)
-    batch_size = check_int(cfg, "batch_size", 1)
+def validate(cfg: DictConfig) -> None:
+    check_int(cfg, "n_images", 1)
+    check_int(cfg, "batch_size", 1)
     check_int(cfg, "seed", 0)
     if cfg.steps is not None:
         check_int(cfg, "steps", 1, hint="use a positive number of sampling steps")
     if cfg.guidance_scale is not None:
         check_float(cfg, "guidance_scale", 0.0, hint="use a number >= 0 (1 = no guidance; the teacher's is 4.5)")
+
+
+def generate(cfg: DictConfig) -> dict:
+    prompts = _prompts(cfg)
+    validate(cfg)
+    n_images, batch_size = int(cfg.n_images), int(cfg.batch_size)
     jobs = [p for p in prompts for _ in range(n_images)]
     mode = InferenceMode.from_config(cfg)
     began = time.perf_counter()
@@ -81,7 +86,7 @@ def generate(cfg: DictConfig) -> dict:
     return report
 
 
-main = entry_point("generate", generate)
+main = entry_point("generate", generate, validate=validate)
 
 
 if __name__ == "__main__":

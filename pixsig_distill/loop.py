@@ -26,6 +26,7 @@ from .checkpoint import STATE_FILE, list_checkpoints, load_checkpoint, resolve_r
 from .distributed import parameters_sharded
 from .draws import StepDraws
 from .config import fingerprint_changes, flat_settings
+from .config_checks import non_finite_remedy
 from .errors import UserError
 from .faults import fault_point
 from .images import save_grid, to_uint8
@@ -189,7 +190,8 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
     # A step is one update of every trained network from batch_size × grad_accum samples per process; the method
     # splits them into grad_accum micro-batches of batch_size (methods/common.py: accumulated_step).
     samples_per_step = cfg.batch_size * cfg.grad_accum
-    watch = StallWatch(method)
+    remedy = non_finite_remedy(fingerprint or {}, cfg.mixed_precision)  # what this run's settings make likely
+    watch = StallWatch(method, remedy)
     # closed however the loop ends (a one-line error mid-run would otherwise leave the bar on the console)
     with tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not main, dynamic_ncols=True) as bar:
         while step < cfg.max_steps:
@@ -203,7 +205,7 @@ def _run(method, dataset, teacher, cfg: LoopConfig, out_dir: Path, seed: int, st
             fault_point("step")  # tests/test_faults.py: a crash here loses only the steps since the last checkpoint
             bad = [k for k, v in logs.items() if k.startswith("loss") and not math.isfinite(v)]
             if bad:
-                stop_non_finite(", ".join(bad), step + 1, out_dir)
+                stop_non_finite(", ".join(bad), step + 1, out_dir, remedy)
             watch.after_step(logs, resting)
             schedules.step()
             step += 1
@@ -260,8 +262,8 @@ class StallWatch:
     interval, or whose gradient norm was non-finite at every step of it, would otherwise let a run "succeed" and
     export the teacher unchanged."""
 
-    def __init__(self, method):
-        self.method = method
+    def __init__(self, method, remedy: str = "lower the learning rate"):
+        self.method, self.remedy = method, remedy
         self.fingerprints = self._fingerprints()
         self.bad_norms: dict[str, int] = {}
         self.rested: dict[str, int] = {}  # steps a network's scheduled lr was 0 (a warm-up's first step)
@@ -293,7 +295,7 @@ class StallWatch:
         self.fingerprints, self.bad_norms, self.rested, self.steps = now, {}, {}, 0
         if always_bad:
             raise UserError(f"{', '.join(always_bad)} was non-finite at every step up to step {step}: the network "
-                            f"gets no usable gradient; stopped (lower the learning rate, or use bf16 instead of fp16)")
+                            f"gets no usable gradient; stopped ({self.remedy})")
         if frozen:
             raise UserError(f"the weights of {', '.join(frozen)} did not change in the logging interval that ended at "
                             f"step {step}: the network is not training; stopped (check the learning rate and "

@@ -19,11 +19,16 @@ from .prompts import load_prompts
 from .console import entry_point
 
 
-def make_pairs(cfg: DictConfig) -> Path:
+def validate(cfg: DictConfig) -> int | None:
+    """The values' ranges; the number of pairs to make (None: one per prompt)."""
     for key, low in (("num_inference_steps", 1), ("seed", 0), ("shard_size", 1), ("batch_size", 1)):
         check_int(cfg, key, low)
     check_float(cfg, "guidance_scale", 0.0, hint="use a number >= 0 (the teacher's CFG scale is 4.5)")
-    max_pairs = None if cfg.max_pairs is None else check_int(cfg, "max_pairs", 1)
+    return None if cfg.max_pairs is None else check_int(cfg, "max_pairs", 1)
+
+
+def make_pairs(cfg: DictConfig) -> Path:
+    max_pairs = validate(cfg)
     prompts = check_prompts(load_prompts(cfg.prompts))[:max_pairs]
     teacher = build(cfg.model)
 
@@ -45,7 +50,7 @@ def make_pairs(cfg: DictConfig) -> Path:
     return out
 
 
-main = entry_point("make_pairs", make_pairs)
+main = entry_point("make_pairs", make_pairs, validate=validate)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ def merge_lora(cfg: DictConfig) -> Path:
     pipe = load_pipeline(str(cfg.base), torch_dtype="float32")  # merge in float32, cast afterwards
     merged = load_lora(pipe.transformer, lora).merge_and_unload()
     teacher = Teacher(pipe, device="cpu")
-    out = {**card, "num_inference_steps": steps, "base": str(cfg.base), "lora": str(cfg.lora)}
+    # merged: the export holds no lora/ folder (the card's `lora` names one), only the adapter it came from
+    out = {**{k: v for k, v in card.items() if k != "lora"}, "num_inference_steps": steps, "base": str(cfg.base),
+           "merged_lora": str(cfg.lora)}
     scheduler = _adapter_scheduler(lora, card, pipe.scheduler.config)
     merged = merged.to(dtype)
     path = export_pipeline(teacher, merged, scheduler, Path(str(cfg.out_dir)), out, cfg.full_pipeline)

@@ -93,7 +93,10 @@ def _recipe(card: dict) -> list[str]:
     if card.get("original_inference_steps"):
         lines.append(f"- any step count up to {card['original_inference_steps']} (trained on that grid); "
                      f"evaluated at {card.get('eval_steps')}")
-    lines += [f"- guidance scale: {card.get('guidance_scale', 1.0)} (no classifier-free guidance at sampling)",
+    guidance = float(card.get("guidance_scale", 1.0))
+    lines += [f"- guidance scale: {card.get('guidance_scale', 1.0)} "
+              + ("(classifier-free guidance: two transformer passes a step)" if guidance > 1
+                 else "(no classifier-free guidance at sampling)"),
               f"- resolution: {card.get('resolution')} px; teacher: `{card.get('teacher')}`",
               f"- files: {'a complete pipeline' if card.get('full_pipeline', True) else 'transformer/ + scheduler/ (T5 and VAE: the teacher’s)'}"
               + ("; `lora/`: the adapter in peft format" if card.get("lora") else "")]

@@ -31,7 +31,7 @@ from .plan_latency import (INFER_MFU, QUANTIZED_SHARE, check_generation_options,
                            generation_flops, generation_memory, generation_report, inference_memory,
                            roofline_latency)
 from .plan_config import plan_notes
-from .sharding import ENGINES, per_device, sharded_networks
+from .sharding import ENGINES, check_engine, per_device, sharded_networks, zero3_limits
 from .console import entry_point
 
 GiB = 2**30
@@ -60,17 +60,25 @@ GPUS = {  # vendor datasheet peaks (dense, no sparsity); memory as nvidia-smi re
 TRAIN_MFU = 0.4      # share of the peak a well-tuned training step reaches (a typical figure, not a measurement)
 # ---- the report --------------------------------------------------------------------------------
 
-def plan(cfg: DictConfig) -> dict:
+def validate(cfg: DictConfig) -> None:
+    """What train refuses (but a plan may size random-weight stand-ins and fp16 on a GPU it does not have), and
+    the plan's own options."""
     from .config import validate_train_config
 
-    validate_train_config(cfg, check_resume=False)  # a plan writes nothing and resumes nothing
-    options = cfg.plan
-    gpu_name = None if options.gpu is None else str(options.gpu)  # `plan.gpu=4090` arrives as an integer
+    validate_train_config(cfg, check_resume=False, training=False)  # a plan writes nothing and resumes nothing
+    gpu_name = None if cfg.plan.gpu is None else str(cfg.plan.gpu)  # `plan.gpu=4090` arrives as an integer
     if gpu_name is not None and gpu_name not in GPUS:
         raise UserError(f"plan.gpu={gpu_name!r}; use one of {', '.join(GPUS)} (or null for memory only)")
-    check_plan_options(options, cfg.model)
+    check_plan_options(cfg.plan, cfg.model)
+
+
+def plan(cfg: DictConfig) -> dict:
+    validate(cfg)
+    options = cfg.plan
+    gpu_name = None if options.gpu is None else str(options.gpu)
     began = time.time()
     gpus, engine = int(options.gpus), str(options.engine or "ddp")
+    check_engine(cfg, engine)  # before minutes of simulation
     step, layers, device = predict_device(cfg, engine, gpus)
     report = {"prediction": True, "model": str(cfg.model.pretrained), "layers": layers,
               "method": OmegaConf.select(cfg, "distill._target_"),
@@ -80,6 +88,13 @@ def plan(cfg: DictConfig) -> dict:
               "gpus": gpus, "engine": engine if gpus > 1 else None, "per_device": device,
               "notes": []}
     report["notes"] += plan_notes(cfg)  # what each configured object says the plan leaves out
+    if device.get("zero2_peak") is not None and device["peak"] >= device["zero2_peak"]:
+        held = device["limits"]["stage3_max_live_parameters"] + device["limits"]["stage3_prefetch_bucket_size"]
+        report["notes"].append(
+            f"ZeRO-3 holds {device['peak'] / GiB:.2f} GiB per device, no less than ZeRO-2's "
+            f"{device['zero2_peak'] / GiB:.2f}: its live-parameter limits ({held:.3g} parameters live and prefetched) "
+            f"let each network stay gathered whole; lower stage3_max_live_parameters and stage3_prefetch_bucket_size "
+            f"in its DeepSpeed JSON (plan.deepspeed_config=) or use plan.engine=fsdp2 or zero2")
     if gpu_name is not None:
         gpu = GPUS[gpu_name]
         report["gpu"] = {"name": gpu.name, "memory_gib": gpu.memory_gib, "fits": gpu.fits(device["peak"]),
@@ -108,8 +123,15 @@ def predict_device(cfg: DictConfig, engine: str, gpus: int):
     segments: list = []
     step, layers = predict_step(cfg, tuple(options.depths), options.exact, segments)
     sharded = sharded_networks(cfg)
-    device = max((per_device(asdict(s), sharded, engine, gpus, cfg.train.mixed_precision) for s in segments or [step]),
-                 key=lambda d: d["peak"])  # each segment's peak as the device holds it: the largest is the device's
+    limits = zero3_limits(options.get("deepspeed_config")) if engine == "zero3" else None
+
+    def on_device(engine_: str) -> dict:  # each segment's peak as the device holds it: the largest is the device's
+        return max((per_device(asdict(s), sharded, engine_, gpus, cfg.train.mixed_precision, limits)
+                    for s in segments or [step]), key=lambda d: d["peak"])
+
+    device = on_device(engine)
+    if engine == "zero3" and gpus > 1:  # what ZeRO-3 buys over ZeRO-2 with these limits, for the report's note
+        device["zero2_peak"], device["limits"] = on_device("zero2")["peak"], limits
     return step, layers, device
 
 
@@ -151,6 +173,8 @@ def advise_fit(cfg: DictConfig, gpu_name: str, gpus: int, engine: str) -> dict:
             break
         if all(OmegaConf.select(cfg, key, default=None) == value for key, value in changes.items()):
             continue  # already on
+        if refused_under(cfg, {**chosen, **changes}, engine):
+            continue  # training would refuse it under this engine (8-bit AdamW under DeepSpeed)
         chosen.update(changes)
         used.append(name)
         peak1, flops1 = device_peak(1)
@@ -168,6 +192,22 @@ def advise_fit(cfg: DictConfig, gpu_name: str, gpus: int, engine: str) -> dict:
     return advice
 
 
+def refused_under(cfg: DictConfig, changes: dict, engine: str) -> bool:
+    """Would training refuse `cfg` with `changes` under `engine` for DeepSpeed's rules (sharding.py)?"""
+    from .sharding import check_deepspeed_rules
+
+    trial = copy.deepcopy(cfg)
+    with open_dict(trial):
+        for key, value in changes.items():
+            if key != "plan.engine":
+                OmegaConf.update(trial, key, value, force_add=True)
+    try:
+        check_deepspeed_rules(trial, str(changes.get("plan.engine", engine)))
+    except UserError:
+        return True
+    return False
+
+
 def check_plan_options(options: DictConfig, model_cfg: DictConfig | None = None) -> None:
     """plan.depths, plan.gpus, plan.engine, plan.vae, plan.prompt_tokens and plan.out, refused in one line before
     minutes of simulation."""
@@ -177,6 +217,8 @@ def check_plan_options(options: DictConfig, model_cfg: DictConfig | None = None)
         raise UserError(f"plan.fit={options.fit!r}; use one of {', '.join(GPUS)}")
     if options.engine is not None and str(options.engine) not in ENGINES:
         raise UserError(f"plan.engine={options.engine!r}; use one of {', '.join(ENGINES)}")
+    if str(options.engine) == "zero3":
+        zero3_limits(options.get("deepspeed_config"))  # a DeepSpeed JSON that reads, before simulating
     check_generation_options(options, model_cfg)
     depths = options.depths
     if not (OmegaConf.is_list(depths) and len(depths) == 2
@@ -241,7 +283,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-main = entry_point("plan", plan, needs_values=False)  # a plan reads no data: folders may stay unset
+main = entry_point("plan", plan, needs_values=False, validate=validate)  # a plan reads no data: folders may stay unset
 
 
 if __name__ == "__main__":

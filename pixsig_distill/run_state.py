@@ -76,9 +76,10 @@ def _restore_optimizers(path: Path, method, accelerator) -> None:
         keep_configured_hyperparameters(name, method.optimizers[name], configured[name])
 
 
-def stop_non_finite(what: str, step: int, out_dir: Path):
-    """Stop the run in one line that names what broke and the last good checkpoint."""
+def stop_non_finite(what: str, step: int, out_dir: Path, remedy: str = ""):
+    """Stop the run in one line that names what broke, the last good checkpoint and what the run's settings make
+    the likely fix (config_checks.non_finite_remedy)."""
     last = list_checkpoints(Path(out_dir) / "checkpoints")
     where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
     raise UserError(f"{what} became non-finite at step {step}; stopped, {where}; "
-                    f"lower the learning rate or enable gradient clipping")
+                    f"{remedy or 'lower the learning rate or enable gradient clipping'}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .model_card import STUDENT_CARD
+from .model_card import DECODER_CARD, STUDENT_CARD
 from .teacher import Teacher, load_pipeline
 
 
@@ -50,6 +50,9 @@ def read_card(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise UserError(f"student folder '{folder}' does not exist; pass the export/ folder of a training run")
     card = folder / STUDENT_CARD
+    if not card.is_file() and (folder / DECODER_CARD).is_file():
+        raise UserError(f"'{folder}' is a tiny decoder export (distill=tiny_decoder), not a student; give it as "
+                        f"vae={folder}, and a student's export/ folder here")
     if not card.is_file():
         raise UserError(f"'{folder}' is not a student export (no {STUDENT_CARD}); pass the export/ folder of a "
                         f"training run")

@@ -83,6 +83,8 @@ def _run(cfg: DictConfig, out_dir: Path, accelerator) -> dict:
 def training_facts(cfg: DictConfig, summary: dict, accelerator) -> dict:
     """What the model card says about how the student was trained."""
 
+    from .config_checks import random_weight_parts
+
     distill = OmegaConf.to_container(cfg.distill, resolve=True)
     keys = {k: v for k, v in distill.items() if not isinstance(v, (dict, list)) and not k.startswith("_")}
     return {"command": "python -m pixsig_distill.train " + " ".join(HydraConfig.get().overrides.task)
@@ -92,7 +94,10 @@ def training_facts(cfg: DictConfig, summary: dict, accelerator) -> dict:
             f"× {accelerator.num_processes} processes", "wall time": f"{summary['minutes']:.1f} min",
             "hardware": f"{accelerator.num_processes} × {device_name(accelerator.device)}",
             "mixed precision": cfg.train.mixed_precision, "seed": cfg.seed,
-            "method settings": ", ".join(f"{k}={v}" for k, v in keys.items())}
+            "method settings": ", ".join(f"{k}={v}" for k, v in keys.items()),
+            **({"sizing run": "yes: it measured the recipe's memory and speed with random-weight stand-ins ("
+                + ", ".join(f"{path}: {name}" for path, name in random_weight_parts(cfg)) + "); its samples mean "
+                "nothing"} if cfg.get("sizing_run") else {})}
 
 
 @contextlib.contextmanager
@@ -127,7 +132,7 @@ def evaluate(cfg: DictConfig, teacher, export: str, out_dir: Path) -> dict:
     return result
 
 
-main = entry_point("train", run)
+main = entry_point("train", run, validate=functools.partial(validate_train_config, check_resume=False))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ WIDE = ["model=pixart_sigma_512", "model.torch_dtype=float32", "train.batch_size
 # DMD2's real images: zeros of the right shapes (the planner's own stand-in), so no folder is encoded
 DMD2 = ["distill=dmd2", "distill.fake_updates_per_step=1", "~distill.gan.real_images.n",
         "distill.gan.real_images._target_=pixsig_distill.fake_step.BlankRealImages"]
+DEEP = [*WIDE, "DEEP"]  # the 6-layer pipeline on a small canvas (main() puts its folder here)
 CASES = {
     "toy dmd (batch 32)": ["model=toy"],
     "toy lcm (batch 32)": ["model=toy", "distill=lcm"],
@@ -52,6 +53,12 @@ SHARDED = {
     "Σ-512 width, 2 layers, dmd, ZeRO-3 × 2": ("zero3", WIDE),
     "Σ-512 width, 2 layers, dmd, ZeRO-3 × 2, checkpointing": ("zero3", [*WIDE, "train.gradient_checkpointing=true"]),
     "Σ-512 width, 2 layers, lcm (batch 2), ZeRO-3 × 2": ("zero3", [*WIDE, "distill=lcm", "train.batch_size=2"]),
+    # Deeper than ZeRO-3's shipped live-parameter limits (deepspeed_zero3.json): 6 blocks at Σ-512 width, on a
+    # 16 × 16 latent canvas (the parameters, not the activations, are what the limits act on).
+    "Σ-512 width, 6 layers, 128 px, dmd, ZeRO-2 × 2": ("zero2", DEEP),
+    "Σ-512 width, 6 layers, 128 px, dmd, ZeRO-3 × 2, DeepSpeed's default limits": ("zero3_defaults", DEEP),
+    "Σ-512 width, 6 layers, 128 px, dmd, ZeRO-3 × 2": ("zero3", DEEP),
+    "Σ-512 width, 6 layers, 128 px, lcm (batch 2), ZeRO-3 × 2": ("zero3", [*DEEP, "distill=lcm", "train.batch_size=2"]),
 }
 LAUNCH_CONFIGS = {engine: Path(__file__).resolve().parents[1] / "pixsig_distill" / "conf" / "accelerate" / name
                   for engine, name in [("fsdp2", "cpu_fsdp2_2proc.yaml"), ("zero2", "cpu_deepspeed_zero2_2proc.yaml"),
@@ -129,14 +136,15 @@ def predict(overrides: list[str], gpus: int = 1, engine: str = "fsdp2") -> dict:
     from dataclasses import asdict
 
     from pixsig_distill.fake_step import shape_only_teacher, simulate_step
-    from pixsig_distill.sharding import per_device, sharded_networks
+    from pixsig_distill.sharding import per_device, sharded_networks, zero3_limits
 
     cfg = compose(overrides)
     segments: list = []
     step = simulate_step(cfg, None, segments=segments)
     sharded = sharded_networks(cfg)
-    device = max((per_device(asdict(s), sharded, engine, gpus, cfg.train.mixed_precision) for s in segments or [step]),
-                 key=lambda d: d["peak"])
+    limits = zero3_limits() if engine == "zero3" else None  # zero3_defaults: DeepSpeed's own (None)
+    device = max((per_device(asdict(s), sharded, engine.replace("_defaults", ""), gpus, cfg.train.mixed_precision,
+                             limits) for s in segments or [step]), key=lambda d: d["peak"])
     teacher, _ = shape_only_teacher(cfg.model)
     frozen = sum(p.numel() * p.element_size() for m in (teacher.transformer, teacher.vae) for p in m.parameters())
     return {"predicted_bytes": device["peak"] - frozen, "predicted_total_bytes": device["peak"],
@@ -151,7 +159,7 @@ def measure_sharded(overrides: list[str], env: dict, engine: str) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIGS[engine]),
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(_launch_config(engine)),
                            "--main_process_port", port, __file__, "--sharded-worker", *overrides],
                           env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
     ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -159,11 +167,29 @@ def measure_sharded(overrides: list[str], env: dict, engine: str) -> dict:
             "step_seconds": max(r["step_seconds"] for r in ranks), "ranks": ranks}
 
 
+def _launch_config(engine: str) -> Path:
+    """The shipped CPU config of `engine`; zero3_defaults: the ZeRO-3 one with DeepSpeed's default limits."""
+    if engine != "zero3_defaults":
+        return LAUNCH_CONFIGS[engine]
+    folder = Path(tempfile.mkdtemp())
+    shipped = json.loads((LAUNCH_CONFIGS["zero3"].parent / "deepspeed_zero3.json").read_text())
+    for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size",
+                "reduce_bucket_size"):
+        shipped["zero_optimization"].pop(key)
+    (folder / "zero3.json").write_text(json.dumps(shipped))
+    config = LAUNCH_CONFIGS["zero3"].read_text().replace("pixsig_distill/conf/accelerate/deepspeed_zero3.json",
+                                                         str(folder / "zero3.json"))
+    (folder / "zero3.yaml").write_text(config)
+    return folder / "zero3.yaml"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/results/real_scale/plan_validation.json")
     parser.add_argument("--only", help="run only the cases whose name contains this text; the other rows of --out "
                                         "are kept")
+    parser.add_argument("--predict-only", action="store_true", help="recompute the predictions of the rows in --out "
+                        "(after a change to the planner), keeping their measurements")
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--sharded-worker", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,13 +205,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "sigma512_2layers"
         random_pipeline(REAL, num_layers=2).save_pretrained(folder, safe_serialization=True)
+        deep = Path(tmp) / "sigma512_6layers_128px"
         for name, overrides in {**CASES, **{name: overrides for name, (_, overrides) in SHARDED.items()}}.items():
             if args.only is not None and args.only not in name:
                 continue
-            if "model=pixart_sigma_512" in overrides:
+            if "DEEP" in overrides:
+                if not deep.exists():
+                    random_pipeline(REAL, num_layers=6, sample_size=16).save_pretrained(deep, safe_serialization=True)
+                overrides = [o for o in overrides if o != "DEEP"] + [f"model.pretrained={deep}",
+                                                                     "model.max_sequence_length=300"]
+            elif "model=pixart_sigma_512" in overrides:
                 overrides = [*overrides, f"model.pretrained={folder}", "model.max_sequence_length=300"]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-            if name in SHARDED:
+            if args.predict_only:
+                old = next((r for r in json.loads(Path(args.out).read_text())["rows"] if r["case"] == name), None)
+                if old is None:
+                    continue
+                measured = {k: old[k] for k in ("measured_bytes", "step_seconds", "ranks") if k in old}
+                predicted = predict(overrides, *((2, SHARDED[name][0]) if name in SHARDED else ()))
+            elif name in SHARDED:
                 engine = SHARDED[name][0]
                 measured, predicted = measure_sharded(overrides, env, engine), predict(overrides, 2, engine)
             else:
@@ -196,7 +234,7 @@ def main() -> None:
             rows.append({"case": name, "overrides": overrides, **measured, **predicted, "ratio": ratio})
             print(f"{name}: predicted {predicted['predicted_bytes'] / 2**20:.0f} MiB, measured "
                   f"{measured['measured_bytes'] / 2**20:.0f} MiB (×{ratio:.2f})", flush=True)
-    if args.only is not None and Path(args.out).is_file():  # the other cases' rows, as last measured
+    if (args.only is not None or args.predict_only) and Path(args.out).is_file():  # the other rows, as they were
         ran = {r["case"] for r in rows}
         rows += [r for r in json.loads(Path(args.out).read_text())["rows"] if r["case"] not in ran]
         order = [*CASES, *SHARDED]

@@ -57,7 +57,7 @@ PRELOAD = ["pixsig_distill.train", "evaluation.leaderboard", "pixsig_distill.gen
 # Set by the launcher for the agent that owns them; a forked rank needs its own rendezvous (rank 0 hosts the store).
 AGENT_ONLY = {"TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_USE_AGENT_STORE", "MASTER_PORT", "PYTHONPATH", "_"}
 
-_rank_environments: dict[Path, list[dict]] = {}
+_rank_environments: dict[tuple, list[dict]] = {}
 
 
 @dataclass
@@ -73,9 +73,10 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def launch(overrides: list[str], cwd: Path, config: Path, real: bool = False, timeout: float = 900,
+def launch(overrides: list[str], cwd: Path, config: Path, real: bool = False, timeout: float = 900, nodes: int = 1,
            **env: str) -> Launch:
-    """`accelerate launch --config_file config -m pixsig_distill.train *overrides` in `cwd`, with `env` added."""
+    """`accelerate launch --config_file config -m pixsig_distill.train *overrides` in `cwd`, with `env` added;
+    `nodes` > 1: a job of that many machines with one process each (`rank_environments`), forked."""
     base = {k: v for k, v in os.environ.items() if k != "PIXSIG_FAULT_AFTER"}
     base.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", DIGEST_ENV: "1", **env})
     if real:
@@ -86,7 +87,7 @@ def launch(overrides: list[str], cwd: Path, config: Path, real: bool = False, ti
 
     port = free_port()
     ranks = [_start(ENTRY, overrides, {**base, **added, "MASTER_PORT": port}, cwd)
-             for added in rank_environments(config)]
+             for added in rank_environments(config, nodes)]
     returncode = _supervise([process for process, _, _ in ranks], timeout)
     return Launch(returncode, "".join(_collect(out) + _collect(err) for _, out, err in ranks))
 
@@ -126,22 +127,32 @@ def _collect(path: Path) -> str:
     return text
 
 
-def rank_environments(config: Path) -> list[dict]:
-    """What `accelerate launch --config_file config` adds to each rank's environment."""
+def rank_environments(config: Path, nodes: int = 1) -> list[dict]:
+    """What `accelerate launch --config_file config` adds to each rank's environment. `nodes` > 1: a job of that
+    many machines with one process each, as a multi-node job starts it: one launch per machine, all at once, each
+    with its machine rank and the first one's rendezvous (`--num_machines`, `--machine_rank`, `--main_process_ip`
+    on localhost)."""
     config = Path(config).resolve()
-    if config not in _rank_environments:
+    if (config, nodes) not in _rank_environments:
         with tempfile.TemporaryDirectory() as folder:
             save = "import json, os; json.dump(dict(os.environ), open('rank-' + os.environ['RANK'] + '.json', 'w'))"
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                                   "--main_process_port", free_port(), "--no_python", sys.executable, "-c", save],
-                                  cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stderr[-4000:]
+            port = free_port()
+            machines = [[] if nodes == 1 else ["--num_machines", str(nodes), "--num_processes", str(nodes),
+                                               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"]
+                        for rank in range(nodes)]
+            launches = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                          str(config), "--main_process_port", port, *machine, "--no_python",
+                                          sys.executable, "-c", save], cwd=folder, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True) for machine in machines]
+            for done in launches:
+                _, err = done.communicate(timeout=300)
+                assert done.returncode == 0, err[-4000:]
             saved = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("rank-*.json"))]
         assert saved, f"{config.name}: the launch started no process"
-        _rank_environments[config] = [{k: v for k, v in rank.items() if env.get(k) != v and k not in AGENT_ONLY}
-                                      for rank in saved]
-    return _rank_environments[config]
+        _rank_environments[(config, nodes)] = [{k: v for k, v in rank.items() if env.get(k) != v and
+                                                k not in AGENT_ONLY} for rank in saved]
+    return _rank_environments[(config, nodes)]
 
 
 def _supervise(ranks: list, timeout: float) -> int:

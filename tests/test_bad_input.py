@@ -25,7 +25,7 @@ from pixsig_distill.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 MAINS = {"train": "pixsig_distill.train", "generate": "pixsig_distill.generate",
          "cache_text": "pixsig_distill.cache_text", "make_pairs": "pixsig_distill.make_pairs",
-         "merge_lora": "pixsig_distill.merge_lora", "leaderboard": "evaluation.leaderboard"}
+         "merge_lora": "pixsig_distill.merge_lora", "leaderboard": "evaluation.leaderboard", "plan": "pixsig_distill.plan"}
 TRUSTED_OUTPUT = ("*.safetensors", "*.png", "index.json", "leaderboard.json", "pixsig_student.json", "config.yaml",
                   "latency.json", "train_summary.json", "adapter_config.json")
 
@@ -316,6 +316,26 @@ HYDRA_CASES = [
      "distill.gan.real_images.folder has no value and the chosen options need one; set it: "
      "distill.gan.real_images.folder=..."),
     ("train", ["distill=finetune", "data=images"], "data.folder has no value"),
+    # a range particular to a setting is the one named, not a generic "give an integer >= 0" that 0 fails too
+    ("train", ["train.max_steps=-1"], "train.max_steps=-1 is out of range; use an integer >= 1"),
+    ("leaderboard", ["n_samples=-3"], "n_samples=-3 is out of range; use at least 2 images per row"),
+    ("plan", ["plan.gpus=-1"], "plan.gpus=-1; give the number of devices"),
+    ("generate", ["n_images=-2"], "n_images=-2 is out of range; use an integer >= 1"),
+    # a launch config is read by `accelerate launch` only: on the command itself it would run one fp32 process
+    ("train", ["+accelerate=deepspeed_zero2"], "+accelerate=deepspeed_zero2 is a launch config, which train does not "
+                                                "read (it would run one process and record the config's); launch with "
+                                                "it: accelerate launch --config_file "),
+    ("plan", ["+accelerate=fsdp2_full_shard"], "+accelerate=fsdp2_full_shard is a launch config, which plan does not "
+                                                "read (it would run one process and record the config's); a plan takes "
+                                                "the engine and the device count instead: plan.engine="),
+    # a setting the chosen method does not take: one line naming the options that do, not Hydra's TypeError dump
+    ("train", ["distill=lcm", "+distill/rewards=toy_clip"], "distill.rewards is not a setting of distill=lcm (LCM); "
+                                                             "drop it, or choose distill=dmd or dmd2, which take it"),
+    # a random-weight stand-in trains nothing useful: refused unless the run says it only measures the recipe
+    ("train", ["experiment=pixart_sigma_512_dmd_reward"], "distill.rewards.clip_stand_in.reward is CLIPRewardStandIn, "
+                                                          "a stand-in with random weights"),
+    # accelerate has no fp16 autocast on the CPU: the run would be float32 under an fp16 card
+    ("train", ["train.mixed_precision=fp16", "device=cpu"], "train.mixed_precision=fp16 on the CPU"),
 ]
 
 

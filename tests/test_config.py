@@ -113,13 +113,15 @@ def test_cli_bad_t_bar_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_out_dir_holds_everything_and_the_default_folder_follows_the_command_line(tmp_path):
-    """out_dir=X puts Hydra's own files in X too, so no stray folder appears under ./outputs."""
-    given = launching.python_m("pixsig_distill.train", "t_bar=1000", f"out_dir={tmp_path / 'mine'}", cwd=tmp_path)
-    assert given.returncode == 2 and "t_bar=1000" in given.stderr
+    """out_dir=X puts Hydra's own files in X too, so no stray folder appears under ./outputs. (A bad resume= path is
+    refused inside the job, after Hydra made its folder; a bad value, before it.)"""
+    missing = f"resume={tmp_path / 'no_checkpoint'}"
+    given = launching.python_m("pixsig_distill.train", missing, f"out_dir={tmp_path / 'mine'}", cwd=tmp_path)
+    assert given.returncode == 2 and "no_checkpoint" in given.stderr
     assert (tmp_path / "mine" / ".hydra").is_dir() and not (tmp_path / "outputs").exists()
-    default = launching.python_m("pixsig_distill.train", "t_bar=0", cwd=tmp_path)
+    default = launching.python_m("pixsig_distill.train", missing, "seed=7", cwd=tmp_path)
     assert default.returncode == 2
-    assert (tmp_path / "outputs" / "train" / "dmd_toy" / "t_bar=0" / ".hydra").is_dir()
+    assert (tmp_path / "outputs" / "train" / "dmd_toy" / "seed=7" / ".hydra").is_dir()
 
 
 def test_installed_wheel_finds_its_configs(tmp_path):

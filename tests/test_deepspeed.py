@@ -7,6 +7,7 @@ ZeRO-3), and a killed run resumes with its optimizer state (ZeRO-2 here; ZeRO-3 
 """
 
 import json
+import shutil
 
 import pytest
 
@@ -73,6 +74,18 @@ def test_zero_dmd_matches_one_process_and_keeps_its_optimizer_state(stage, kille
     exported = PixArtTransformer2DModel.from_pretrained(out / "export" / "transformer").state_dict()
     reference = PixArtTransformer2DModel.from_pretrained(dmd_reference / "export" / "transformer").state_dict()
     assert_weights_close(exported, reference, lr, "export")
+
+    # The gathered states resume on another process count: this run's step 2 on one process with the global batch
+    # (here, in this process) ends at the one-process run's step 4, moments included.
+    single = tmp_path / f"{stage}_on_one_process"
+    shutil.copytree(out / "checkpoints" / "step-0000002", single / "checkpoints" / "step-0000002")
+    train_here(command(single, "train.batch_size=4"))
+    ours = checkpoint_files(single, 4)
+    for name in ours:
+        if name.startswith("optimizer-"):
+            assert_moments_close(ours[name], theirs[name], name)
+        else:
+            assert_weights_close(ours[name], theirs[name], lr, name)
 
 
 def test_an_optimizer_without_adams_moments_is_refused_in_one_line():

@@ -70,6 +70,9 @@ def test_zero_trains_as_one_process_does(method, command, reference, tmp_path):
     assert not extensions.exists() or not any(extensions.iterdir())  # nothing compiled (distributed.py)
     composed = command.composed(method)
     names, lr = networks(composed), learning_rate(composed)
+    if real:  # DeepSpeed's start-up lines go to the log file (console.py); the launcher's own process says one
+        assert two.log.count("Setting accelerator to CPU") <= 1, two.log[-4000:]
+        assert "DeepSpeed info" in (out / "train.log").read_text()
     assert_in_sync(out, 2, names)
     ours, theirs = checkpoint_files(out, 2), checkpoint_files(reference(method), 2)
     for name in names:

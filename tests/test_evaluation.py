@@ -275,7 +275,7 @@ def test_leaderboard_end_to_end_and_resume(compose_train, compose_leaderboard, t
         assert row["fid_lo"] <= row["fid"] <= row["fid_hi"] and row["clip_lo"] <= row["clip"] <= row["clip_hi"]
         assert row["latency_ms"]["p90"] >= row["latency_ms"]["median"] > 0
         assert row["latency_transformer_ms"]["median"] > 0
-    assert [r["t_bar"] for r in data["rows"][2:4]] == [400, 200]
+    assert [r["timesteps"] for r in data["rows"][2:4]] == [[400], [200]]
     meta = data["meta"]
     assert meta["scorers"]["fid"]["library"] == "clean-fid" and meta["scorers"]["fid"]["n_real"] == 6
     assert "cosine" in meta["scorers"]["clip"]["scale"] and meta["latency"]["batch_size"] == 1

@@ -3,6 +3,7 @@ non-finite or negative value a user types, the command ends with exit code 2 and
 before anything is loaded, and never with a traceback (config.value_type_error, and Hydra's own parse errors
 through config.compose_error)."""
 
+import re
 import sys
 
 import pytest
@@ -63,8 +64,17 @@ def bad_values(key: str, default) -> st.SearchStrategy[str]:
     return st.one_of(options)
 
 
+# The value a range message names as the fix: `>= 1`, `in 1..999`, `at least 2`, `such as its default, 2e-05`. A
+# generic "give an integer >= 0" checked before a setting's own range once sent train.max_steps=-1 to a 0 refused too.
+NAMED_FIX = re.compile(r">= (-?[\d.]+(?:e[+-]?\d+)?)|in (-?\d+)\.\.|at least (\d+)"
+                       r"|such as its default, (-?[\d.]+(?:e[+-]?\d+)?)")
+
+
 @pytest.mark.parametrize("entry", list(CONFIG_NAMES))
 def test_a_mistyped_number_is_one_line_and_exit_code_2(entry, tmp_path_factory):
+    """... and a negative number's message names a value to use instead that is taken."""
+    from pixsig_distill.config import compose_error
+
     keys = number_keys(CONFIG_NAMES[entry])
     assert keys, entry
     module = __import__(COMMANDS[entry], fromlist=["main"])
@@ -91,6 +101,13 @@ def test_a_mistyped_number_is_one_line_and_exit_code_2(entry, tmp_path_factory):
         assert code == 2, (argv, captured.err[-2000:])
         assert captured.err.count("\n") == 1 and captured.err.startswith("error: "), (argv, captured.err)
         assert "Traceback" not in captured.err
+        fix = NAMED_FIX.search(captured.err)
+        if fix and re.fullmatch(r"-\d+", value):  # the value a negative number's message names is taken
+            named = next(group for group in fix.groups() if group is not None)
+            others = [arg.replace(str(out / "run"), str(out / "fix")) for arg in argv[2:]]  # a folder it may make
+            again = compose_error(CONFIG_NAMES[entry], [f"{key}={named}", *others], needs_values=False,
+                                  validate=module.main.validate)
+            assert again is None or not again.startswith(f"{key}="), (captured.err, again)
 
     one_case()
     assert not (out / "run").exists()
@@ -108,3 +125,4 @@ class _Capture:
     def __exit__(self, *exc):
         self.err, sys.stderr = sys.stderr.getvalue(), self._saved
         return False
+

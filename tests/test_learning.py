@@ -169,14 +169,20 @@ class Brightness(torch.nn.Module):
         return {}
 
 
-def reward_learns(teacher, weight: float = 1.0, steps: int = 20, ceiling: float | None = None):
-    """(mean reward before, after) with the DM loss off: the reward term alone drives the generator."""
+def reward_learns(teacher, weight: float = 1.0, steps: int = 20, ceiling: float | None = None,
+                  dm_start_step: int | None = None):
+    """(mean reward before, after) with the DM loss off: the reward term alone drives the generator (DM loss replaced
+    by 0; or, with `dm_start_step`, kept out by DMD itself until that step)."""
     def with_reward(cfg):
         cfg.distill.rewards = {"brightness": {"_target_": "pixsig_distill.methods.rewards.Reward", "weight": weight,
-                                              "ceiling": ceiling, "reward": {"_target_": "test_learning.Brightness"}}}
+                                              "ceiling": ceiling, "start_step": 0,
+                                              "reward": {"_target_": "test_learning.Brightness"}}}
 
-    method = method_from_yaml(teacher, "dmd", *DMD_FAST, "distill.generator_optimizer.lr=0.005", edit=with_reward)
-    method.distribution_matching_loss = lambda x0_hat, *args: 0.0 * x0_hat.sum()
+    start = [] if dm_start_step is None else [f"distill.dm_start_step={dm_start_step}"]
+    method = method_from_yaml(teacher, "dmd", *DMD_FAST, "distill.generator_optimizer.lr=0.005", *start,
+                              edit=with_reward)
+    if dm_start_step is None:
+        method.distribution_matching_loss = lambda x0_hat, *args: 0.0 * x0_hat.sum()
     probe = ka.fixed_eval(teacher)
 
     def mean_reward():
@@ -193,6 +199,20 @@ def reward_learns(teacher, weight: float = 1.0, steps: int = 20, ceiling: float 
 def test_a_reward_term_raises_its_reward(teacher):
     before, after = reward_learns(teacher)
     assert after > before + 0.05, (before, after)
+    # A warm start (distill.dm_start_step, here never reached): the generator learns from its terms alone, exactly
+    # as with the DM loss taken out.
+    assert reward_learns(teacher, dm_start_step=10_000) == pytest.approx((before, after), abs=1e-6)
+
+
+def test_a_reward_with_a_cold_start_joins_at_its_step():
+    from pixsig_distill.methods.rewards import Reward
+
+    term = Reward(Brightness(), 1.0, None, start_step=3)
+    batch = {"prompt": ["p", "q"]}
+    assert [term.draw(None, batch, types.SimpleNamespace(step=s))["on"] for s in (0, 2, 3, 9)] == [False, False,
+                                                                                                  True, True]
+    off = term.draw(None, batch, types.SimpleNamespace(step=2))
+    assert term.generator_losses(None, torch.zeros(2, 4, 2, 2), None, None, off, slice(None), (0, 1)) == []
 
 
 def test_a_reward_ceiling_leaves_the_samples_above_it_alone(teacher):
@@ -205,10 +225,10 @@ def test_a_reward_ceiling_leaves_the_samples_above_it_alone(teacher):
 
     dmd = types.SimpleNamespace(teacher=teacher)
     x0 = (torch.randn(4, *teacher.latent_shape(1)[1:]) * 0.5).requires_grad_(True)
-    draws = {"prompts": np.array(["p"] * 4)}
+    draws = {"prompts": np.array(["p"] * 4), "on": True}
     rewards = Identity()(teacher.vae.decode(x0 / teacher.vae.config.scaling_factor).sample.clamp(-1, 1), None)
     ceiling = float(rewards.median())
-    for term, above in ((Reward(Identity(), 1.0, None), False), (Reward(Identity(), 1.0, ceiling), True)):
+    for term, above in ((Reward(Identity(), 1.0, None, 0), False), (Reward(Identity(), 1.0, ceiling, 0), True)):
         x0.grad = None
         losses = term.generator_losses(dmd, x0, None, None, draws, slice(None), (0, 1))
         sum(weight * value for _, value, weight in losses).backward()

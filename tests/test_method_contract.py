@@ -17,7 +17,7 @@ from pixsig_distill.methods.base import CARD_KEYS, Method, check_card
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pixsig_distill"
 REQUIRED = ("models", "optimizers", "checkpoint_modules", "prepare", "train_step", "sample", "export")
-OPTIONAL = ("decode", "held_modules", "MEMORY_SAVERS")
+OPTIONAL = ("decode", "held_modules", "check_engine", "MEMORY_SAVERS")
 SHARED = ("unwrap", "prepare_networks", "ema_or_self", "check_optimizer_names")
 
 

@@ -133,7 +133,7 @@ def test_cpu_flag_alone_starts_one_process():
 
 
 @pytest.mark.parametrize("name", ["single_gpu", "ddp", "fsdp2_shard_grad_op", "fsdp2_full_shard", "deepspeed_zero2",
-                                  "deepspeed_zero3", "cpu_2proc", "cpu_fsdp2_2proc"])
+                                  "deepspeed_zero3", "cpu_2proc", "cpu_fsdp2_2proc", "multinode"])
 def test_shipped_launch_configs_parse(name):
     """Every shipped accelerate config is accepted by `accelerate launch` (the GPU ones cannot run here)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -145,9 +145,16 @@ def test_shipped_launch_configs_parse(name):
         assert args.use_fsdp and str(args.fsdp_version) == "2" and args.num_processes == (2 if "cpu" in name else 8)
         assert str(args.fsdp_reshard_after_forward).lower() == ("false" if "grad_op" in name else "true")
         assert args.fsdp_transformer_layer_cls_to_wrap == "BasicTransformerBlock"
-    if name.startswith("deepspeed"):
-        assert args.use_deepspeed and args.zero_stage == int(name[-1]) and args.mixed_precision == "bf16"
+    if name == "multinode":  # the machine arguments come from the command line (scripts/slurm/train.sbatch)
+        assert args.multi_gpu and args.num_machines == 2 and args.num_processes == 16 and args.machine_rank == 0
+    if name == "deepspeed_zero2":
+        assert args.use_deepspeed and args.zero_stage == 2 and args.mixed_precision == "bf16"
         assert args.gradient_accumulation_steps is None  # train.grad_accum decides
+    if name == "deepspeed_zero3":  # its settings are a DeepSpeed JSON, with live-parameter limits
+        import json
+
+        zero = json.loads((ROOT / args.deepspeed_config_file).read_text())["zero_optimization"]
+        assert args.use_deepspeed and zero["stage"] == 3 and zero["stage3_max_live_parameters"] < 1e9
 
 
 def test_state_digest_sees_every_bit():
@@ -182,7 +189,8 @@ def test_dmd2_under_ddp_matches_one_process(tiny_folder, tiny_train_args, compos
 @pytest.mark.parametrize("config, expected", [
     ("cpu_2proc", {}), ("cpu_fsdp2_2proc", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}),
     ("cpu_deepspeed_zero2_2proc", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
-    ("cpu_deepspeed_zero3_2proc", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})])
+    ("cpu_deepspeed_zero3_2proc", {"ACCELERATE_USE_DEEPSPEED": "true",
+                                   "ACCELERATE_DEEPSPEED_CONFIG_FILE": "pixsig_distill/conf/accelerate/deepspeed_zero3.json"})])
 def test_forked_ranks_get_what_the_real_launcher_gives(config, expected):
     """tests/launching.py forks most two-process runs: each rank must get the launcher's engine settings for its
     config (else a "ZeRO-3" test would pass as plain DDP) and a rank of its own."""

@@ -130,14 +130,15 @@ def test_sigma_512_dmd2_with_an_image_folder_lora_fake_score_and_checkpointing(r
 @pytest.mark.slow
 def test_sigma_512_reward_guided_two_step_dmd(real_width_folder, tmp_path):
     """The reward recipe at real width: 2 steps by backward simulation, the reward read through the real VAE's
-    decoder and a stand-in of HPSv2's image tower (full width, 2 layers), checkpointed activations."""
+    decoder and a stand-in of HPSv2's image tower (full width, 2 layers, random weights: a sizing run, whose card
+    claims no reward), checkpointed activations."""
     folder = real_width_folder(SIGMA_512, 2, SMALL_CANVAS)
-    summary = _train(folder, "pixart_sigma_512", tmp_path / "run", "+distill/rewards=clip_stand_in",
+    summary = _train(folder, "pixart_sigma_512", tmp_path / "run", "+distill/rewards=clip_stand_in", "sizing_run=true",
                      "distill.rewards.clip_stand_in.reward.layers=2", "distill.timesteps=[400,200]",
                      "distill.fake_updates_per_step=1", "train.gradient_checkpointing=true", steps=1)
     assert summary["finished"] and "reward_clip_stand_in" in summary["last_logs"]
     card, latents = _stock_sample(tmp_path / "run" / "export", PixArtSigmaPipeline)
-    assert card["timesteps"] == [400, 200] and card["reward_clip_stand_in"] == 1.0
+    assert card["timesteps"] == [400, 200] and "reward_clip_stand_in" not in card
     assert latents.shape == (1, 4, SMALL_CANVAS, SMALL_CANVAS) and torch.isfinite(latents).all()
 
 

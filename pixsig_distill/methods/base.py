@@ -25,6 +25,8 @@ Optional (the defaults here; override them in the class):
 - `decode(latents)`: the previews' images; the teacher's VAE unless the method trains a decoder.
 - `held_modules()`: frozen networks the step runs besides the teacher and the trained ones (reward models): what
   the planner counts.
+- `check_engine(engine)`: what the method cannot run under a distributed engine, refused in one line by training
+  and by the planner alike.
 - `MEMORY_SAVERS`: what `plan.fit` may turn on when a step does not fit, cheapest first, as config overrides.
 - `plan_stand_in(node)` and `plan_note(node)` (static): what a memory plan builds instead of this config node, and
   a line for its report (plan_config.py asks every configured object, methods included).
@@ -115,6 +117,10 @@ class Method:
         """Frozen networks the step runs besides the teacher and the trained ones (for the planner): none."""
         return []
 
+    def check_engine(self, engine: str) -> None:
+        """Refuse, in one line, what the method cannot run under `engine` (distributed.engine_name: ddp, fsdp2,
+        zero2, zero3): `prepare_networks` asks before training, the planner before a plan. Default: everything."""
+
     # ---- shared pieces -------------------------------------------------------------------------------------
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The network inside what `prepare` wrapped it in (DDP, DeepSpeed's engine; FSDP2 shards in place)."""
@@ -123,7 +129,10 @@ class Method:
     def prepare_networks(self, accelerator, grad_clip: float | None) -> None:
         """Every trained network with its optimizer, one `prepare` call each (FSDP2 takes one model per call,
         DeepSpeed makes an engine of each); the prepared network replaces the method's attribute of its name."""
+        from ..distributed import engine_name
+
         self.check_optimizer_names()
+        self.check_engine(engine_name(accelerator))
         self.accelerator = accelerator
         for name in list(self.models):
             self.models[name], self.optimizers[name] = deepspeed_engines.prepare(

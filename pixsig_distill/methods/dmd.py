@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..draws import StepDraws, step_draws
-from ..distributed import full_parameters, zero3
+from ..distributed import full_parameters
 from ..errors import UserError
 from ..sampling import sample_latents
 from ..schedule import add_noise
@@ -142,12 +142,19 @@ class DMD(DistributionMatching, Method):
         return None
 
     def __init__(self, teacher, *, timesteps, real_guidance_scale: float, fake_updates_per_step: int, dm_t_min: int,
-                 dm_t_max: int, generator_optimizer, fake_optimizer, grad_clip: float | None, ema_decay: float | None,
-                 ema_device: str, generator, fake_score, lora_target_modules, gradient_checkpointing: bool,
+                 dm_t_max: int, dm_start_step: int, generator_optimizer, fake_optimizer, grad_clip: float | None,
+                 ema_decay: float | None, ema_device: str, generator, fake_score, lora_target_modules, gradient_checkpointing: bool,
                  full_pipeline_export: bool, regression=None, gan=None, rewards=None, name: str = "dmd"):
         if isinstance(fake_updates_per_step, bool) or not isinstance(fake_updates_per_step, int) \
                 or fake_updates_per_step < 1:
             raise UserError(f"distill.fake_updates_per_step={fake_updates_per_step!r}; use an integer >= 1")
+        if isinstance(dm_start_step, bool) or not isinstance(dm_start_step, int) or dm_start_step < 0:
+            raise UserError(f"distill.dm_start_step={dm_start_step!r}; use an integer >= 0 (0: the DM loss from the "
+                            f"first step)")
+        if dm_start_step and not (regression or gan or rewards):
+            raise UserError(f"distill.dm_start_step={dm_start_step}: before it the generator learns only from its "
+                            f"extra terms, and this run has none; add one (e.g. +distill/regression=pairs) or set "
+                            f"distill.dm_start_step=0")
         if not 0 <= dm_t_min < dm_t_max <= 999:
             raise UserError(f"distill.dm_t_min/dm_t_max = {dm_t_min}/{dm_t_max}; need 0 <= min < max <= 999")
         if ema_decay is not None and not 0 <= ema_decay < 1:
@@ -161,6 +168,7 @@ class DMD(DistributionMatching, Method):
         self.real_guidance_scale = real_guidance_scale
         self.fake_updates_per_step = fake_updates_per_step
         self.dm_t_range = (dm_t_min, dm_t_max)
+        self.dm_start_step = dm_start_step
         self.grad_clip = grad_clip
         self.ema_decay = ema_decay
         self.full_pipeline_export = full_pipeline_export
@@ -199,11 +207,15 @@ class DMD(DistributionMatching, Method):
             modules["generator_ema"] = self.generator_ema
         return modules
 
-    def prepare(self, accelerator) -> None:
-        if zero3(accelerator) and any(term.generator_loss_reads_fake_score for term in self.terms):
+    def check_engine(self, engine: str) -> None:
+        """What DMD cannot run under `engine` (distributed.engine_name): refused by training and by a plan alike."""
+        if engine == "zero3" and any(term.generator_loss_reads_fake_score for term in self.terms):
             raise UserError("distill.gan under DeepSpeed ZeRO-3: the generator's GAN loss back-propagates through the "
                             "fake score, another ZeRO-3 engine, which DeepSpeed does not support; launch DMD2 with "
-                            "deepspeed_zero2.yaml or fsdp2_full_shard.yaml (docs/scaling.md)")
+                            "deepspeed_zero2.yaml or fsdp2_full_shard.yaml, plan it with plan.engine=zero2 or fsdp2 "
+                            "(docs/scaling.md)")
+
+    def prepare(self, accelerator) -> None:
         self.prepare_networks(accelerator, self.grad_clip)
 
     def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict[str, float]:
@@ -236,6 +248,8 @@ class DMD(DistributionMatching, Method):
             samples[i] = x0_hat.detach()
             loss = self.distribution_matching_loss(x0_hat, embeds[rows], mask[rows], t_dm[rows], noise_dm[rows])
             log("loss_dm", loss)
+            if gen.step < self.dm_start_step:  # a warm start on the terms alone (e.g. ODE regression); logged only
+                loss = loss.detach() * 0
             for term, draws in zip(self.terms, term_draws):
                 for name, value, weight in term.generator_losses(self, x0_hat, embeds[rows], mask[rows], draws, rows,
                                                                  (i, len(parts))):

@@ -20,16 +20,20 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .terms import Term
 
 
 class Reward(Term):
     """`weight`: λ. `ceiling`: null, or a reward value above which a sample gets no more push (r clipped at it): a
     reward without a ceiling keeps pulling every sample toward its single most-rewarded image per prompt, which costs
-    diversity (docs/rewards.md); with a ceiling at what real images reach, only the samples below it are moved."""
+    diversity (docs/rewards.md); with a ceiling at what real images reach, only the samples below it are moved.
+    `start_step`: the reward joins at this step (a cold start: DMD alone before it, as DMDR trains)."""
 
-    def __init__(self, reward, weight: float, ceiling: float | None):
-        self.reward, self.weight = reward, float(weight)
+    def __init__(self, reward, weight: float, ceiling: float | None, start_step: int):
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise UserError(f"a reward's start_step={start_step!r}; use an integer >= 0 (0: from the first step)")
+        self.reward, self.weight, self.start_step = reward, float(weight), start_step
         self.ceiling = None if ceiling is None else float(ceiling)
         self.name = getattr(reward, "name", type(reward).__name__)
 
@@ -39,13 +43,13 @@ class Reward(Term):
 
     def draw(self, dmd, batch: dict, gen) -> dict:
         if "prompt" not in batch:
-            from ..errors import UserError
-
             raise UserError(f"the {self.name} reward reads the prompts, and these batches carry none; use data=toy, "
                             f"data=prompts or a text cache made by cache_text (it stores them)")
-        return {"prompts": list(batch["prompt"])}
+        return {"prompts": list(batch["prompt"]), "on": gen.step >= self.start_step}
 
     def generator_losses(self, dmd, x0_hat, embeds, mask, draws, rows, micro) -> list:
+        if not draws["on"]:  # a cold start: DMD alone until start_step, as DMDR first trains DMD without the reward
+            return []
         vae = dmd.teacher.vae
         images = vae.decode((x0_hat / vae.config.scaling_factor).to(vae.dtype)).sample.float()
         reward = self.reward(images.clamp(-1, 1), draws["prompts"][rows])
@@ -59,8 +63,11 @@ class Reward(Term):
         return [self.reward] if isinstance(self.reward, torch.nn.Module) else []
 
     def card(self) -> dict:
+        if getattr(self.reward, "random_weights", False):  # a sizing run's stand-in: no reward was trained for
+            return {}
         return {"reward_" + self.name: self.weight,
-                **({f"reward_{self.name}_ceiling": self.ceiling} if self.ceiling is not None else {})}
+                **({f"reward_{self.name}_ceiling": self.ceiling} if self.ceiling is not None else {}),
+                **({f"reward_{self.name}_start_step": self.start_step} if self.start_step else {})}
 
     def objective_models(self) -> dict[str, str]:
         return self.reward.objective_models()  # every reward names the pretrained models it reads
@@ -74,6 +81,7 @@ class CLIPRewardStandIn(torch.nn.Module):
     step). It measures nothing: use it to size a run, never to train one for its samples."""
 
     name = "clip_stand_in"
+    random_weights = True  # training refuses it unless sizing_run=true (config_checks.refuse_random_weights)
 
     def __init__(self, width: int = 1280, layers: int = 32, heads: int = 16, patch_size: int = 14,
                  image_size: int = 224, embed_dim: int = 1024):

@@ -65,6 +65,9 @@ class TinyDecoder(Method):
                              ("adversarial_weight", adversarial_weight)):
             if weight < 0:
                 raise UserError(f"distill.{name}={weight}; use a weight >= 0")
+        if not pixel_weight and not lpips_weight and not adversarial_weight:
+            raise UserError("distill.pixel_weight, lpips_weight and adversarial_weight are all 0: the decoder has no "
+                            "loss to learn from; give distill.pixel_weight=1 (the default)")
         self.teacher = teacher
         self.weights = {"pixel": float(pixel_weight), "lpips": float(lpips_weight), "adv": float(adversarial_weight)}
         self.grad_clip = grad_clip
@@ -101,18 +104,17 @@ class TinyDecoder(Method):
             modules["decoder_ema"] = self.ema
         return modules
 
-    def prepare(self, accelerator) -> None:
-        from .. import deepspeed_engines
-
-        from ..distributed import parameters_sharded
-
-        if parameters_sharded(accelerator):  # FSDP2 wraps transformer blocks; a decoder of ~1M weights needs no shards
+    def check_engine(self, engine: str) -> None:
+        """What it cannot run under `engine` (distributed.engine_name): refused by training and by a plan alike."""
+        if engine in ("fsdp2", "zero3"):  # FSDP2 wraps transformer blocks; a decoder of ~1M weights needs no shards
             raise UserError("distill=tiny_decoder trains a decoder of about a million weights: it needs no sharding; "
                             "launch it with DDP (conf/accelerate/ddp.yaml) or DeepSpeed ZeRO-2, not FSDP2 or ZeRO-3")
-        if deepspeed_engines.is_deepspeed(accelerator) and self.discriminator is not None:
+        if engine == "zero2" and self.discriminator is not None:
             raise UserError("distill.adversarial_weight > 0 under DeepSpeed: the decoder's GAN loss back-propagates "
                             "through the discriminator, a second engine, which DeepSpeed 0.19 does not take; launch "
                             "it with DDP (conf/accelerate/ddp.yaml), or set distill.adversarial_weight=0")
+
+    def prepare(self, accelerator) -> None:
         self.prepare_networks(accelerator, self.grad_clip)
 
     def latents(self, batch: dict, gen: StepDraws) -> torch.Tensor:

@@ -227,7 +227,7 @@ def test_a_reward_ceiling_leaves_the_samples_above_it_alone(teacher):
     x0 = (torch.randn(4, *teacher.latent_shape(1)[1:]) * 0.5).requires_grad_(True)
     draws = {"prompts": np.array(["p"] * 4), "on": True}
     rewards = Identity()(teacher.vae.decode(x0 / teacher.vae.config.scaling_factor).sample.clamp(-1, 1), None)
-    ceiling = float(rewards.median())
+    ceiling = float(rewards.median().detach())
     for term, above in ((Reward(Identity(), 1.0, None, 0), False), (Reward(Identity(), 1.0, ceiling, 0), True)):
         x0.grad = None
         losses = term.generator_losses(dmd, x0, None, None, draws, slice(None), (0, 1))

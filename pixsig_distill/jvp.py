@@ -99,9 +99,9 @@ class FiniteDifferenceJVP:
     """The same directional derivative from plain network calls: every input steps along its own tangent by `step`
     (units of the tangent; a step in t̂ of step × the time tangent).
 
-    `scheme="central"` (the default): (fn(p + h·v) − fn(p − h·v)) / 2h, truncation error O(h²), two extra calls.
-    `scheme="backward"`: (fn(p) − fn(p − h·v)) / h, error O(h), one extra call when fn(p) is passed as `value`
-    (sCM computes it anyway), and it never steps past the noisiest time it is given. Central is the default because
+    `scheme="central"` (scm.yaml's default): (fn(p + h·v) − fn(p − h·v)) / 2h, truncation error O(h²), two
+    extra calls. `scheme="backward"`: (fn(p) − fn(p − h·v)) / h, error O(h), one extra call when fn(p) is passed as
+    `value` (sCM does not pass it: its fn(p) is the student with gradients, this one without), and it never steps past the noisiest time it is given. Central is the default because
     its O(h²) error allows a step large enough to stay clear of float32 rounding: diffusers casts the timestep to
     float32 before its sinusoid, one ulp at t ≈ 999 is 6e-5 timesteps. On the toy teacher, along sCM's tangent
     cos t̂ sin t̂·(v, 1), h = 3e-4 is within 0.25 % of the exact JVP from t = 100 to 999, 1e-4 is 6 % off at t = 999
@@ -113,7 +113,7 @@ class FiniteDifferenceJVP:
     sCM's targets then follow the network's trend in time, not those wiggles (distill=scm's default; measured in
     docs/consistency.md)."""
 
-    def __init__(self, step: float = 3e-4, scheme: str = "central"):
+    def __init__(self, step: float, scheme: str):  # distill.jvp_step / jvp_scheme (conf/distill/scm.yaml)
         if not step > 0:
             raise UserError(f"distill.jvp_step={step} must be positive (0.05: the smoothed tangent; 3e-4: the exact "
                             f"one)")

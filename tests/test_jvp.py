@@ -48,17 +48,17 @@ def call(tiny_pipe):
 def test_exact_jvp_agrees_with_a_central_difference(call):
     fn, transformer, primals, tangents = call
     exact = ExactJVP()(fn, primals, tangents, networks=[transformer])
-    near = FiniteDifferenceJVP(step=3e-4)(fn, primals, tangents)
+    near = FiniteDifferenceJVP(step=3e-4, scheme="central")(fn, primals, tangents)
     assert cosine(near, exact) > 0.99999 and relative_error(near, exact) < 1e-3
     # It is a central difference: a 3× larger step has about 9× the error (O(h²)), the one-sided one far more.
-    coarse = relative_error(FiniteDifferenceJVP(step=9e-4)(fn, primals, tangents), exact)
+    coarse = relative_error(FiniteDifferenceJVP(step=9e-4, scheme="central")(fn, primals, tangents), exact)
     assert 5 < coarse / relative_error(near, exact) < 15
     assert relative_error(FiniteDifferenceJVP(step=3e-4, scheme="backward")(fn, primals, tangents), exact) > 3 * coarse
 
 
 def test_finite_difference_steps_along_the_exact_tangent(call):
     fn, transformer, (x_t, t_hat), (dx, dt) = call
-    exact, difference = ExactJVP(), FiniteDifferenceJVP(step=3e-4)
+    exact, difference = ExactJVP(), FiniteDifferenceJVP(step=3e-4, scheme="central")
     full = exact(fn, (x_t, t_hat), (dx, dt), networks=[transformer])
     parts = {"latents only": (dx, torch.zeros_like(dt)), "time only": (torch.zeros_like(dx), dt)}
     for name, tangent in parts.items():
@@ -153,11 +153,11 @@ def test_an_attention_without_forward_ad_is_refused_in_one_line(call):
     with pytest.raises(UserError, match="transformer_blocks.1.attn2.*FusedKernelAttention.*finite_difference") as err:
         ExactJVP().check(other)
     assert "\n" not in str(err.value)
-    FiniteDifferenceJVP().check(other)  # a finite difference needs no forward-mode AD
+    FiniteDifferenceJVP(0.05, "central").check(other)  # a finite difference needs no forward-mode AD
 
 
-@pytest.mark.parametrize("options, message", [({"step": 0.0}, "step=0.0 must be positive"),
-                                              ({"scheme": "forward"}, "'forward' is not a scheme")])
+@pytest.mark.parametrize("options, message", [({"step": 0.0, "scheme": "central"}, "step=0.0 must be positive"),
+                                              ({"step": 0.05, "scheme": "forward"}, "'forward' is not a scheme")])
 def test_bad_finite_difference_options_are_one_line_errors(options, message):
     with pytest.raises(UserError, match=message):
         FiniteDifferenceJVP(**options)

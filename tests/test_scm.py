@@ -4,7 +4,6 @@ line where it cannot run. Its learning test is in tests/test_learning.py; the sh
 tests/methods.py."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,14 +75,15 @@ def test_what_the_exact_jvp_cannot_run_is_refused_in_one_line(compose_train):
     assert "\n" not in str(err.value)
     build(compose_train(*FAST, "distill.jvp=finite_difference").distill, teacher=teacher)  # plain forwards: fine
 
-    method = build(cfg.distill, teacher=build(cfg.model))
-    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})
-    from accelerate.utils import DistributedType
+    from pixsig_distill.sharding import check_engine
 
-    zero3 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
-    with pytest.raises(UserError, match="ZeRO-3.*finite_difference.*deepspeed_zero2.yaml") as err:
-        method.prepare(zero3)
-    assert "\n" not in str(err.value)
+    for engine in ("zero3", "zero2", "fsdp2"):  # training asks the method before `prepare`, a plan before simulating
+        if engine == "zero3":
+            with pytest.raises(UserError, match="ZeRO-3.*finite_difference.*deepspeed_zero2.yaml") as err:
+                check_engine(cfg, engine)
+            assert "\n" not in str(err.value)
+        else:
+            check_engine(cfg, engine)
     with pytest.raises(UserError, match="distill.jvp='forward'"):
         build(compose_train(*FAST, "distill.jvp=forward").distill, teacher=teacher)
 
@@ -127,3 +127,15 @@ def test_rcm_switches_its_dmd_term_on_at_the_end_of_the_warm_up_by_the_step_numb
     assert torch.isfinite(after["loss_dm"]) and float(after["r"]) == 1.0
     card = method.card()
     assert card["method"] == "rcm" and card["dmd_timesteps"] == [999, 499] and card["eval_steps"] == [1, 2, 4]
+
+
+def test_the_loss_moves_the_student_along_g_whatever_graph_g_carries():
+    """Alg. 1's stop-gradient: ∂/∂F ‖F − sg(F + g)‖² = −2g exactly, also when g was built from the attached F (the
+    realistic way to lose the stop-gradient), so no gradient flows through the target."""
+    from pixsig_distill.methods.scm import consistency_loss, consistency_target
+
+    F = torch.randn(3, 4, 2, 2, requires_grad=True)
+    x_t, velocity, tangent = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    g, _ = consistency_target(F, velocity, x_t, tangent * F, torch.tensor([0.3, 0.9, 1.4]), r=0.5, c=0.1)
+    (grad,) = torch.autograd.grad(consistency_loss(F, g).sum(), F)
+    torch.testing.assert_close(grad, -2 * g.detach())

@@ -24,12 +24,13 @@ from ..schedule import add_noise, scheduler_like
 TIMESTEP_SCALING = 1e5
 
 
-def check_timesteps(timesteps) -> list[int]:
-    """Distinct integers in 1..999, decreasing; anything else (400.7, "abc", [200, 400]) is refused in one line."""
+def check_timesteps(timesteps, key: str = "distill.timesteps") -> list[int]:
+    """Distinct integers in 1..999, decreasing; anything else (400.7, "abc", [200, 400]) is refused in one line that
+    names the setting (`key`)."""
     values = [timesteps] if isinstance(timesteps, (int, float, str)) else list(timesteps)  # 400 means [400]
     ok = values and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 999 for t in values)
     if not ok or values != sorted(set(values), reverse=True):
-        raise UserError(f"distill.timesteps={list(values)!r}; give distinct integer timesteps in 1..999 in decreasing "
+        raise UserError(f"{key}={list(values)!r}; give distinct integer timesteps in 1..999 in decreasing "
                         f"order, e.g. [400] (one step) or [999,749,499,249] (four)")
     return values
 
@@ -37,8 +38,8 @@ def check_timesteps(timesteps) -> list[int]:
 class BackwardSimulation:
     """Where each training sample of the generator starts, and the scheduler that samples the same way."""
 
-    def __init__(self, timesteps):
-        self.timesteps = check_timesteps(timesteps)
+    def __init__(self, timesteps, key: str = "distill.timesteps"):
+        self.timesteps = check_timesteps(timesteps, key)
 
     @property
     def steps(self) -> int:

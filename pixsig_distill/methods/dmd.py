@@ -99,7 +99,6 @@ class DistributionMatching:
         return F.mse_loss(eps, noise)
 
 
-
 def fake_score_network(teacher, spec, target_modules, gradient_checkpointing: bool) -> tuple[torch.nn.Module, int]:
     """The fake score and its LoRA rank: a trainable float32 copy of the teacher (`lora_rank: 0`), or LoRA adapters
     on a copy that shares the frozen teacher's weights (the real score is then the same base without adapters, so a

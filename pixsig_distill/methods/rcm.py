@@ -62,10 +62,14 @@ class RCM(SCM):
         if isinstance(fake_updates_per_step, bool) or not isinstance(fake_updates_per_step, int) \
                 or fake_updates_per_step < 1:
             raise UserError(f"distill.fake_updates_per_step={fake_updates_per_step!r}; use an integer >= 1")
-        if not 0 <= dm_t_min < dm_t_max <= 999:
-            raise UserError(f"distill.dm_t_min/dm_t_max = {dm_t_min}/{dm_t_max}; need 0 <= min < max <= 999")
+        if not (isinstance(dmd_weight, (int, float)) and dmd_weight >= 0):  # a negative λ reverses the DMD term
+            raise UserError(f"distill.dmd_weight={dmd_weight!r}; use a number >= 0 (rCM: 0.01; 0 is sCM alone)")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in (dm_t_min, dm_t_max)) \
+                or not 0 <= dm_t_min < dm_t_max <= 999:
+            raise UserError(f"distill.dm_t_min/dm_t_max = {dm_t_min}/{dm_t_max}; need integers 0 <= min < max <= 999")
         self.dmd_weight = dmd_weight
-        self.chain = BackwardSimulation(dmd_timesteps)  # where the DMD term's samples G come from
+        # where the DMD term's samples G come from: the student's own few-step chain
+        self.chain = BackwardSimulation(dmd_timesteps, "distill.dmd_timesteps")
         self.real_guidance_scale = real_guidance_scale
         self.fake_updates_per_step = fake_updates_per_step
         self.dm_t_range = (dm_t_min, dm_t_max)

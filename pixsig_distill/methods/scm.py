@@ -41,7 +41,7 @@ import torch
 from diffusers import LCMScheduler
 
 from ..denoiser import x0_from_trigflow
-from ..distributed import full_parameters, zero3
+from ..distributed import full_parameters
 from ..draws import StepDraws, step_draws
 from ..errors import UserError
 from ..jvp import ExactJVP, FiniteDifferenceJVP
@@ -143,12 +143,14 @@ class SCM(Method):
             modules["student_ema"] = self.student_ema
         return modules
 
-    def prepare(self, accelerator) -> None:
-        if zero3(accelerator) and self.jvp_mode == "exact":
+    def check_engine(self, engine: str) -> None:
+        if engine == "zero3" and self.jvp_mode == "exact":
             raise UserError("distill.jvp=exact under DeepSpeed ZeRO-3: its parameter hooks have no forward-mode AD; "
                             "use distill.jvp=finite_difference, or launch with deepspeed_zero2.yaml or "
                             "fsdp2_full_shard.yaml (docs/consistency.md)")
-        self.prepare_networks(accelerator, self.grad_clip)
+
+    def prepare(self, accelerator) -> None:
+        self.prepare_networks(accelerator, self.grad_clip)  # asks check_engine first
 
     def train_step(self, batch: dict, gen: torch.Generator | StepDraws, micro_batches: int = 1) -> dict:
         """One student update from the batch, split into `micro_batches` (gradient accumulation)."""

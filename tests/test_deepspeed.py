@@ -13,7 +13,7 @@ import pytest
 
 from methods import learning_rate, networks
 from pixsig_distill.checkpoint import list_checkpoints
-from test_fsdp import ROOT, assert_moments_close, assert_weights_close, checkpoint_files, launch, train_here
+from test_fsdp import ROOT, assert_same_training_state, assert_weights_close, launch, train_here
 from test_multiprocess import assert_in_sync, make_text_cache, scale_out_command
 
 pytest.importorskip("deepspeed")
@@ -60,14 +60,8 @@ def test_zero_dmd_matches_one_process_and_keeps_its_optimizer_state(stage, kille
 
     # Weights and both engines' AdamW moments equal the one-process run's (moments restarted at the resume would
     # move every weight by ~lr in the next steps).
-    ours, theirs = checkpoint_files(out, 4), checkpoint_files(dmd_reference, 4)
-    assert set(ours) == set(theirs) and {"optimizer-generator.safetensors", "optimizer-fake_score.safetensors"} <= set(
-        ours)
-    for name in ours:
-        if name.startswith("optimizer-"):
-            assert_moments_close(ours[name], theirs[name], name)
-        else:
-            assert_weights_close(ours[name], theirs[name], lr, name)
+    files = assert_same_training_state(out, dmd_reference, 4, lr)
+    assert {"optimizer-generator.safetensors", "optimizer-fake_score.safetensors"} <= files
 
     from diffusers import PixArtTransformer2DModel
 
@@ -80,12 +74,7 @@ def test_zero_dmd_matches_one_process_and_keeps_its_optimizer_state(stage, kille
     single = tmp_path / f"{stage}_on_one_process"
     shutil.copytree(out / "checkpoints" / "step-0000002", single / "checkpoints" / "step-0000002")
     train_here(command(single, "train.batch_size=4"))
-    ours = checkpoint_files(single, 4)
-    for name in ours:
-        if name.startswith("optimizer-"):
-            assert_moments_close(ours[name], theirs[name], name)
-        else:
-            assert_weights_close(ours[name], theirs[name], lr, name)
+    assert_same_training_state(single, dmd_reference, 4, lr)
 
 
 def test_an_optimizer_without_adams_moments_is_refused_in_one_line():

@@ -84,6 +84,19 @@ def checkpoint_files(out: Path, step: int) -> dict:
     return {f.name: load_file(str(f)) for f in sorted(folder.glob("*.safetensors"))}
 
 
+def assert_same_training_state(out: Path, reference: Path, step: int, lr: float) -> set[str]:
+    """The checkpoint at `step` of `out` has the reference run's files, its weights and its AdamW moments; returns
+    the file names (a test may ask for particular optimizers)."""
+    ours, theirs = checkpoint_files(out, step), checkpoint_files(reference, step)
+    assert set(ours) == set(theirs) and any(name.startswith("optimizer-") for name in ours)
+    for name in ours:
+        if name.startswith("optimizer-"):
+            assert_moments_close(ours[name], theirs[name], name)
+        else:
+            assert_weights_close(ours[name], theirs[name], lr, name)
+    return set(ours)
+
+
 @pytest.mark.parametrize("method", cases("fsdp2"))
 def test_fsdp2_matches_one_process_and_resumes_with_its_optimizer_state(method, tiny_folder, tiny_train_args,
                                                                         compose_train, tmp_path, capsys, caplog):
@@ -123,13 +136,7 @@ def test_fsdp2_matches_one_process_and_resumes_with_its_optimizer_state(method, 
 
     # Weights and optimizer moments at step 4 equal the one-process run's (restarted moments would not: AdamW's
     # first steps after a restart move every weight by ~lr).
-    ours, theirs = checkpoint_files(out, 4), checkpoint_files(reference, 4)
-    assert set(ours) == set(theirs) and any(name.startswith("optimizer-") for name in ours)
-    for name in ours:
-        if name.startswith("optimizer-"):
-            assert_moments_close(ours[name], theirs[name], name)
-        else:
-            assert_weights_close(ours[name], theirs[name], lr, name)
+    assert_same_training_state(out, reference, 4, lr)
 
     # The export was written from the gathered weights (data=cached exports the transformer and scheduler).
     from diffusers import PixArtTransformer2DModel

@@ -6,7 +6,7 @@ in the same arguments from Slurm."""
 
 from conftest import tiny_train_overrides
 from methods import learning_rate
-from test_fsdp import ROOT, assert_moments_close, assert_weights_close, checkpoint_files, train_here
+from test_fsdp import ROOT, assert_same_training_state, train_here
 from test_multiprocess import make_text_cache, scale_out_command
 
 import launching
@@ -29,13 +29,7 @@ def test_two_nodes_of_one_process_end_with_the_one_process_weights(tiny_folder, 
     assert job.returncode == 0, job.log[-4000:]
     assert "2 process(es)" in job.log
 
-    ours, theirs = checkpoint_files(out, 4), checkpoint_files(reference, 4)
-    assert set(ours) == set(theirs) and any(name.startswith("optimizer-") for name in ours)
-    for name in ours:
-        if name.startswith("optimizer-"):
-            assert_moments_close(ours[name], theirs[name], name)
-        else:
-            assert_weights_close(ours[name], theirs[name], learning_rate(compose_train()), name)
+    assert_same_training_state(out, reference, 4, learning_rate(compose_train()))
 
 
 def test_the_slurm_script_gives_each_node_its_machine_rank_and_the_first_nodes_rendezvous(tmp_path):
